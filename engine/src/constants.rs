@@ -1,0 +1,76 @@
+//! Every limit the engine has, in one place, with the unit last in the name.
+//!
+//! Limits are what keep a log engine predictable: memory per shard, bytes per write, how much of a
+//! segment can be torn by a crash. Configurable values are bounded by the `*_max` constants here, and
+//! the relations between them are checked at compile time.
+
+/// O_DIRECT alignment for offsets, lengths and buffer addresses. 4 KiB covers every device we target
+/// (512e and 4Kn); a device with larger logical blocks would need this raised.
+pub const block_bytes: usize = 4096;
+
+/// Size of a RecordBatch v2 header (baseOffset through recordsCount).
+pub const batch_header_bytes: usize = 61;
+
+/// The largest batch the engine accepts at all; per-partition `max_message_bytes` is at most this.
+pub const batch_bytes_max: usize = 64 * 1024 * 1024;
+
+/// Default per-partition batch limit: Kafka's `message.max.bytes` default (1 MiB + record overhead).
+pub const batch_bytes_default: usize = 1_048_588;
+
+/// One write submitted to the ring carries at most this many bytes.
+pub const write_bytes_max: usize = 1024 * 1024;
+
+/// Writes in flight for one partition. More than one lets a single hot partition keep the device's
+/// queue full; each starts on a block no other in-flight write of that partition touches.
+pub const partition_writes_inflight_max: usize = 4;
+
+/// Writes in flight for one shard, across its partitions (bounds the aligned buffer pool).
+pub const shard_writes_inflight_max: usize = 64;
+
+/// Aligned write buffers each shard allocates at start-up (one per write that can be in flight).
+pub const shard_write_buffers_count: usize = shard_writes_inflight_max;
+
+/// Segment size bounds. Offsets inside a segment's index are u32 positions, hence the upper bound.
+pub const segment_bytes_min: u64 = 1024 * 1024;
+pub const segment_bytes_max: u64 = u32::MAX as u64;
+pub const segment_bytes_default: u64 = 1024 * 1024 * 1024;
+
+/// Segment files are extended by fallocate in steps of this size (bounded by the segment size), so
+/// that a write almost never allocates blocks and a full disk shows up before data is accepted.
+pub const preallocate_bytes_default: u64 = 64 * 1024 * 1024;
+
+/// Bytes between two sparse offset-index entries (Kafka's `index.interval.bytes`).
+pub const index_interval_bytes: u64 = 4096;
+
+/// Recently appended batches each partition keeps in memory to serve tailing readers without a
+/// disk read.
+pub const partition_cache_bytes_default: usize = 8 * 1024 * 1024;
+
+/// Commands queued to one shard before senders wait (back-pressure instead of unbounded memory).
+pub const shard_inbox_count_max: usize = 4096;
+
+/// How much data past the last fdatasync can be torn by a crash when appends wait for durability:
+/// every write in flight for a partition, at most.
+pub const torn_tail_window_bytes: u64 = (write_bytes_max * partition_writes_inflight_max) as u64;
+
+/// How often a shard checks interval flushes, segment age and retention.
+pub const shard_tick_ms: u64 = 10;
+
+/// How often a partition persists its recovery point (bounds the scan after a crash).
+pub const recovery_checkpoint_interval_ms: u64 = 5_000;
+
+/// A disk read for a fetch reads at least this much (amortises the O_DIRECT round trip).
+pub const read_bytes_min: usize = 64 * 1024;
+
+const _: () = assert!(block_bytes.is_power_of_two());
+const _: () = assert!(write_bytes_max % block_bytes == 0);
+const _: () = assert!(write_bytes_max >= 2 * block_bytes);
+const _: () = assert!(batch_header_bytes < block_bytes);
+const _: () = assert!(batch_bytes_default <= batch_bytes_max);
+const _: () = assert!((batch_bytes_max as u64) < segment_bytes_max);
+const _: () = assert!(segment_bytes_min <= segment_bytes_default);
+const _: () = assert!(segment_bytes_default <= segment_bytes_max);
+const _: () = assert!(shard_write_buffers_count >= shard_writes_inflight_max);
+const _: () = assert!(partition_writes_inflight_max <= shard_writes_inflight_max);
+const _: () = assert!(preallocate_bytes_default % block_bytes as u64 == 0);
+const _: () = assert!(read_bytes_min % block_bytes == 0);

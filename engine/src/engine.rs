@@ -1,0 +1,342 @@
+//! The public handle: routes each call to the shard that owns the partition.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use futures::channel::oneshot;
+
+use crate::batch::BatchHeader;
+use crate::config::{EngineConfig, PartitionConfig};
+use crate::constants::shard_inbox_count_max;
+use crate::error::{Error, Result};
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::offsets::Durability;
+use crate::partition::{AppendKind, Reply};
+use crate::segment::path::parse_partition_dir;
+use crate::shard::{self, Command};
+use crate::{
+    AppendOutcome, PartitionId, PartitionState, ReadOptions, ReadResult, ReadUpper, TimestampOffset,
+};
+
+/// A running engine. Cheap to clone; every clone talks to the same shards. Dropping the last clone
+/// without [`Engine::shutdown`] stops the shards like a crash would (no clean-shutdown marker).
+#[derive(Clone, Debug)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    shards: Vec<flume::Sender<Command>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    metrics: Arc<Metrics>,
+    config: Arc<EngineConfig>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shards.clear();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Engine {
+    /// Start the shards and open (recovering if needed) every partition found in the data directory.
+    pub fn open(config: EngineConfig) -> Result<Engine> {
+        let storage = config
+            .backend
+            .storage()
+            .map_err(|e| Error::io("initialise storage for", &config.data_dir, e))?;
+        storage
+            .create_dir_all(&config.data_dir)
+            .map_err(|e| Error::io("create", &config.data_dir, e))?;
+        let found = storage
+            .list_dir(&config.data_dir)
+            .map_err(|e| Error::io("list", &config.data_dir, e))?;
+        drop(storage);
+
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::default());
+        let mut shards = Vec::new();
+        let mut threads = Vec::new();
+        for index in 0..config.shard_count() {
+            let (tx, rx) = flume::bounded(shard_inbox_count_max);
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let (c, m) = (config.clone(), metrics.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("keel-shard-{index}"))
+                .spawn(move || shard::run(index, c, m, rx, ready_tx))
+                .map_err(|e| Error::io("spawn shard thread for", &config.data_dir, e))?;
+            ready_rx
+                .recv()
+                .map_err(|_| Error::ShuttingDown)?
+                .map_err(|e| Error::io("start io_uring runtime for", &config.data_dir, e))?;
+            shards.push(tx);
+            threads.push(thread);
+        }
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                shards,
+                threads: Mutex::new(threads),
+                metrics,
+                config,
+            }),
+        };
+        let opens: Vec<_> = found
+            .iter()
+            .filter_map(|name| parse_partition_dir(name))
+            .map(|id| {
+                let engine = engine.clone();
+                async move {
+                    engine
+                        .call(&id, |reply| Command::Open {
+                            id: id.clone(),
+                            config: None,
+                            reply,
+                        })
+                        .await
+                }
+            })
+            .collect();
+        for result in futures::executor::block_on(futures::future::join_all(opens)) {
+            result?;
+        }
+        Ok(engine)
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.inner.metrics.snapshot()
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.inner.shards.len()
+    }
+
+    /// The shard that owns `id` (stable for a given shard count).
+    pub fn shard_of(&self, id: &PartitionId) -> usize {
+        // FNV-1a: cheap, stable across runs and platforms.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in id.topic.bytes().chain(id.partition.to_be_bytes()) {
+            hash ^= b as u64;
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        (hash % self.inner.shards.len() as u64) as usize
+    }
+
+    async fn call<T>(
+        &self,
+        id: &PartitionId,
+        command: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T> {
+        self.send(self.shard_of(id), command).await
+    }
+
+    async fn send<T>(&self, shard: usize, command: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.shards[shard]
+            .send_async(command(tx))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Create a partition, or open it if it exists with the same configuration.
+    pub async fn create_partition(&self, id: &PartitionId, config: PartitionConfig) -> Result<()> {
+        config.validate()?;
+        self.call(id, |reply| Command::Open {
+            id: id.clone(),
+            config: Some(config),
+            reply,
+        })
+        .await
+    }
+
+    /// Append one or more producer batches: validated, given the next offsets and `leader_epoch`.
+    /// Completes per the partition's flush policy (durable for `every-batch`).
+    pub async fn append(
+        &self,
+        id: &PartitionId,
+        batches: Bytes,
+        leader_epoch: i32,
+    ) -> Result<AppendOutcome> {
+        self.append_inner(id, batches, AppendKind::Leader { leader_epoch }, None)
+            .await
+    }
+
+    /// [`Engine::append`], completing once the append reaches `wait` whatever the flush policy.
+    pub async fn append_waiting(
+        &self,
+        id: &PartitionId,
+        batches: Bytes,
+        leader_epoch: i32,
+        wait: Durability,
+    ) -> Result<AppendOutcome> {
+        self.append_inner(id, batches, AppendKind::Leader { leader_epoch }, Some(wait))
+            .await
+    }
+
+    /// Append batches whose offsets are already assigned (a follower copying its leader): they are
+    /// kept byte for byte and must continue the log exactly.
+    pub async fn append_replicated(
+        &self,
+        id: &PartitionId,
+        batches: Bytes,
+    ) -> Result<AppendOutcome> {
+        self.append_inner(id, batches, AppendKind::Replica, None)
+            .await
+    }
+
+    async fn append_inner(
+        &self,
+        id: &PartitionId,
+        bytes: Bytes,
+        kind: AppendKind,
+        wait: Option<Durability>,
+    ) -> Result<AppendOutcome> {
+        self.call(id, |reply| Command::Append {
+            id: id.clone(),
+            bytes,
+            kind,
+            wait,
+            reply,
+        })
+        .await
+    }
+
+    /// Whole batches from `offset` (the batch containing it first), CRC-checked.
+    pub async fn read(
+        &self,
+        id: &PartitionId,
+        offset: u64,
+        options: ReadOptions,
+    ) -> Result<ReadResult> {
+        self.call(id, |reply| Command::Read {
+            id: id.clone(),
+            offset,
+            options,
+            reply,
+        })
+        .await
+    }
+
+    /// Headers of the batches from `from` (up to about `max_bytes` of log), e.g. to rebuild
+    /// producer state. Includes batches not yet durable.
+    pub async fn batch_headers(
+        &self,
+        id: &PartitionId,
+        from: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<BatchHeader>> {
+        let options = ReadOptions {
+            max_bytes,
+            upper: ReadUpper::Appended,
+        };
+        Ok(self.read(id, from, options).await?.headers())
+    }
+
+    /// The first batch whose maxTimestamp ≥ `timestamp` (Kafka's ListOffsets by time, at batch
+    /// granularity), or `None` if every batch is older.
+    pub async fn offset_for_timestamp(
+        &self,
+        id: &PartitionId,
+        timestamp: i64,
+    ) -> Result<Option<TimestampOffset>> {
+        self.call(id, |reply| Command::OffsetForTimestamp {
+            id: id.clone(),
+            timestamp,
+            reply,
+        })
+        .await
+    }
+
+    /// OffsetForLeaderEpoch: `(largest epoch ≤ epoch, its end offset)`.
+    pub async fn end_offset_for_epoch(
+        &self,
+        id: &PartitionId,
+        epoch: i32,
+    ) -> Result<Option<(i32, u64)>> {
+        self.call(id, |reply| Command::EndOffsetForEpoch {
+            id: id.clone(),
+            epoch,
+            reply,
+        })
+        .await
+    }
+
+    /// Remove every batch that ends after `offset` (in memory and on disk) once in-flight I/O is
+    /// done. The log then ends at the start of the batch containing `offset`.
+    pub async fn truncate_to(&self, id: &PartitionId, offset: u64) -> Result<()> {
+        self.call(id, |reply| Command::TruncateTo {
+            id: id.clone(),
+            offset,
+            reply,
+        })
+        .await
+    }
+
+    /// Make everything appended so far durable now (for `interval` partitions).
+    pub async fn flush(&self, id: &PartitionId) -> Result<()> {
+        self.call(id, |reply| Command::Flush {
+            id: id.clone(),
+            reply,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn partition_state(&self, id: &PartitionId) -> Result<PartitionState> {
+        self.call(id, |reply| Command::State {
+            id: id.clone(),
+            reply,
+        })
+        .await
+    }
+
+    /// Apply retention now; returns the number of segments deleted.
+    pub async fn enforce_retention(&self, id: &PartitionId) -> Result<usize> {
+        self.call(id, |reply| Command::EnforceRetention {
+            id: id.clone(),
+            reply,
+        })
+        .await
+    }
+
+    /// Delete a partition and its files. In-flight appends fail.
+    pub async fn delete_partition(&self, id: &PartitionId) -> Result<()> {
+        self.call(id, |reply| Command::Delete {
+            id: id.clone(),
+            reply,
+        })
+        .await
+    }
+
+    /// Every open partition, sorted.
+    pub async fn partitions(&self) -> Result<Vec<PartitionId>> {
+        let mut all = Vec::new();
+        for shard in 0..self.shard_count() {
+            all.extend(self.send(shard, |reply| Command::List { reply }).await?);
+        }
+        all.sort();
+        Ok(all)
+    }
+
+    /// Finish in-flight work, make everything durable, write clean-shutdown markers, stop the
+    /// shards. Later calls on any clone fail with [`Error::ShuttingDown`].
+    pub async fn shutdown(&self) -> Result<()> {
+        let mut result = Ok(());
+        for shard in 0..self.shard_count() {
+            if let Err(e) = self.send(shard, |reply| Command::Shutdown { reply }).await {
+                result = result.and(Err(e));
+            }
+        }
+        result
+    }
+}

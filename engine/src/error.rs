@@ -1,0 +1,117 @@
+//! The engine's one error type.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::batch::BatchError;
+use crate::PartitionId;
+
+/// Everything an engine call can fail with. Bad bytes on disk are [`Error::Corruption`], never a panic;
+/// bad bytes from a caller are [`Error::InvalidBatch`] and change nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The file system has no room. Nothing was accepted; retry once space is back.
+    #[error("no space left on device while {op} {path}")]
+    Full { op: &'static str, path: PathBuf },
+    /// Stored bytes that fail their checks. Never served to a caller.
+    #[error("corruption in {file} at byte {position}: {reason}")]
+    Corruption {
+        file: PathBuf,
+        position: u64,
+        reason: String,
+    },
+    #[error("invalid batch: {0}")]
+    InvalidBatch(#[from] BatchError),
+    #[error("batch of {size} bytes exceeds the limit of {max} bytes")]
+    BatchTooLarge { size: usize, max: usize },
+    #[error("unknown partition {0}")]
+    UnknownPartition(PartitionId),
+    #[error("offset {requested} is out of range [{log_start_offset}, {log_end_offset}]")]
+    OffsetOutOfRange {
+        requested: u64,
+        log_start_offset: u64,
+        log_end_offset: u64,
+    },
+    /// A replicated append whose offsets do not continue the log.
+    #[error("replicated batch starts at offset {got}, the log ends at {expected}")]
+    NonContiguousOffset { expected: u64, got: u64 },
+    #[error("leader epoch {got} is older than the log's latest epoch {latest}")]
+    StaleLeaderEpoch { got: i32, latest: i32 },
+    /// The append was accepted but then dropped by a truncation of the log below its offsets.
+    #[error("the log was truncated to offset {offset} before this append completed")]
+    Truncated { offset: u64 },
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    /// Wrap an OS error, turning ENOSPC/EDQUOT into [`Error::Full`].
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
+        let path = path.into();
+        match source.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Error::Full { op, path },
+            _ => Error::Io { op, path, source },
+        }
+    }
+
+    /// Errors are handed to every waiter of a failed group commit, so they must be duplicable.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::Io { op, path, source } => Error::Io {
+                op,
+                path: path.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Full { op, path } => Error::Full {
+                op,
+                path: path.clone(),
+            },
+            Error::Corruption {
+                file,
+                position,
+                reason,
+            } => Error::Corruption {
+                file: file.clone(),
+                position: *position,
+                reason: reason.clone(),
+            },
+            Error::InvalidBatch(e) => Error::InvalidBatch(e.clone()),
+            Error::BatchTooLarge { size, max } => Error::BatchTooLarge {
+                size: *size,
+                max: *max,
+            },
+            Error::UnknownPartition(p) => Error::UnknownPartition(p.clone()),
+            Error::OffsetOutOfRange {
+                requested,
+                log_start_offset,
+                log_end_offset,
+            } => Error::OffsetOutOfRange {
+                requested: *requested,
+                log_start_offset: *log_start_offset,
+                log_end_offset: *log_end_offset,
+            },
+            Error::NonContiguousOffset { expected, got } => Error::NonContiguousOffset {
+                expected: *expected,
+                got: *got,
+            },
+            Error::StaleLeaderEpoch { got, latest } => Error::StaleLeaderEpoch {
+                got: *got,
+                latest: *latest,
+            },
+            Error::Truncated { offset } => Error::Truncated { offset: *offset },
+            Error::InvalidConfig(s) => Error::InvalidConfig(s.clone()),
+            Error::ShuttingDown => Error::ShuttingDown,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,85 @@
+//! The engine's view of the file system, behind a trait so that a seeded, fault-injecting simulator
+//! ([`sim::SimFs`]) runs exactly the code the io_uring backend ([`uring::UringStorage`]) runs.
+//!
+//! Data-path operations (`write_at`, `read_at`, `sync_data`, `allocate`) return `'static` futures
+//! that own their buffers (the completion model of io_uring: the kernel holds the buffer until the
+//! operation completes). A shard keeps them in a queue of in-flight operations and handles each
+//! completion once it is finished, never from inside another completion.
+//!
+//! Directory operations (create, list, remove) are cold-path and synchronous.
+
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::rc::Rc;
+
+pub mod aligned;
+pub mod sim;
+pub mod uring;
+
+pub use aligned::AlignedBuf;
+
+/// A boxed, single-threaded future: one allocation per I/O operation, never per batch.
+pub type IoFuture<T> = Pin<Box<dyn Future<Output = T>>>;
+
+/// A file system as one shard sees it.
+pub trait Storage {
+    /// Open (or create) a file for O_DIRECT reads and writes.
+    fn open(&self, path: &Path, create: bool) -> IoFuture<io::Result<Rc<dyn StorageFile>>>;
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Names of the entries of a directory (files and directories).
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Read a small metadata file whole; `None` when it does not exist.
+    fn read_file(&self, path: &Path) -> io::Result<Option<Vec<u8>>>;
+    /// Replace a small metadata file atomically and durably: write a temporary file, fsync it,
+    /// rename it over `path`, fsync the directory.
+    fn write_file_durable(&self, path: &Path, bytes: Vec<u8>) -> IoFuture<io::Result<()>>;
+    /// Make entries created or removed in a directory durable.
+    fn sync_dir(&self, path: &Path) -> IoFuture<io::Result<()>>;
+}
+
+/// An open file. Offsets, lengths and buffers of reads and writes are multiples of
+/// [`crate::constants::block_bytes`] (O_DIRECT's rule; the simulator asserts it).
+pub trait StorageFile {
+    fn path(&self) -> &Path;
+    /// Write the whole of `buf` (its length rounded up to blocks) at `position`.
+    fn write_at(&self, position: u64, buf: AlignedBuf) -> IoFuture<(io::Result<()>, AlignedBuf)>;
+    /// Read up to `buf.capacity()` bytes at `position`; `buf.len()` is what was read (short at EOF).
+    fn read_at(&self, position: u64, buf: AlignedBuf) -> IoFuture<(io::Result<()>, AlignedBuf)>;
+    fn sync_data(&self) -> IoFuture<io::Result<()>>;
+    /// fsync including metadata (used when the file's size changes outside writes).
+    fn sync_all(&self) -> IoFuture<io::Result<()>>;
+    /// Allocate blocks so the file is at least `len` bytes long (fallocate; grows the size).
+    fn allocate(&self, len: u64) -> IoFuture<io::Result<()>>;
+    fn set_len(&self, len: u64) -> IoFuture<io::Result<()>>;
+    /// Current size in bytes.
+    fn file_len(&self) -> io::Result<u64>;
+}
+
+/// Which backend an engine runs on.
+#[derive(Clone, Debug, Default)]
+pub enum Backend {
+    /// The real disk, through io_uring and O_DIRECT.
+    #[default]
+    Uring,
+    /// The in-memory simulator, shared by all shards, with its fault plan.
+    Sim(sim::SimFs),
+}
+
+impl Backend {
+    pub(crate) fn storage(&self) -> io::Result<Rc<dyn Storage>> {
+        Ok(match self {
+            Backend::Uring => Rc::new(uring::UringStorage::new()),
+            Backend::Sim(fs) => Rc::new(fs.clone()),
+        })
+    }
+}
+
+pub(crate) fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}

@@ -1,0 +1,447 @@
+//! A deterministic, in-memory file system that injects faults: failed writes, failed fdatasync,
+//! a full disk, slow completions, and crashes that lose or tear everything not yet synced.
+//!
+//! It enforces O_DIRECT's alignment rules with assertions, so an engine bug that would make the
+//! kernel return EINVAL fails a simulated test too. Directory operations (create, rename, unlink)
+//! are modelled as immediately durable; only file contents have a volatile state.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::{temp_path, AlignedBuf, IoFuture, Storage, StorageFile};
+use crate::constants::block_bytes;
+
+/// What the simulator does wrong, and how often. Rates are probabilities in [0, 1].
+#[derive(Clone, Debug, Default)]
+pub struct FaultConfig {
+    pub seed: u64,
+    pub write_error_rate: f64,
+    pub sync_error_rate: f64,
+    /// Total bytes the "disk" holds across all files; writes and allocations past it get ENOSPC.
+    pub capacity_bytes: Option<u64>,
+    /// Every data operation takes this long (a brown-out disk).
+    pub latency: Duration,
+}
+
+/// How a crash treats data that was written but not synced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashKind {
+    /// kill -9: the OS survives, every completed write is kept.
+    Process,
+    /// Power cut: each unsynced write is kept, lost, or torn (a random prefix of its blocks kept).
+    PowerCut,
+}
+
+#[derive(Default, Debug)]
+struct SimFile {
+    /// What reads see now.
+    data: Vec<u8>,
+    /// Writes since the last sync, oldest first.
+    unsynced: Vec<(u64, Vec<u8>)>,
+    /// Content as of the last successful sync.
+    durable: Vec<u8>,
+}
+
+#[derive(Debug)]
+/// Lock order: `State`, then at most one `SimFile`. `State::used` locks files one at a time.
+struct State {
+    files: HashMap<PathBuf, Arc<Mutex<SimFile>>>,
+    dirs: BTreeSet<PathBuf>,
+    faults: FaultConfig,
+    rng: u64,
+    fail_writes: u32,
+    fail_syncs: u32,
+    writes: u64,
+    syncs: u64,
+}
+
+/// The simulated file system; cheap to clone, shared by every shard of an engine.
+#[derive(Clone, Debug)]
+pub struct SimFs {
+    state: Arc<Mutex<State>>,
+}
+
+impl Default for SimFs {
+    fn default() -> Self {
+        SimFs::new(FaultConfig::default())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn enospc() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOSPC)
+}
+
+impl SimFs {
+    pub fn new(faults: FaultConfig) -> SimFs {
+        let rng = faults.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        SimFs {
+            state: Arc::new(Mutex::new(State {
+                files: HashMap::new(),
+                dirs: BTreeSet::new(),
+                faults,
+                rng,
+                fail_writes: 0,
+                fail_syncs: 0,
+                writes: 0,
+                syncs: 0,
+            })),
+        }
+    }
+
+    pub fn set_faults(&self, faults: FaultConfig) {
+        lock(&self.state).faults = faults;
+    }
+
+    /// The next `n` writes fail with EIO.
+    pub fn fail_next_writes(&self, n: u32) {
+        lock(&self.state).fail_writes = n;
+    }
+
+    /// The next `n` fdatasyncs fail with EIO.
+    pub fn fail_next_syncs(&self, n: u32) {
+        lock(&self.state).fail_syncs = n;
+    }
+
+    /// Counts of successful writes and syncs so far.
+    pub fn op_counts(&self) -> (u64, u64) {
+        let s = lock(&self.state);
+        (s.writes, s.syncs)
+    }
+
+    /// Total file bytes held (the "disk usage").
+    pub fn used_bytes(&self) -> u64 {
+        lock(&self.state)
+            .files
+            .values()
+            .map(|f| lock(f).data.len() as u64)
+            .sum()
+    }
+
+    /// Simulate a crash. Call it while no engine is using this file system.
+    pub fn crash(&self, kind: CrashKind) {
+        let mut state = lock(&self.state);
+        let files: Vec<_> = state.files.values().cloned().collect();
+        for file in files {
+            let mut f = lock(&file);
+            if kind == CrashKind::PowerCut {
+                let mut image = f.durable.clone();
+                let unsynced = std::mem::take(&mut f.unsynced);
+                for (position, bytes) in unsynced {
+                    let blocks = bytes.len() / block_bytes;
+                    let kept = match state.next_u64() % 3 {
+                        0 => 0,
+                        1 => blocks,
+                        _ => (state.next_u64() as usize) % (blocks + 1),
+                    };
+                    let end = position as usize + kept * block_bytes;
+                    if image.len() < end {
+                        image.resize(end, 0);
+                    }
+                    image[position as usize..end].copy_from_slice(&bytes[..kept * block_bytes]);
+                }
+                f.data = image;
+            }
+            f.unsynced.clear();
+            f.durable = f.data.clone();
+        }
+    }
+
+    /// Direct access for corruption tests: flip, zero or cut stored bytes (in the durable image too).
+    pub fn with_file<R>(&self, path: &Path, edit: impl FnOnce(&mut Vec<u8>) -> R) -> Option<R> {
+        let file = lock(&self.state).files.get(path).cloned()?;
+        let mut f = lock(&file);
+        let r = edit(&mut f.data);
+        f.durable = f.data.clone();
+        f.unsynced.clear();
+        Some(r)
+    }
+
+    /// Every file path, sorted.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<_> = lock(&self.state).files.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn delay(&self) -> Duration {
+        lock(&self.state).faults.latency
+    }
+}
+
+impl State {
+    fn next_u64(&mut self) -> u64 {
+        // xorshift64*: deterministic for a seed, good enough to pick faults.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn chance(&mut self, rate: f64) -> bool {
+        rate > 0.0 && (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= rate
+    }
+
+    fn used(&self) -> u64 {
+        self.files.values().map(|f| lock(f).data.len() as u64).sum()
+    }
+
+    fn has_room(&self, current_len: u64, new_len: u64) -> bool {
+        match self.faults.capacity_bytes {
+            Some(capacity) if new_len > current_len => {
+                self.used() + (new_len - current_len) <= capacity
+            }
+            _ => true,
+        }
+    }
+}
+
+struct SimHandle {
+    fs: SimFs,
+    file: Arc<Mutex<SimFile>>,
+    path: PathBuf,
+}
+
+async fn pause(fs: &SimFs) {
+    let latency = fs.delay();
+    if !latency.is_zero() {
+        compio::time::sleep(latency).await;
+    }
+}
+
+fn not_found(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{} not found", path.display()),
+    )
+}
+
+impl Storage for SimFs {
+    fn open(&self, path: &Path, create: bool) -> IoFuture<io::Result<Rc<dyn StorageFile>>> {
+        let fs = self.clone();
+        let path = path.to_path_buf();
+        Box::pin(async move {
+            let file = {
+                let mut state = lock(&fs.state);
+                let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                if !state.dirs.contains(&parent) {
+                    return Err(not_found(&parent));
+                }
+                match state.files.get(&path) {
+                    Some(f) => f.clone(),
+                    None if create => state.files.entry(path.clone()).or_default().clone(),
+                    None => return Err(not_found(&path)),
+                }
+            };
+            Ok(Rc::new(SimHandle { fs, file, path }) as Rc<dyn StorageFile>)
+        })
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        let mut state = lock(&self.state);
+        for ancestor in path.ancestors() {
+            state.dirs.insert(ancestor.to_path_buf());
+        }
+        Ok(())
+    }
+
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        let state = lock(&self.state);
+        if !state.dirs.contains(path) {
+            return Err(not_found(path));
+        }
+        let mut names: Vec<String> = state
+            .files
+            .keys()
+            .chain(state.dirs.iter())
+            .filter(|p| p.parent() == Some(path))
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        lock(&self.state).files.remove(path);
+        Ok(())
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        let mut state = lock(&self.state);
+        state.files.retain(|p, _| !p.starts_with(path));
+        state.dirs.retain(|p| !p.starts_with(path));
+        Ok(())
+    }
+
+    fn read_file(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
+        let file = lock(&self.state).files.get(path).cloned();
+        Ok(file.map(|f| lock(&f).data.clone()))
+    }
+
+    fn write_file_durable(&self, path: &Path, bytes: Vec<u8>) -> IoFuture<io::Result<()>> {
+        let fs = self.clone();
+        let path = path.to_path_buf();
+        Box::pin(async move {
+            pause(&fs).await;
+            let mut state = lock(&fs.state);
+            let current = state
+                .files
+                .get(&path)
+                .map_or(0, |f| lock(f).data.len() as u64);
+            if !state.has_room(current, bytes.len() as u64) {
+                return Err(enospc());
+            }
+            if state.fail_syncs > 0 {
+                state.fail_syncs -= 1;
+                return Err(io::Error::other("injected fsync failure"));
+            }
+            state.files.remove(&temp_path(&path));
+            let file = SimFile {
+                durable: bytes.clone(),
+                data: bytes,
+                unsynced: Vec::new(),
+            };
+            state.files.insert(path, Arc::new(Mutex::new(file)));
+            Ok(())
+        })
+    }
+
+    fn sync_dir(&self, _path: &Path) -> IoFuture<io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl StorageFile for SimHandle {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn write_at(&self, position: u64, buf: AlignedBuf) -> IoFuture<(io::Result<()>, AlignedBuf)> {
+        let fs = self.fs.clone();
+        let file = self.file.clone();
+        Box::pin(async move {
+            assert_eq!(
+                position % block_bytes as u64,
+                0,
+                "unaligned O_DIRECT write position"
+            );
+            pause(&fs).await;
+            let bytes = &buf.full()[..buf.padded_len()];
+            let end = position + bytes.len() as u64;
+            let mut state = lock(&fs.state);
+            if state.fail_writes > 0 || {
+                let rate = state.faults.write_error_rate;
+                state.chance(rate)
+            } {
+                state.fail_writes = state.fail_writes.saturating_sub(1);
+                return (Err(io::Error::from_raw_os_error(libc::EIO)), buf);
+            }
+            let current_len = lock(&file).data.len() as u64;
+            if !state.has_room(current_len, end) {
+                return (Err(enospc()), buf);
+            }
+            state.writes += 1;
+            let mut f = lock(&file);
+            if (f.data.len() as u64) < end {
+                f.data.resize(end as usize, 0);
+            }
+            f.data[position as usize..end as usize].copy_from_slice(bytes);
+            f.unsynced.push((position, bytes.to_vec()));
+            drop(f);
+            (Ok(()), buf)
+        })
+    }
+
+    fn read_at(
+        &self,
+        position: u64,
+        mut buf: AlignedBuf,
+    ) -> IoFuture<(io::Result<()>, AlignedBuf)> {
+        let fs = self.fs.clone();
+        let file = self.file.clone();
+        Box::pin(async move {
+            assert_eq!(
+                position % block_bytes as u64,
+                0,
+                "unaligned O_DIRECT read position"
+            );
+            pause(&fs).await;
+            let f = lock(&file);
+            let start = (position as usize).min(f.data.len());
+            let end = (start + buf.capacity()).min(f.data.len());
+            buf.set_len(0);
+            buf.extend_from_slice(&f.data[start..end]);
+            (Ok(()), buf)
+        })
+    }
+
+    fn sync_data(&self) -> IoFuture<io::Result<()>> {
+        let fs = self.fs.clone();
+        let file = self.file.clone();
+        Box::pin(async move {
+            pause(&fs).await;
+            let mut state = lock(&fs.state);
+            if state.fail_syncs > 0 || {
+                let rate = state.faults.sync_error_rate;
+                state.chance(rate)
+            } {
+                state.fail_syncs = state.fail_syncs.saturating_sub(1);
+                // Like Linux after a failed writeback: the unsynced data may or may not be on disk,
+                // and a later fsync will not report it again.
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            state.syncs += 1;
+            let mut f = lock(&file);
+            f.durable = f.data.clone();
+            f.unsynced.clear();
+            Ok(())
+        })
+    }
+
+    fn sync_all(&self) -> IoFuture<io::Result<()>> {
+        self.sync_data()
+    }
+
+    fn allocate(&self, len: u64) -> IoFuture<io::Result<()>> {
+        let fs = self.fs.clone();
+        let file = self.file.clone();
+        Box::pin(async move {
+            let state = lock(&fs.state);
+            let current_len = lock(&file).data.len() as u64;
+            if !state.has_room(current_len, len) {
+                return Err(enospc());
+            }
+            let mut f = lock(&file);
+            if (f.data.len() as u64) < len {
+                f.data.resize(len as usize, 0);
+                // The size change is metadata that the next sync makes durable; model it as durable.
+                let durable_len = f.durable.len().max(len as usize);
+                f.durable.resize(durable_len, 0);
+            }
+            Ok(())
+        })
+    }
+
+    fn set_len(&self, len: u64) -> IoFuture<io::Result<()>> {
+        let file = self.file.clone();
+        Box::pin(async move {
+            let mut f = lock(&file);
+            f.data.resize(len as usize, 0);
+            f.durable.resize(len as usize, 0);
+            f.unsynced.retain(|(p, _)| *p < len);
+            Ok(())
+        })
+    }
+
+    fn file_len(&self) -> io::Result<u64> {
+        Ok(lock(&self.file).data.len() as u64)
+    }
+}

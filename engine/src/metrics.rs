@@ -1,0 +1,44 @@
+//! Engine counters: relaxed atomics bumped by the shards, read by anyone (the broker exports them).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Monotonic counters since the engine started.
+        #[derive(Debug, Default)]
+        pub struct Metrics { $($(#[$doc])* pub $name: AtomicU64,)* }
+
+        /// A point-in-time copy of [`Metrics`].
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct MetricsSnapshot { $(pub $name: u64,)* }
+
+        impl Metrics {
+            pub fn snapshot(&self) -> MetricsSnapshot {
+                MetricsSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+    };
+}
+
+counters!(
+    appends,
+    append_bytes,
+    /// Appends rejected for bad input (invalid batch, too large).
+    appends_rejected,
+    writes,
+    write_bytes,
+    fsyncs,
+    /// Batches whose CRC failed on a read; never served.
+    crc_failures,
+    io_errors,
+    disk_full_errors,
+    reads,
+    /// Reads answered from the in-memory tail without touching the disk.
+    reads_from_memory,
+    segments_rolled,
+    segments_deleted,
+);
+
+pub(crate) fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}

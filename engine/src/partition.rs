@@ -1,0 +1,1406 @@
+//! One partition's log on its shard: appends, the write pipeline, group commit, rolls, truncation.
+//!
+//! Everything here runs on the owning shard's thread and never blocks: I/O is submitted as futures
+//! into the shard's in-flight set, and their completions come back as [`Event`]s through
+//! [`Partition::on_event`]. [`Partition::schedule`] decides what to submit next.
+//!
+//! The pipeline, for the active segment:
+//!
+//! ```text
+//!   tail: [ written, cached ............ | copied, in flight ...... | not yet copied .... ]
+//!           ^ tail front                  ^ Written                  ^ copy cursor         ^ Appended
+//! ```
+//!
+//! * An append validates, assigns offsets, and pushes its batches (the caller's bytes, not a copy)
+//!   onto `tail`.
+//! * A write copies the next bytes into an aligned buffer from the shard's pool, starting with the
+//!   partial block the previous write ended in (the "carry"), so every write is block-aligned and
+//!   the partial tail block is rewritten by the next write.
+//! * Up to `partition_writes_inflight_max` writes run at once; a write may only start on a block no
+//!   other in-flight write touches, so while others run it stops at a block boundary.
+//! * `written` advances over the contiguous prefix of completed writes; one fdatasync then covers
+//!   every write completed before it was issued, and `durable` moves to what `written` was then.
+//! * Written batches stay in `tail` as a read cache until it exceeds `cache_bytes`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use futures::channel::oneshot;
+use futures::stream::FuturesUnordered;
+
+use crate::batch::{self, BatchHeader, OffsetCheck};
+use crate::config::{FlushPolicy, PartitionConfig};
+use crate::constants::*;
+use crate::epochs::LeaderEpochCache;
+use crate::error::{Error, Result};
+use crate::io::aligned::{align_down, align_up};
+use crate::io::{AlignedBuf, IoFuture, Storage, StorageFile};
+use crate::metrics::{bump, Metrics};
+use crate::offsets::{Appended, Durability, Durable, OffsetTracker, Written};
+use crate::read::{self, DiskRead};
+use crate::segment::{path, Segment};
+use crate::{AppendOutcome, PartitionId, PartitionState, ReadOptions, ReadResult, ReadUpper};
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
+pub(crate) type Inflight = FuturesUnordered<IoFuture<(PartitionId, Event)>>;
+
+/// What an append is: a producer's batches (offsets assigned here) or a replica's copy of its
+/// leader's batches (offsets kept).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum AppendKind {
+    Leader { leader_epoch: i32 },
+    Replica,
+}
+
+/// A completed I/O operation, handed back to its partition.
+pub(crate) enum Event {
+    Written {
+        serial: u64,
+        result: io::Result<()>,
+        buf: AlignedBuf,
+    },
+    Synced {
+        target: u64,
+        result: io::Result<()>,
+    },
+    Control(Result<ControlDone>),
+    /// A self-contained task (a disk read) finished and answered its caller itself.
+    Detached,
+}
+
+pub(crate) enum ControlDone {
+    Rolled {
+        file: Rc<dyn StorageFile>,
+        allocated: u64,
+        durable: u64,
+    },
+    Allocated {
+        len: u64,
+    },
+    CarryLoaded {
+        bytes: Vec<u8>,
+    },
+    /// The log was cut on disk to the in-memory state (after truncation or a failure).
+    Cut {
+        file: Rc<dyn StorageFile>,
+        allocated: u64,
+    },
+    /// Where the truncation point lies on disk: the first batch ending after the requested offset.
+    Located {
+        position: u64,
+        base_offset: u64,
+    },
+    MetadataWritten,
+}
+
+/// The shard's resources a partition borrows while scheduling.
+pub(crate) struct IoCtx<'a> {
+    pub storage: &'a Rc<dyn Storage>,
+    pub inflight: &'a mut Inflight,
+    pub buffers: &'a mut Vec<AlignedBuf>,
+    pub writes_inflight: &'a mut usize,
+    pub metrics: &'a Metrics,
+    pub max_batch_bytes: usize,
+}
+
+impl IoCtx<'_> {
+    fn submit(
+        &mut self,
+        id: &PartitionId,
+        future: impl std::future::Future<Output = Event> + 'static,
+    ) {
+        let id = id.clone();
+        self.inflight
+            .push(Box::pin(async move { (id, future.await) }));
+    }
+}
+
+/// A batch in the in-memory tail of the log.
+struct TailBatch {
+    base_offset: u64,
+    next_offset: u64,
+    segment: u64,
+    position: u64,
+    bytes: Bytes,
+}
+
+struct InflightWrite {
+    serial: u64,
+    /// The offset after the last batch this write completes.
+    end_offset: u64,
+    done: bool,
+    failed: bool,
+}
+
+struct Waiter {
+    end_offset: u64,
+    outcome: AppendOutcome,
+    reply: Reply<AppendOutcome>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum CarryState {
+    Ready,
+    NeedsLoad,
+    Loading,
+}
+
+/// A write or fdatasync failed: stop accepting appends, let in-flight I/O finish, then roll the log
+/// back to the last point known good on disk.
+struct Failure {
+    error: Error,
+    /// A failed fdatasync leaves written-but-unsynced data in doubt: roll back to `durable`.
+    back_to_durable: bool,
+}
+
+struct PendingTruncate {
+    offset: u64,
+    reply: Reply<()>,
+    located: bool,
+}
+
+pub(crate) struct Partition {
+    pub id: PartitionId,
+    pub dir: PathBuf,
+    pub config: PartitionConfig,
+    pub segments: BTreeMap<u64, Segment>,
+    pub offsets: OffsetTracker,
+    pub log_start_offset: u64,
+    pub epochs: LeaderEpochCache,
+    tail: VecDeque<TailBatch>,
+    tail_bytes: usize,
+    copy_index: usize,
+    copy_offset: usize,
+    /// End offset of the last batch fully copied into a write buffer.
+    copied_offset: u64,
+    write_segment: u64,
+    next_write_position: u64,
+    carry: Box<[u8; block_bytes]>,
+    carry_len: usize,
+    carry_state: CarryState,
+    writes: VecDeque<InflightWrite>,
+    write_serial: u64,
+    sync_inflight: Option<u64>,
+    control_busy: bool,
+    written_waiters: VecDeque<Waiter>,
+    durable_waiters: VecDeque<Waiter>,
+    failure: Option<Failure>,
+    truncate: Option<PendingTruncate>,
+    /// A truncation that has been applied in memory and waits for its cut on disk.
+    truncate_reply: Option<Reply<()>>,
+    epochs_dirty: bool,
+    last_sync: Instant,
+    bytes_since_sync: u64,
+    pub deleted: bool,
+}
+
+impl Partition {
+    /// A partition whose on-disk state `recovery` has established: every segment's size and
+    /// indexes are known, the active segment's file is open and everything in it is durable.
+    pub fn recovered(
+        id: PartitionId,
+        dir: PathBuf,
+        config: PartitionConfig,
+        segments: BTreeMap<u64, Segment>,
+        epochs: LeaderEpochCache,
+    ) -> Partition {
+        let (&active_base, active) = segments.last_key_value().expect("a log has a segment");
+        let log_end = active.next_offset;
+        let log_start = *segments.keys().next().expect("a log has a segment");
+        let size = active.size;
+        let carry_state = if size % block_bytes as u64 == 0 {
+            CarryState::Ready
+        } else {
+            CarryState::NeedsLoad
+        };
+        Partition {
+            id,
+            dir,
+            config,
+            segments,
+            offsets: OffsetTracker::recovered(log_end),
+            log_start_offset: log_start,
+            epochs,
+            tail: VecDeque::new(),
+            tail_bytes: 0,
+            copy_index: 0,
+            copy_offset: 0,
+            copied_offset: log_end,
+            write_segment: active_base,
+            next_write_position: size,
+            carry: Box::new([0; block_bytes]),
+            carry_len: 0,
+            carry_state,
+            writes: VecDeque::new(),
+            write_serial: 0,
+            sync_inflight: None,
+            control_busy: false,
+            written_waiters: VecDeque::new(),
+            durable_waiters: VecDeque::new(),
+            failure: None,
+            truncate: None,
+            truncate_reply: None,
+            epochs_dirty: false,
+            last_sync: Instant::now(),
+            bytes_since_sync: 0,
+            deleted: false,
+        }
+    }
+
+    pub fn state(&self) -> PartitionState {
+        PartitionState {
+            log_start_offset: self.log_start_offset,
+            appended: self.offsets.appended(),
+            written: self.offsets.written(),
+            durable: self.offsets.durable(),
+            size_bytes: self.segments.values().map(|s| s.size).sum(),
+            segments: self.segments.len(),
+            latest_epoch: self.epochs.latest_epoch(),
+            config: self.config.clone(),
+        }
+    }
+
+    fn default_wait(&self) -> Durability {
+        match self.config.flush {
+            FlushPolicy::EveryBatch => Durability::Durable,
+            FlushPolicy::Interval { .. } => Durability::Written,
+        }
+    }
+
+    /// True when no I/O of this partition is in flight.
+    pub fn is_idle(&self) -> bool {
+        self.writes.iter().all(|w| w.done) && self.sync_inflight.is_none() && !self.control_busy
+    }
+
+    /// Everything appended is durable and nothing is in flight.
+    pub fn is_quiescent(&self) -> bool {
+        self.is_idle()
+            && self.offsets.durable().0 == self.offsets.appended().0
+            && self.truncate.is_none()
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Appends
+
+    pub fn append(
+        &mut self,
+        bytes: Bytes,
+        kind: AppendKind,
+        wait: Option<Durability>,
+        reply: Reply<AppendOutcome>,
+        metrics: &Metrics,
+    ) {
+        match self.accept(bytes, kind) {
+            Ok(outcome) => {
+                bump(&metrics.appends, 1);
+                let waiter = Waiter {
+                    end_offset: outcome.last_offset + 1,
+                    outcome,
+                    reply,
+                };
+                match wait.unwrap_or_else(|| self.default_wait()) {
+                    Durability::Appended => {
+                        complete(waiter, Durability::Appended, self.log_start_offset)
+                    }
+                    Durability::Written => self.written_waiters.push_back(waiter),
+                    Durability::Durable => self.durable_waiters.push_back(waiter),
+                }
+                self.complete_waiters();
+            }
+            Err(e) => {
+                if matches!(e, Error::InvalidBatch(_) | Error::BatchTooLarge { .. }) {
+                    bump(&metrics.appends_rejected, 1);
+                }
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Validate and place the batches; on any error nothing has changed.
+    fn accept(&mut self, bytes: Bytes, kind: AppendKind) -> Result<AppendOutcome> {
+        if let Some(failure) = &self.failure {
+            return Err(failure.error.duplicate());
+        }
+        if self.deleted {
+            return Err(Error::UnknownPartition(self.id.clone()));
+        }
+        let check = match kind {
+            AppendKind::Leader { .. } => OffsetCheck::Dense,
+            AppendKind::Replica => OffsetCheck::Sparse,
+        };
+        let headers = batch::validate_all(&bytes, check)?;
+        if let Some(h) = headers
+            .iter()
+            .find(|h| h.size_bytes > self.config.max_message_bytes)
+        {
+            return Err(Error::BatchTooLarge {
+                size: h.size_bytes,
+                max: self.config.max_message_bytes,
+            });
+        }
+        let log_end = self.offsets.appended().0;
+        let latest_epoch = self.epochs.latest_epoch();
+        match kind {
+            AppendKind::Leader { leader_epoch } => {
+                if latest_epoch.is_some_and(|latest| leader_epoch < latest) {
+                    return Err(Error::StaleLeaderEpoch {
+                        got: leader_epoch,
+                        latest: latest_epoch.unwrap_or(-1),
+                    });
+                }
+            }
+            AppendKind::Replica => {
+                let mut expected = log_end;
+                for h in &headers {
+                    if h.base_offset < expected {
+                        return Err(Error::NonContiguousOffset {
+                            expected,
+                            got: h.base_offset,
+                        });
+                    }
+                    expected = h.next_offset();
+                }
+                if headers[0].base_offset != log_end {
+                    return Err(Error::NonContiguousOffset {
+                        expected: log_end,
+                        got: headers[0].base_offset,
+                    });
+                }
+            }
+        }
+
+        // Accepted: from here on nothing fails.
+        let (bytes, placed) = match kind {
+            AppendKind::Leader { leader_epoch } => {
+                let mut buf = into_mut(bytes);
+                let (mut start, mut next) = (0, log_end);
+                let mut placed = headers;
+                for h in &mut placed {
+                    let region = &mut buf[start..start + h.size_bytes];
+                    batch::set_base_offset(region, next);
+                    batch::set_partition_leader_epoch(region, leader_epoch);
+                    h.base_offset = next;
+                    h.partition_leader_epoch = leader_epoch;
+                    start += h.size_bytes;
+                    next = h.next_offset();
+                }
+                if self.epochs.assign(leader_epoch, log_end) {
+                    self.epochs_dirty = true;
+                }
+                (buf.freeze(), placed)
+            }
+            AppendKind::Replica => {
+                for h in &headers {
+                    if self.epochs.assign(h.partition_leader_epoch, h.base_offset) {
+                        self.epochs_dirty = true;
+                    }
+                }
+                (bytes, headers)
+            }
+        };
+        let mut start = 0;
+        for h in &placed {
+            self.place(h, bytes.slice(start..start + h.size_bytes));
+            start += h.size_bytes;
+        }
+        let last = placed
+            .last()
+            .expect("validate_all returns at least one batch");
+        self.offsets.advance_appended(Appended(last.next_offset()));
+        Ok(AppendOutcome {
+            base_offset: placed[0].base_offset,
+            last_offset: last.last_offset(),
+            durability: Durability::Appended,
+            log_start_offset: self.log_start_offset,
+        })
+    }
+
+    /// Put one batch at the end of the log, rolling to a new segment first if it is due.
+    fn place(&mut self, h: &BatchHeader, bytes: Bytes) {
+        let active = self
+            .segments
+            .values()
+            .next_back()
+            .expect("a log has a segment");
+        let full = active.size + h.size_bytes as u64 > self.config.segment_bytes;
+        let old = self
+            .config
+            .segment_ms
+            .is_some_and(|ms| active.created.elapsed().as_millis() as u64 >= ms);
+        if !active.is_empty() && (full || old) {
+            let log_path = path::segment_file(&self.dir, h.base_offset, path::LOG_SUFFIX);
+            self.segments
+                .insert(h.base_offset, Segment::new(h.base_offset, log_path));
+        }
+        let (&segment, active) = self
+            .segments
+            .iter_mut()
+            .next_back()
+            .expect("a log has a segment");
+        let position = active.size;
+        active.on_batch(h, position);
+        self.tail_bytes += bytes.len();
+        self.tail.push_back(TailBatch {
+            base_offset: h.base_offset,
+            next_offset: h.next_offset(),
+            segment,
+            position,
+            bytes,
+        });
+    }
+
+    fn complete_waiters(&mut self) {
+        let written = self.offsets.written().0;
+        let durable = self.offsets.durable().0;
+        let log_start = self.log_start_offset;
+        while self
+            .written_waiters
+            .front()
+            .is_some_and(|w| w.end_offset <= written)
+        {
+            let w = self.written_waiters.pop_front().expect("checked");
+            let level = if w.end_offset <= durable {
+                Durability::Durable
+            } else {
+                Durability::Written
+            };
+            complete(w, level, log_start);
+        }
+        while self
+            .durable_waiters
+            .front()
+            .is_some_and(|w| w.end_offset <= durable)
+        {
+            let w = self.durable_waiters.pop_front().expect("checked");
+            complete(w, Durability::Durable, log_start);
+        }
+    }
+
+    /// Fail every waiter whose append ends after `offset`.
+    fn fail_waiters_after(&mut self, offset: u64, error: &Error) {
+        for queue in [&mut self.written_waiters, &mut self.durable_waiters] {
+            while queue.back().is_some_and(|w| w.end_offset > offset) {
+                let w = queue.pop_back().expect("checked");
+                let _ = w.reply.send(Err(error.duplicate()));
+            }
+        }
+    }
+
+    /// Make everything appended so far durable, whatever the flush policy (a caller's explicit flush).
+    pub fn flush(&mut self, reply: Reply<AppendOutcome>) {
+        let end = self.offsets.appended().0;
+        let outcome = AppendOutcome {
+            base_offset: end,
+            last_offset: end.saturating_sub(1),
+            durability: Durability::Durable,
+            log_start_offset: self.log_start_offset,
+        };
+        let waiter = Waiter {
+            end_offset: end,
+            outcome,
+            reply,
+        };
+        if end <= self.offsets.durable().0 {
+            complete(waiter, Durability::Durable, self.log_start_offset);
+        } else {
+            let at = self
+                .durable_waiters
+                .partition_point(|w| w.end_offset <= end);
+            self.durable_waiters.insert(at, waiter);
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Scheduling I/O
+
+    /// Submit whatever I/O can start now. Returns true if work is waiting only for shard-wide
+    /// resources (a write buffer), so the shard should call again when one is free.
+    pub fn schedule(&mut self, io: &mut IoCtx<'_>) -> bool {
+        if self.control_busy {
+            return false;
+        }
+        if self.failure.is_some() {
+            if self.is_idle() {
+                self.roll_back(io);
+            }
+            return false;
+        }
+        if self.truncate.is_some() && self.is_idle() && self.copy_index == self.tail.len() {
+            self.start_truncate(io);
+            if self.control_busy || self.truncate.is_some() {
+                return false;
+            }
+        }
+        let starved = self.schedule_writes(io);
+        if self.control_busy {
+            return false;
+        }
+        self.maybe_sync(io, false);
+        if !self.control_busy && self.epochs_dirty && self.sync_inflight.is_none() {
+            self.persist_epochs(io);
+        }
+        starved
+    }
+
+    fn uncopied(&self) -> Option<&TailBatch> {
+        self.tail.get(self.copy_index)
+    }
+
+    fn schedule_writes(&mut self, io: &mut IoCtx<'_>) -> bool {
+        loop {
+            let Some(next) = self.uncopied() else {
+                return false;
+            };
+            if next.segment != self.write_segment {
+                if self.is_idle() {
+                    self.start_roll(io);
+                }
+                return false;
+            }
+            match self.carry_state {
+                CarryState::Ready => {}
+                CarryState::NeedsLoad => {
+                    self.start_carry_load(io);
+                    return false;
+                }
+                CarryState::Loading => return false,
+            }
+            let pending = self.segments[&self.write_segment].size - self.next_write_position;
+            let want_end = align_up(self.next_write_position + pending.min(write_bytes_max as u64));
+            if want_end > self.segments[&self.write_segment].allocated {
+                self.start_allocate(io, want_end);
+                return false;
+            }
+            if self.writes.len() >= partition_writes_inflight_max {
+                return false;
+            }
+            // The block the next write starts in is covered by the last in-flight write.
+            if self.carry_len > 0 && !self.writes.is_empty() {
+                return false;
+            }
+            if io.buffers.is_empty() || *io.writes_inflight >= shard_writes_inflight_max {
+                return true;
+            }
+            if !self.start_write(io) {
+                return false;
+            }
+        }
+    }
+
+    /// Copy the next bytes into an aligned buffer and submit the write. Returns false if there was
+    /// not a whole block to write while other writes are in flight.
+    fn start_write(&mut self, io: &mut IoCtx<'_>) -> bool {
+        let segment_size = self.segments[&self.write_segment].size;
+        let pending = (segment_size - self.next_write_position) as usize;
+        let start_position = align_down(self.next_write_position);
+        let mut buf = io.buffers.pop().expect("caller checked the pool");
+        let mut total = (self.carry_len + pending).min(buf.capacity());
+        if !self.writes.is_empty() {
+            // Leave the partial last block for a write that starts once the others are done.
+            total = align_down(total as u64) as usize;
+            if total <= self.carry_len {
+                io.buffers.push(buf);
+                return false;
+            }
+        }
+        buf.extend_from_slice(&self.carry[..self.carry_len]);
+        let mut to_copy = total - self.carry_len;
+        while to_copy > 0 {
+            let batch = &self.tail[self.copy_index];
+            let piece = &batch.bytes[self.copy_offset..];
+            let n = buf.extend_from_slice(&piece[..piece.len().min(to_copy)]);
+            to_copy -= n;
+            self.copy_offset += n;
+            if self.copy_offset == batch.bytes.len() {
+                self.copied_offset = batch.next_offset;
+                self.copy_index += 1;
+                self.copy_offset = 0;
+            }
+        }
+        let end = start_position + buf.len() as u64;
+        let tail_start = align_down(buf.len() as u64) as usize;
+        self.carry_len = buf.len() - tail_start;
+        self.carry[..self.carry_len].copy_from_slice(&buf.as_slice()[tail_start..]);
+        self.next_write_position = end;
+        self.write_serial += 1;
+        let serial = self.write_serial;
+        self.writes.push_back(InflightWrite {
+            serial,
+            end_offset: self.copied_offset,
+            done: false,
+            failed: false,
+        });
+        *io.writes_inflight += 1;
+        bump(&io.metrics.writes, 1);
+        bump(&io.metrics.write_bytes, buf.padded_len() as u64);
+        let file = self.write_file();
+        io.submit(&self.id, async move {
+            let (result, buf) = file.write_at(start_position, buf).await;
+            Event::Written {
+                serial,
+                result,
+                buf,
+            }
+        });
+        true
+    }
+
+    fn write_file(&self) -> Rc<dyn StorageFile> {
+        self.segments[&self.write_segment]
+            .file
+            .clone()
+            .expect("the write segment's file is open")
+    }
+
+    /// Issue an fdatasync if one is due: every-batch when someone waits for durability, interval
+    /// when its time or byte budget is spent, or when `force`d.
+    pub fn maybe_sync(&mut self, io: &mut IoCtx<'_>, force: bool) {
+        if self.sync_inflight.is_some() || self.control_busy || self.failure.is_some() {
+            return;
+        }
+        let written = self.offsets.written().0;
+        if written <= self.offsets.durable().0 {
+            return;
+        }
+        let waited_for = self
+            .durable_waiters
+            .front()
+            .is_some_and(|w| w.end_offset > self.offsets.durable().0);
+        let due = match self.config.flush {
+            FlushPolicy::EveryBatch => true,
+            FlushPolicy::Interval { ms, bytes } => {
+                (ms > 0 && self.last_sync.elapsed().as_millis() as u64 >= ms)
+                    || (bytes > 0 && self.bytes_since_sync >= bytes)
+            }
+        };
+        if !(force || waited_for || due) {
+            return;
+        }
+        self.sync_inflight = Some(written);
+        self.bytes_since_sync = 0;
+        self.last_sync = Instant::now();
+        bump(&io.metrics.fsyncs, 1);
+        let file = self.write_file();
+        io.submit(&self.id, async move {
+            Event::Synced {
+                target: written,
+                result: file.sync_data().await,
+            }
+        });
+    }
+
+    fn start_control(
+        &mut self,
+        io: &mut IoCtx<'_>,
+        op: impl std::future::Future<Output = Result<ControlDone>> + 'static,
+    ) {
+        assert!(!self.control_busy, "one control operation at a time");
+        self.control_busy = true;
+        io.submit(&self.id, async move { Event::Control(op.await) });
+    }
+
+    fn start_carry_load(&mut self, io: &mut IoCtx<'_>) {
+        self.carry_state = CarryState::Loading;
+        let file = self.write_file();
+        let block = align_down(self.next_write_position);
+        let len = (self.next_write_position - block) as usize;
+        self.start_control(io, async move {
+            let (result, buf) = file.read_at(block, AlignedBuf::new(block_bytes)).await;
+            result.map_err(|e| Error::io("read tail block of", file.path(), e))?;
+            if buf.len() < len {
+                return Err(Error::Corruption {
+                    file: file.path().to_path_buf(),
+                    position: block + buf.len() as u64,
+                    reason: format!("file ends inside its last block (needed {len} bytes)"),
+                });
+            }
+            Ok(ControlDone::CarryLoaded {
+                bytes: buf.as_slice()[..len].to_vec(),
+            })
+        });
+    }
+
+    fn start_allocate(&mut self, io: &mut IoCtx<'_>, want_end: u64) {
+        let segment = &self.segments[&self.write_segment];
+        let step = self.config.preallocate_bytes;
+        let len = align_up(
+            want_end
+                .max(segment.allocated + step)
+                .min(self.config.segment_bytes.max(want_end)),
+        );
+        let file = self.write_file();
+        self.start_control(io, async move {
+            file.allocate(len)
+                .await
+                .map_err(|e| Error::io("fallocate", file.path(), e))?;
+            Ok(ControlDone::Allocated { len })
+        });
+    }
+
+    /// Seal the write segment (truncate to size, fsync, persist indexes), create the next one and
+    /// move the recovery point to it. Runs with nothing else in flight.
+    fn start_roll(&mut self, io: &mut IoCtx<'_>) {
+        let next_base = self
+            .uncopied()
+            .expect("a batch waits for the new segment")
+            .segment;
+        let durable = self.offsets.written().0;
+        let old = self
+            .segments
+            .get_mut(&self.write_segment)
+            .expect("write segment exists");
+        old.finish_time_index();
+        let (old_file, old_size) = (old.file.clone().expect("open"), old.size);
+        let (index, time_index) = (old.index.encode(), old.time_index.encode());
+        let (index_path, time_index_path) = (old.index_path(), old.time_index_path());
+        let new_path = self.segments[&next_base].log_path.clone();
+        let checkpoint = RecoveryPoint {
+            segment: next_base,
+            position: 0,
+            next_offset: next_base,
+        };
+        let storage = io.storage.clone();
+        let dir = self.dir.clone();
+        let preallocate = self.config.preallocate_bytes.min(self.config.segment_bytes);
+        bump(&io.metrics.segments_rolled, 1);
+        self.start_control(io, async move {
+            let path = old_file.path().to_path_buf();
+            old_file
+                .set_len(old_size)
+                .await
+                .map_err(|e| Error::io("truncate", &path, e))?;
+            old_file
+                .sync_all()
+                .await
+                .map_err(|e| Error::io("fsync", &path, e))?;
+            storage
+                .write_file_durable(&index_path, index)
+                .await
+                .map_err(|e| Error::io("write", &index_path, e))?;
+            storage
+                .write_file_durable(&time_index_path, time_index)
+                .await
+                .map_err(|e| Error::io("write", &time_index_path, e))?;
+            let file = storage
+                .open(&new_path, true)
+                .await
+                .map_err(|e| Error::io("create", &new_path, e))?;
+            file.allocate(preallocate)
+                .await
+                .map_err(|e| Error::io("fallocate", &new_path, e))?;
+            storage
+                .sync_dir(&dir)
+                .await
+                .map_err(|e| Error::io("fsync", &dir, e))?;
+            checkpoint.write(storage.as_ref(), &dir).await?;
+            Ok(ControlDone::Rolled {
+                file,
+                allocated: preallocate,
+                durable,
+            })
+        });
+    }
+
+    fn persist_epochs(&mut self, io: &mut IoCtx<'_>) {
+        self.epochs_dirty = false;
+        let bytes = self.epochs.encode();
+        let path = self.dir.join(path::LEADER_EPOCH_FILE);
+        let storage = io.storage.clone();
+        self.start_control(io, async move {
+            storage
+                .write_file_durable(&path, bytes)
+                .await
+                .map_err(|e| Error::io("write", &path, e))?;
+            Ok(ControlDone::MetadataWritten)
+        });
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Completions
+
+    pub fn on_event(&mut self, event: Event, io: &mut IoCtx<'_>) {
+        match event {
+            Event::Written {
+                serial,
+                result,
+                mut buf,
+            } => {
+                buf.clear();
+                io.buffers.push(buf);
+                *io.writes_inflight -= 1;
+                self.on_written(serial, result, io);
+            }
+            Event::Synced { target, result } => self.on_synced(target, result, io),
+            Event::Control(result) => {
+                self.control_busy = false;
+                match result {
+                    Ok(done) => self.on_control(done),
+                    Err(e) => self.on_control_failed(e, io),
+                }
+            }
+            Event::Detached => {}
+        }
+        self.complete_waiters();
+    }
+
+    fn on_written(&mut self, serial: u64, result: io::Result<()>, io: &mut IoCtx<'_>) {
+        let write = self
+            .writes
+            .iter_mut()
+            .find(|w| w.serial == serial)
+            .expect("a completed write is in flight");
+        write.done = true;
+        if let Err(e) = result {
+            write.failed = true;
+            let path = self.segments[&self.write_segment].log_path.clone();
+            self.fail(Error::io("write", path, e), false, io);
+            return;
+        }
+        let before = self.offsets.written().0;
+        while self.writes.front().is_some_and(|w| w.done && !w.failed) {
+            let w = self.writes.pop_front().expect("checked");
+            self.offsets
+                .advance_written(Written(w.end_offset.max(self.offsets.written().0)));
+        }
+        self.bytes_since_sync += self.offsets.written().0 - before;
+        self.evict_cache();
+    }
+
+    fn on_synced(&mut self, target: u64, result: io::Result<()>, io: &mut IoCtx<'_>) {
+        self.sync_inflight = None;
+        match result {
+            Ok(()) => self.offsets.advance_durable(Durable(target)),
+            Err(e) => {
+                let path = self.segments[&self.write_segment].log_path.clone();
+                self.fail(Error::io("fdatasync", path, e), true, io);
+            }
+        }
+    }
+
+    fn on_control(&mut self, done: ControlDone) {
+        match done {
+            ControlDone::Rolled {
+                file,
+                allocated,
+                durable,
+            } => {
+                let old = self.segments.get_mut(&self.write_segment).expect("exists");
+                old.sealed = true;
+                old.allocated = old.size;
+                self.offsets.advance_durable(Durable(durable));
+                let next_base = self.uncopied().expect("waiting batch").segment;
+                let new = self
+                    .segments
+                    .get_mut(&next_base)
+                    .expect("new segment exists");
+                new.file = Some(file);
+                new.allocated = allocated;
+                self.write_segment = next_base;
+                self.next_write_position = 0;
+                self.carry_len = 0;
+                self.carry_state = CarryState::Ready;
+            }
+            ControlDone::Allocated { len } => {
+                self.segments
+                    .get_mut(&self.write_segment)
+                    .expect("exists")
+                    .allocated = len;
+            }
+            ControlDone::CarryLoaded { bytes } => {
+                self.carry[..bytes.len()].copy_from_slice(&bytes);
+                self.carry_len = bytes.len();
+                self.carry_state = CarryState::Ready;
+            }
+            ControlDone::Cut { file, allocated } => {
+                let segment = self.segments.get_mut(&self.write_segment).expect("exists");
+                segment.allocated = allocated;
+                segment.file = Some(file);
+                if let Some(reply) = self.truncate_reply.take() {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            ControlDone::Located {
+                position,
+                base_offset,
+            } => {
+                let pending = self.truncate.as_mut().expect("a truncation is pending");
+                pending.located = true;
+                self.apply_truncation(base_offset, Some(position));
+            }
+            ControlDone::MetadataWritten => {}
+        }
+    }
+
+    fn on_control_failed(&mut self, error: Error, io: &mut IoCtx<'_>) {
+        if self.carry_state == CarryState::Loading {
+            self.carry_state = CarryState::NeedsLoad;
+        }
+        if let Some(pending) = self.truncate.take() {
+            let _ = pending.reply.send(Err(error.duplicate()));
+        }
+        if let Some(reply) = self.truncate_reply.take() {
+            let _ = reply.send(Err(error.duplicate()));
+        }
+        self.fail(error, false, io);
+    }
+
+    /// Something failed: refuse new appends, wait for in-flight I/O, then roll back.
+    fn fail(&mut self, error: Error, back_to_durable: bool, io: &mut IoCtx<'_>) {
+        match &error {
+            Error::Full { .. } => bump(&io.metrics.disk_full_errors, 1),
+            _ => bump(&io.metrics.io_errors, 1),
+        }
+        tracing::warn!(partition = %self.id, %error, "I/O failed; rolling the log back to its last good point");
+        match &mut self.failure {
+            Some(f) => f.back_to_durable |= back_to_durable,
+            None => {
+                self.failure = Some(Failure {
+                    error,
+                    back_to_durable,
+                })
+            }
+        }
+    }
+
+    /// With nothing in flight: drop what was not written (or not synced), fail its waiters, and cut
+    /// the file back so no stale bytes lie past the log's end.
+    fn roll_back(&mut self, io: &mut IoCtx<'_>) {
+        let failure = self.failure.take().expect("called on failure");
+        let to = if failure.back_to_durable {
+            self.offsets.durable().0
+        } else {
+            self.offsets.written().0
+        };
+        self.writes.clear();
+        self.fail_waiters_after(to, &failure.error);
+        self.apply_truncation(to, None);
+        self.start_cut(io);
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Truncation (replication's divergence repair, and rollback after failures)
+
+    pub fn truncate_to(&mut self, offset: u64, reply: Reply<()>) {
+        if let Some(old) = self.truncate.replace(PendingTruncate {
+            offset,
+            reply,
+            located: false,
+        }) {
+            let _ = old.reply.send(Err(Error::Truncated { offset }));
+        }
+    }
+
+    fn start_truncate(&mut self, io: &mut IoCtx<'_>) {
+        let offset = self.truncate.as_ref().expect("pending").offset;
+        if offset >= self.offsets.appended().0 {
+            let pending = self.truncate.take().expect("pending");
+            let _ = pending.reply.send(Ok(()));
+            return;
+        }
+        let offset = offset.max(self.log_start_offset);
+        if self.tail.front().is_some_and(|b| b.base_offset <= offset)
+            || offset == self.log_start_offset
+        {
+            let to = self
+                .tail
+                .iter()
+                .find(|b| b.next_offset > offset)
+                .map_or(offset, |b| b.base_offset);
+            self.apply_truncation(to, None);
+            self.truncate_reply = self.truncate.take().map(|p| p.reply);
+            self.start_cut(io);
+            return;
+        }
+        // On disk only: find the batch containing `offset` first.
+        let (&base, segment) = self
+            .segments
+            .range(..=offset)
+            .next_back()
+            .expect("offset ≥ log start");
+        let start = segment.index.lookup(segment.relative(offset)).1 as u64;
+        let limit = self.disk_limit(base);
+        let file = segment.file.clone();
+        let log_path = segment.log_path.clone();
+        let storage = io.storage.clone();
+        let max_batch = io.max_batch_bytes;
+        self.start_control(io, async move {
+            let file = match file {
+                Some(f) => f,
+                None => storage
+                    .open(&log_path, false)
+                    .await
+                    .map_err(|e| Error::io("open", &log_path, e))?,
+            };
+            let (position, base_offset) =
+                read::locate(file.as_ref(), start, limit, offset, max_batch).await?;
+            Ok(ControlDone::Located {
+                position,
+                base_offset,
+            })
+        });
+    }
+
+    /// Forget everything at or after offset `to` (a batch boundary) in memory. `position` is where
+    /// that batch starts on disk when the tail does not hold it.
+    fn apply_truncation(&mut self, to: u64, position: Option<u64>) {
+        let error = Error::Truncated { offset: to };
+        self.fail_waiters_after(to, &error);
+        let (&base, _) = self
+            .segments
+            .range(..=to)
+            .next_back()
+            .expect("to ≥ log start");
+        let removed: Vec<u64> = self.segments.range(base + 1..).map(|(&b, _)| b).collect();
+        for b in removed {
+            self.segments.remove(&b);
+        }
+        let position = position
+            .or_else(|| {
+                self.tail
+                    .iter()
+                    .find(|b| b.base_offset == to)
+                    .map(|b| b.position)
+            })
+            .unwrap_or_else(|| self.segments[&base].size);
+        let segment = self.segments.get_mut(&base).expect("exists");
+        segment.truncate(position, to);
+        segment.sealed = false;
+        while self.tail.back().is_some_and(|b| b.base_offset >= to) {
+            let b = self.tail.pop_back().expect("checked");
+            self.tail_bytes -= b.bytes.len();
+        }
+        self.offsets.truncate(to);
+        if self.epochs.truncate_from_end(to) {
+            self.epochs_dirty = true;
+        }
+        self.copy_index = self.tail.len();
+        self.copy_offset = 0;
+        self.copied_offset = to;
+        self.write_segment = base;
+        self.next_write_position = position;
+        self.carry_len = 0;
+        self.carry_state = if position % block_bytes as u64 == 0 {
+            CarryState::Ready
+        } else {
+            CarryState::NeedsLoad
+        };
+        if let Some(p) = &self.truncate {
+            if p.located {
+                self.truncate_reply = self.truncate.take().map(|p| p.reply);
+            }
+        }
+    }
+
+    /// Make the disk match memory after a truncation: cut the active file to its size, delete
+    /// later segment files, persist the recovery point and epochs.
+    fn start_cut(&mut self, io: &mut IoCtx<'_>) {
+        let segment = &self.segments[&self.write_segment];
+        let size = segment.size;
+        let log_path = segment.log_path.clone();
+        let file = segment.file.clone();
+        let storage = io.storage.clone();
+        let dir = self.dir.clone();
+        let stale: Vec<String> = storage
+            .list_dir(&dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|name| {
+                name.split('.')
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|b| b > self.write_segment)
+            })
+            .collect();
+        let checkpoint = RecoveryPoint {
+            segment: self.write_segment,
+            position: 0,
+            next_offset: self.write_segment,
+        };
+        let epochs = self.epochs.encode();
+        self.epochs_dirty = false;
+        self.start_control(io, async move {
+            let file = match file {
+                Some(f) => f,
+                None => storage
+                    .open(&log_path, true)
+                    .await
+                    .map_err(|e| Error::io("open", &log_path, e))?,
+            };
+            file.set_len(size)
+                .await
+                .map_err(|e| Error::io("truncate", &log_path, e))?;
+            file.sync_all()
+                .await
+                .map_err(|e| Error::io("fsync", &log_path, e))?;
+            for name in stale {
+                let path = dir.join(name);
+                storage
+                    .remove_file(&path)
+                    .map_err(|e| Error::io("remove", &path, e))?;
+            }
+            storage
+                .sync_dir(&dir)
+                .await
+                .map_err(|e| Error::io("fsync", &dir, e))?;
+            let epoch_path = dir.join(path::LEADER_EPOCH_FILE);
+            storage
+                .write_file_durable(&epoch_path, epochs)
+                .await
+                .map_err(|e| Error::io("write", &epoch_path, e))?;
+            checkpoint.write(storage.as_ref(), &dir).await?;
+            Ok(ControlDone::Cut {
+                file,
+                allocated: size,
+            })
+        });
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Reads
+
+    /// The end of the bytes of segment `base` that are on disk: up to the first batch still only
+    /// in memory (or the whole segment).
+    fn disk_limit(&self, base: u64) -> u64 {
+        self.tail
+            .iter()
+            .find(|b| b.segment == base)
+            .map_or(self.segments[&base].size, |b| b.position)
+    }
+
+    fn upper(&self, upper: ReadUpper) -> u64 {
+        let appended = self.offsets.appended().0;
+        match upper {
+            ReadUpper::Durable => self.offsets.durable().0,
+            ReadUpper::Written => self.offsets.written().0,
+            ReadUpper::Appended => appended,
+            ReadUpper::Offset(o) => o.min(appended),
+        }
+    }
+
+    /// Answer from memory, or return what the shard must read from disk.
+    pub fn read(
+        &self,
+        offset: u64,
+        options: ReadOptions,
+    ) -> Result<std::result::Result<ReadResult, DiskRead>> {
+        let log_end = self.offsets.appended().0;
+        if offset < self.log_start_offset || offset > log_end {
+            return Err(Error::OffsetOutOfRange {
+                requested: offset,
+                log_start_offset: self.log_start_offset,
+                log_end_offset: log_end,
+            });
+        }
+        let mut result = ReadResult {
+            chunks: Vec::new(),
+            next_offset: offset,
+            log_start_offset: self.log_start_offset,
+            log_end_offset: log_end,
+            durable_offset: self.offsets.durable().0,
+        };
+        let upper = self.upper(options.upper);
+        if offset >= upper {
+            return Ok(Ok(result));
+        }
+        if self.tail.front().is_some_and(|b| b.base_offset <= offset) {
+            let first = self.tail.partition_point(|b| b.next_offset <= offset);
+            let mut total = 0;
+            for b in self.tail.range(first..) {
+                if b.base_offset >= upper
+                    || (total > 0 && total + b.bytes.len() > options.max_bytes)
+                {
+                    break;
+                }
+                total += b.bytes.len();
+                result.chunks.push(b.bytes.clone());
+                result.next_offset = b.next_offset;
+            }
+            return Ok(Ok(result));
+        }
+        let (&base, segment) = self
+            .segments
+            .range(..=offset)
+            .next_back()
+            .expect("offset ≥ log start");
+        Ok(Err(DiskRead {
+            file: segment.file.clone(),
+            log_path: segment.log_path.clone(),
+            start_position: segment.index.lookup(segment.relative(offset)).1 as u64,
+            limit_position: self.disk_limit(base),
+            offset,
+            upper,
+            max_bytes: options.max_bytes,
+            result,
+        }))
+    }
+
+    /// Where a search for the first batch with maxTimestamp ≥ `timestamp` starts, or `None` if no
+    /// segment reaches that time.
+    pub fn timestamp_search(&self, timestamp: i64) -> Option<DiskRead> {
+        let (&base, segment) = self
+            .segments
+            .iter()
+            .find(|(_, s)| s.max_timestamp >= timestamp)?;
+        let relative = segment.time_index.lookup(timestamp);
+        let start_position = segment.index.lookup(relative).1 as u64;
+        let end = self.offsets.appended().0;
+        Some(DiskRead {
+            file: segment.file.clone(),
+            log_path: segment.log_path.clone(),
+            start_position,
+            limit_position: self.disk_limit(base),
+            offset: base + relative as u64,
+            upper: end,
+            max_bytes: usize::MAX,
+            result: ReadResult {
+                chunks: Vec::new(),
+                next_offset: base,
+                log_start_offset: self.log_start_offset,
+                log_end_offset: end,
+                durable_offset: self.offsets.durable().0,
+            },
+        })
+    }
+
+    /// Batches of the in-memory tail from `offset` on (for timestamp searches that run past disk).
+    pub fn tail_headers_from(&self, offset: u64) -> Vec<BatchHeader> {
+        self.tail
+            .iter()
+            .filter(|b| b.next_offset > offset)
+            .filter_map(|b| BatchHeader::parse(&b.bytes).ok())
+            .collect()
+    }
+
+    fn evict_cache(&mut self) {
+        let written = self.offsets.written().0;
+        while self.tail_bytes > self.config.cache_bytes
+            && self.copy_index > 0
+            && self.tail.front().is_some_and(|b| b.next_offset <= written)
+        {
+            let b = self.tail.pop_front().expect("checked");
+            self.tail_bytes -= b.bytes.len();
+            self.copy_index -= 1;
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Retention
+
+    /// Segments that retention removes now (never the active one). They leave the log at once;
+    /// the caller deletes their files.
+    pub fn expire_segments(&mut self, now_ms: i64) -> Vec<Segment> {
+        let mut expired = Vec::new();
+        let mut total: u64 = self.segments.values().map(|s| s.size).sum();
+        while self.segments.len() > 1 {
+            let first = self.segments.values().next().expect("non-empty");
+            let by_size = self
+                .config
+                .retention_bytes
+                .is_some_and(|max| total > max && total - first.size >= max);
+            let by_time = self
+                .config
+                .retention_ms
+                .is_some_and(|ms| first.max_timestamp < now_ms.saturating_sub(ms as i64));
+            if !first.sealed || !(by_size || by_time) {
+                break;
+            }
+            let (_, segment) = self.segments.pop_first().expect("non-empty");
+            total -= segment.size;
+            expired.push(segment);
+        }
+        if let Some(&start) = self.segments.keys().next() {
+            if start != self.log_start_offset {
+                self.log_start_offset = start;
+                if self.epochs.truncate_from_start(start) {
+                    self.epochs_dirty = true;
+                }
+            }
+        }
+        expired
+    }
+
+    /// Fail everything waiting and refuse further calls (the partition is being deleted).
+    pub fn close(&mut self, error: &Error) {
+        self.deleted = true;
+        self.fail_waiters_after(0, error);
+        if let Some(p) = self.truncate.take() {
+            let _ = p.reply.send(Err(error.duplicate()));
+        }
+    }
+
+    /// The state a clean shutdown records so the next open skips the scan.
+    pub fn shutdown_metadata(&self) -> (Vec<(PathBuf, Vec<u8>)>, RecoveryPoint) {
+        let active = &self.segments[&self.write_segment];
+        let mut finished = active.time_index.clone();
+        if active.next_offset > active.base_offset {
+            finished.maybe_append(
+                active.max_timestamp,
+                active.relative(active.next_offset - 1),
+            );
+        }
+        let files = vec![
+            (active.index_path(), active.index.encode()),
+            (active.time_index_path(), finished.encode()),
+            (self.dir.join(path::LEADER_EPOCH_FILE), self.epochs.encode()),
+        ];
+        let marker = RecoveryPoint {
+            segment: self.write_segment,
+            position: active.size,
+            next_offset: active.next_offset,
+        };
+        (files, marker)
+    }
+}
+
+/// Where recovery may start scanning (`recovery-point`), or, as the clean-shutdown marker, where the
+/// log ends. Text: `segment position next_offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RecoveryPoint {
+    pub segment: u64,
+    pub position: u64,
+    pub next_offset: u64,
+}
+
+impl RecoveryPoint {
+    pub fn encode(&self) -> Vec<u8> {
+        format!("{} {} {}\n", self.segment, self.position, self.next_offset).into_bytes()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<RecoveryPoint> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut parts = text.split_whitespace().map(|p| p.parse::<u64>());
+        let point = RecoveryPoint {
+            segment: parts.next()?.ok()?,
+            position: parts.next()?.ok()?,
+            next_offset: parts.next()?.ok()?,
+        };
+        parts.next().is_none().then_some(point)
+    }
+
+    pub async fn write(&self, storage: &dyn Storage, dir: &std::path::Path) -> Result<()> {
+        let path = dir.join(path::RECOVERY_POINT_FILE);
+        storage
+            .write_file_durable(&path, self.encode())
+            .await
+            .map_err(|e| Error::io("write", &path, e))
+    }
+}
+
+/// Take ownership of the caller's bytes for in-place header rewrites; copies only when shared.
+fn into_mut(bytes: Bytes) -> BytesMut {
+    bytes
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
+}
+
+fn complete(waiter: Waiter, durability: Durability, log_start_offset: u64) {
+    let _ = waiter.reply.send(Ok(AppendOutcome {
+        durability,
+        log_start_offset,
+        ..waiter.outcome
+    }));
+}

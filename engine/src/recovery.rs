@@ -1,0 +1,396 @@
+//! Opening a partition: trust what a clean shutdown or a segment roll vouched for, scan the rest.
+//!
+//! The states a partition's directory can be in, and what opening does:
+//!
+//! * **Clean** (`.clean-shutdown` present): every segment's size, indexes and the log end are
+//!   recorded. Nothing is scanned. The marker is removed before the partition accepts appends.
+//! * **Crashed**: segments before the recovery point (`recovery-point`, moved at every roll) were
+//!   sealed — truncated to size and fsynced — and are trusted. From the recovery point's segment
+//!   on, every batch is read and CRC-checked, indexes and the leader-epoch cache are rebuilt.
+//!   The scan stops at the first position that is not a valid batch continuing the log:
+//!   - a **torn tail** — zeros or damage at the end of the last segment, with nothing but zeros
+//!     beyond the window that writes in flight could have touched (`torn_tail_window_bytes`) — is
+//!     cut off. Data there was never acknowledged as durable.
+//!   - anything else is **damage in the middle**: with [`RecoveryMode::Strict`] opening fails with
+//!     [`Error::Corruption`] naming the file and position; with `TruncateTail` the log is cut there.
+//!   - with `flush.policy = interval`, unsynced data may be torn anywhere in its window, so damage
+//!     in the last segment is always treated as a torn tail.
+//! * After a scan, the last segment is cut to its logical size and fsynced, so the file holds no
+//!   stale bytes past the log's end and everything recovered is durable.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::rc::Rc;
+
+use crate::batch::BatchHeader;
+use crate::config::{FlushPolicy, PartitionConfig, RecoveryMode};
+use crate::constants::{block_bytes, torn_tail_window_bytes, write_bytes_max};
+use crate::epochs::LeaderEpochCache;
+use crate::error::{Error, Result};
+use crate::io::aligned::{align_down, align_up};
+use crate::io::{AlignedBuf, Storage, StorageFile};
+use crate::partition::{Partition, RecoveryPoint};
+use crate::segment::index::{OffsetIndex, TimeIndex};
+use crate::segment::path::{self, parse_log_file_name, partition_dir, segment_file};
+use crate::segment::reader::{slot, Slot};
+use crate::segment::Segment;
+use crate::PartitionId;
+
+pub(crate) struct OpenRequest<'a> {
+    pub storage: &'a Rc<dyn Storage>,
+    pub data_dir: &'a Path,
+    pub id: &'a PartitionId,
+    /// `Some` to create (or reconfigure); `None` to open with the stored configuration.
+    pub config: Option<PartitionConfig>,
+    pub mode: RecoveryMode,
+}
+
+pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
+    let storage = req.storage;
+    let dir = partition_dir(req.data_dir, req.id);
+    path::validate_topic(&req.id.topic)?;
+    storage
+        .create_dir_all(&dir)
+        .map_err(|e| Error::io("create", &dir, e))?;
+    let config = settle_config(storage, &dir, req.config).await?;
+    let names = storage
+        .list_dir(&dir)
+        .map_err(|e| Error::io("list", &dir, e))?;
+    let mut bases: Vec<u64> = names
+        .iter()
+        .filter_map(|n| parse_log_file_name(n))
+        .collect();
+    bases.sort_unstable();
+    let read_point = |name: &str| -> Result<Option<RecoveryPoint>> {
+        let p = dir.join(name);
+        Ok(storage
+            .read_file(&p)
+            .map_err(|e| Error::io("read", &p, e))?
+            .and_then(|b| RecoveryPoint::decode(&b)))
+    };
+    let clean = read_point(path::CLEAN_SHUTDOWN_FILE)?.filter(|c| bases.last() == Some(&c.segment));
+    let checkpoint = read_point(path::RECOVERY_POINT_FILE)?.filter(|c| bases.contains(&c.segment));
+    let epoch_path = dir.join(path::LEADER_EPOCH_FILE);
+    let mut epochs = storage
+        .read_file(&epoch_path)
+        .map_err(|e| Error::io("read", &epoch_path, e))?
+        .and_then(|b| LeaderEpochCache::decode(&b).ok())
+        .unwrap_or_default();
+
+    if bases.is_empty() {
+        bases.push(0);
+    }
+    let last = *bases.last().expect("non-empty");
+    let scan_from = match (&clean, &checkpoint) {
+        (Some(_), _) => u64::MAX,
+        (None, Some(c)) => c.segment,
+        (None, None) => bases[0],
+    };
+    let ctx = ScanContext {
+        mode: req.mode,
+        torn_window: match config.flush {
+            FlushPolicy::EveryBatch => Some(torn_tail_window_bytes),
+            FlushPolicy::Interval { .. } => None,
+        },
+        max_batch_bytes: config.max_message_bytes,
+    };
+
+    let mut segments = BTreeMap::new();
+    let mut expected_next = bases[0];
+    for (i, &base) in bases.iter().enumerate() {
+        let log_path = segment_file(&dir, base, path::LOG_SUFFIX);
+        let file = storage
+            .open(&log_path, base == last)
+            .await
+            .map_err(|e| Error::io("open", &log_path, e))?;
+        let file_len = file
+            .file_len()
+            .map_err(|e| Error::io("stat", &log_path, e))?;
+        let mut segment = Segment::new(base, log_path.clone());
+        let is_last = base == last;
+        let trusted = if is_last {
+            clean.map(|c| (c.position, c.next_offset))
+        } else if base < scan_from {
+            Some((file_len, bases[i + 1]))
+        } else {
+            None
+        };
+        let restored = match trusted {
+            Some((size, next)) => load_indexes(storage, &segment, size, next).await,
+            None => None,
+        };
+        match restored {
+            Some((index, time_index)) => {
+                let (size, next) = trusted.expect("restored implies trusted");
+                segment.restore(size, next, index, time_index);
+            }
+            None => {
+                let end = scan(
+                    file.as_ref(),
+                    &mut segment,
+                    &mut epochs,
+                    expected_next,
+                    file_len,
+                    is_last,
+                    &ctx,
+                )
+                .await?;
+                if let ScanEnd::Damaged { position, reason } = end {
+                    if ctx.mode == RecoveryMode::Strict {
+                        return Err(Error::Corruption {
+                            file: log_path,
+                            position,
+                            reason: format!(
+                                "{reason}; valid data follows, so this is not a torn tail. Refusing to open \
+                                 (recovery mode truncate-tail discards the log from here)"
+                            ),
+                        });
+                    }
+                    tracing::warn!(file = %log_path.display(), position, %reason, "truncating damaged log");
+                    // Later segments are dropped: the log ends here.
+                    for &later in &bases[i + 1..] {
+                        for suffix in [
+                            path::LOG_SUFFIX,
+                            path::INDEX_SUFFIX,
+                            path::TIME_INDEX_SUFFIX,
+                        ] {
+                            let p = segment_file(&dir, later, suffix);
+                            storage
+                                .remove_file(&p)
+                                .map_err(|e| Error::io("remove", &p, e))?;
+                        }
+                    }
+                    cut(file.as_ref(), &segment).await?;
+                    segment.file = Some(file);
+                    segments.insert(base, segment);
+                    break;
+                }
+                if is_last {
+                    cut(file.as_ref(), &segment).await?;
+                }
+            }
+        }
+        segment.allocated = if is_last && clean.is_some() {
+            file_len
+        } else {
+            segment.size
+        };
+        segment.sealed = !is_last;
+        segment.file = Some(file);
+        expected_next = segment.next_offset;
+        segments.insert(base, segment);
+    }
+
+    let (&active_base, active) = segments.last_key_value().expect("at least one segment");
+    let log_end = active.next_offset;
+    epochs.truncate_from_end(log_end);
+    let _ = active_base;
+    if clean.is_some() {
+        let marker = dir.join(path::CLEAN_SHUTDOWN_FILE);
+        storage
+            .remove_file(&marker)
+            .map_err(|e| Error::io("remove", &marker, e))?;
+    }
+    storage
+        .sync_dir(&dir)
+        .await
+        .map_err(|e| Error::io("fsync", &dir, e))?;
+    Ok(Partition::recovered(
+        req.id.clone(),
+        dir,
+        config,
+        segments,
+        epochs,
+    ))
+}
+
+/// Store the given configuration, or load the stored one.
+async fn settle_config(
+    storage: &Rc<dyn Storage>,
+    dir: &Path,
+    given: Option<PartitionConfig>,
+) -> Result<PartitionConfig> {
+    let path = dir.join(path::CONFIG_FILE);
+    let stored = storage
+        .read_file(&path)
+        .map_err(|e| Error::io("read", &path, e))?;
+    match given {
+        Some(config) => {
+            config.validate()?;
+            let text = config.to_properties().into_bytes();
+            if stored.as_deref() != Some(&text[..]) {
+                storage
+                    .write_file_durable(&path, text)
+                    .await
+                    .map_err(|e| Error::io("write", &path, e))?;
+            }
+            Ok(config)
+        }
+        None => match stored {
+            Some(bytes) => PartitionConfig::from_properties(&String::from_utf8_lossy(&bytes)),
+            None => Ok(PartitionConfig::default()),
+        },
+    }
+}
+
+/// The persisted indexes of a trusted segment, if present and consistent with its size.
+async fn load_indexes(
+    storage: &Rc<dyn Storage>,
+    segment: &Segment,
+    size: u64,
+    next: u64,
+) -> Option<(OffsetIndex, TimeIndex)> {
+    let index = storage.read_file(&segment.index_path()).ok()??;
+    let time_index = storage.read_file(&segment.time_index_path()).ok()??;
+    let index = OffsetIndex::decode(&index, size).ok()?;
+    let time_index = TimeIndex::decode(&time_index, next - segment.base_offset).ok()?;
+    (size == 0 || !time_index.is_empty()).then_some((index, time_index))
+}
+
+struct ScanContext {
+    mode: RecoveryMode,
+    /// `None`: any damage in the last segment may be a torn tail (interval flushing).
+    torn_window: Option<u64>,
+    max_batch_bytes: usize,
+}
+
+enum ScanEnd {
+    /// The segment's valid data ends at `segment.size` (cleanly or at a torn tail).
+    Valid,
+    Damaged {
+        position: u64,
+        reason: String,
+    },
+}
+
+/// Read every batch of a segment, rebuilding its indexes, until the data ends or is damaged.
+async fn scan(
+    file: &dyn StorageFile,
+    segment: &mut Segment,
+    epochs: &mut LeaderEpochCache,
+    mut expected_next: u64,
+    file_len: u64,
+    is_last: bool,
+    ctx: &ScanContext,
+) -> Result<ScanEnd> {
+    let mut position = 0u64;
+    let mut want = write_bytes_max;
+    let stop = loop {
+        if position >= file_len {
+            break None;
+        }
+        let start = align_down(position);
+        let end = align_up((position + want as u64).min(file_len));
+        let (result, buf) = file
+            .read_at(start, AlignedBuf::new((end - start) as usize))
+            .await;
+        result.map_err(|e| Error::io("read", file.path(), e))?;
+        let bytes = buf.as_slice();
+        let mut at = (position - start) as usize;
+        let reason = loop {
+            match slot(&bytes[at.min(bytes.len())..], ctx.max_batch_bytes) {
+                Slot::Batch(h) if h.base_offset < expected_next => {
+                    break Some(format!(
+                        "batch offset {} goes back (expected ≥ {expected_next})",
+                        h.base_offset
+                    ))
+                }
+                Slot::Batch(h) => {
+                    accept(segment, epochs, &h, position);
+                    expected_next = h.next_offset();
+                    at += h.size_bytes;
+                    position += h.size_bytes as u64;
+                }
+                Slot::Incomplete { needed } if position + needed as u64 > file_len => {
+                    break Some(format!(
+                        "batch of {needed} bytes runs past the end of the file"
+                    ))
+                }
+                Slot::Incomplete { needed } => {
+                    want = want.max(needed + block_bytes);
+                    break None;
+                }
+                Slot::End => break Some("zeros".to_string()),
+                Slot::Damaged(e) => break Some(e.to_string()),
+            }
+            if position >= file_len {
+                break None;
+            }
+        };
+        if let Some(reason) = reason {
+            break Some(reason);
+        }
+    };
+    let Some(reason) = stop else {
+        return Ok(ScanEnd::Valid);
+    };
+    if !is_last {
+        return Ok(ScanEnd::Damaged { position, reason });
+    }
+    if reason == "zeros" || ctx.torn_window.is_none() {
+        if let Some(window) = ctx.torn_window {
+            if let Some(found) =
+                data_beyond(file, position + window, file_len, ctx.max_batch_bytes).await?
+            {
+                return Ok(ScanEnd::Damaged {
+                    position,
+                    reason: format!("{reason} at the log end, but data at byte {found}"),
+                });
+            }
+        }
+        return Ok(ScanEnd::Valid);
+    }
+    match data_beyond(
+        file,
+        position + ctx.torn_window.unwrap_or(0),
+        file_len,
+        ctx.max_batch_bytes,
+    )
+    .await?
+    {
+        Some(found) => Ok(ScanEnd::Damaged {
+            position,
+            reason: format!("{reason}; data continues at byte {found}"),
+        }),
+        None => Ok(ScanEnd::Valid),
+    }
+}
+
+fn accept(segment: &mut Segment, epochs: &mut LeaderEpochCache, h: &BatchHeader, position: u64) {
+    segment.on_batch(h, position);
+    epochs.assign(h.partition_leader_epoch, h.base_offset);
+}
+
+/// Is anything but zeros stored in `[from, from + max batch)`? The log is contiguous, so if it went
+/// on past the torn-tail window, bytes there are not all zero.
+async fn data_beyond(
+    file: &dyn StorageFile,
+    from: u64,
+    file_len: u64,
+    max_batch_bytes: usize,
+) -> Result<Option<u64>> {
+    let start = align_down(from);
+    if start >= file_len {
+        return Ok(None);
+    }
+    let end = align_up((from + max_batch_bytes as u64 + 61).min(file_len));
+    let (result, buf) = file
+        .read_at(start, AlignedBuf::new((end - start) as usize))
+        .await;
+    result.map_err(|e| Error::io("read", file.path(), e))?;
+    Ok(buf
+        .as_slice()
+        .iter()
+        .position(|&b| b != 0)
+        .map(|i| start + i as u64))
+}
+
+/// Cut the file to the segment's logical size and make it durable.
+async fn cut(file: &dyn StorageFile, segment: &Segment) -> Result<()> {
+    file.set_len(segment.size)
+        .await
+        .map_err(|e| Error::io("truncate", file.path(), e))?;
+    file.sync_all()
+        .await
+        .map_err(|e| Error::io("fsync", file.path(), e))
+}
