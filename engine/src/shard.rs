@@ -151,7 +151,9 @@ impl Shard {
             }
             futures::select_biased! {
                 done = self.inflight.select_next_some() => self.on_event(done),
-                command = inbox.recv_async() => match command {
+                // Not `recv_async()` directly: flume reports that future as terminated once the
+                // channel is disconnected, and select! would then never see the disconnection.
+                command = async { inbox.recv_async().await }.fuse() => match command {
                     Ok(command) => self.on_command(command).await,
                     Err(_) => return, // every handle dropped: stop without a clean-shutdown marker
                 },

@@ -1,0 +1,62 @@
+#![allow(dead_code)]
+//! Helpers shared by the engine's integration tests.
+
+use bytes::Bytes;
+use keel_engine::batch::BatchBuilder;
+use keel_engine::io::sim::SimFs;
+use keel_engine::io::Backend;
+use keel_engine::{EngineConfig, ReadOptions, ReadUpper};
+
+/// A producer batch of `records` records whose payload encodes `tag` (so reads can be checked).
+pub fn batch(tag: u64, records: i32, payload_bytes: usize, timestamp_ms: i64) -> Bytes {
+    let mut payload = tag.to_be_bytes().to_vec();
+    payload.resize(payload_bytes.max(8), (tag % 251) as u8);
+    BatchBuilder {
+        records_count: records,
+        timestamp_ms,
+        ..Default::default()
+    }
+    .build(&payload)
+    .into()
+}
+
+/// The tag a `batch()` carries.
+pub fn tag_of(batch: &[u8]) -> u64 {
+    u64::from_be_bytes(batch[61..69].try_into().unwrap())
+}
+
+pub fn sim_config(fs: &SimFs, shards: usize) -> EngineConfig {
+    let mut c = EngineConfig::new("/sim/data");
+    c.backend = Backend::Sim(fs.clone());
+    c.shards = shards;
+    c.pin_threads = false;
+    c
+}
+
+pub fn uring_config(dir: &std::path::Path, shards: usize) -> EngineConfig {
+    let mut c = EngineConfig::new(dir);
+    c.shards = shards;
+    c.pin_threads = false;
+    c
+}
+
+pub fn everything() -> ReadOptions {
+    ReadOptions {
+        max_bytes: usize::MAX,
+        upper: ReadUpper::Appended,
+    }
+}
+
+/// Split read chunks into individual batches.
+pub fn batches_of(chunks: &[Bytes]) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    for c in chunks {
+        let mut at = 0;
+        while at < c.len() {
+            let h = keel_engine::batch::BatchHeader::parse(&c[at..]).unwrap();
+            out.push(c.slice(at..at + h.size_bytes));
+            at += h.size_bytes;
+        }
+    }
+    out
+}
