@@ -62,7 +62,11 @@ pub const recovery_checkpoint_interval_ms: u64 = 5_000;
 /// A disk read for a fetch reads at least this much (amortises the O_DIRECT round trip).
 pub const read_bytes_min: usize = 64 * 1024;
 
+/// A disk read for a fetch reads at most this much (plus one batch if a single batch is larger).
+pub const read_bytes_max: usize = 4 * 1024 * 1024;
+
 const _: () = assert!(block_bytes.is_power_of_two());
+const _: () = assert!(read_bytes_min <= read_bytes_max);
 const _: () = assert!(write_bytes_max % block_bytes == 0);
 const _: () = assert!(write_bytes_max >= 2 * block_bytes);
 const _: () = assert!(batch_header_bytes < block_bytes);

@@ -193,6 +193,8 @@ pub(crate) struct Partition {
     /// A truncation that has been applied in memory and waits for its cut on disk.
     truncate_reply: Option<Reply<()>>,
     epochs_dirty: bool,
+    /// The in-memory log was truncated; the file must be cut to match before anything else.
+    cut_pending: bool,
     last_sync: Instant,
     bytes_since_sync: u64,
     pub deleted: bool,
@@ -245,6 +247,7 @@ impl Partition {
             truncate: None,
             truncate_reply: None,
             epochs_dirty: false,
+            cut_pending: false,
             last_sync: Instant::now(),
             bytes_since_sync: 0,
             deleted: false,
@@ -521,6 +524,11 @@ impl Partition {
     /// resources (a write buffer), so the shard should call again when one is free.
     pub fn schedule(&mut self, io: &mut IoCtx<'_>) -> bool {
         if self.control_busy {
+            return false;
+        }
+        if self.cut_pending && self.is_idle() {
+            self.cut_pending = false;
+            self.start_cut(io);
             return false;
         }
         if self.failure.is_some() {
@@ -930,6 +938,7 @@ impl Partition {
                 let pending = self.truncate.as_mut().expect("a truncation is pending");
                 pending.located = true;
                 self.apply_truncation(base_offset, Some(position));
+                self.cut_pending = true;
             }
             ControlDone::MetadataWritten => {}
         }

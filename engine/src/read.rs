@@ -8,7 +8,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::batch::BatchHeader;
-use crate::constants::{block_bytes, read_bytes_min};
+use crate::constants::{block_bytes, read_bytes_max, read_bytes_min};
 use crate::error::{Error, Result};
 use crate::io::aligned::{align_down, align_up};
 use crate::io::{AlignedBuf, Storage, StorageFile};
@@ -53,7 +53,7 @@ async fn read_window(
     limit: u64,
 ) -> Result<(Bytes, u64)> {
     let start = align_down(position);
-    let end = align_up((position + len as u64).min(limit)).max(start + block_bytes as u64);
+    let end = align_up(position.saturating_add(len as u64).min(limit)).max(start + block_bytes as u64);
     let buf = AlignedBuf::new((end - start) as usize);
     let (result, buf) = file.read_at(start, buf).await;
     result.map_err(|e| Error::io("read", file.path(), e))?;
@@ -71,7 +71,7 @@ async fn walk(
     metrics: &Metrics,
     mut visit: impl FnMut(&BatchHeader, u64, &Bytes, usize) -> bool,
 ) -> Result<u64> {
-    let mut want = window.max(read_bytes_min);
+    let mut want = window.clamp(read_bytes_min, read_bytes_max);
     while position < limit {
         let (bytes, start) = read_window(file, position, want, limit).await?;
         let mut at = (position - start) as usize;
