@@ -64,7 +64,6 @@ pub(crate) enum Event {
         buf: AlignedBuf,
     },
     Synced {
-        target: u64,
         result: io::Result<()>,
     },
     Control(Result<ControlDone>),
@@ -130,6 +129,8 @@ struct TailBatch {
 
 struct InflightWrite {
     serial: u64,
+    /// File position after the last meaningful byte of this write.
+    end_position: u64,
     /// The offset after the last batch this write completes.
     end_offset: u64,
     done: bool,
@@ -179,12 +180,16 @@ pub(crate) struct Partition {
     copied_offset: u64,
     write_segment: u64,
     next_write_position: u64,
+    /// Positions in the write segment that `written` and `durable` correspond to.
+    written_position: u64,
+    durable_position: u64,
     carry: Box<[u8; block_bytes]>,
     carry_len: usize,
     carry_state: CarryState,
     writes: VecDeque<InflightWrite>,
     write_serial: u64,
-    sync_inflight: Option<u64>,
+    /// The (offset, position) an fdatasync in flight will make durable.
+    sync_inflight: Option<(u64, u64)>,
     control_busy: bool,
     written_waiters: VecDeque<Waiter>,
     durable_waiters: VecDeque<Waiter>,
@@ -234,6 +239,8 @@ impl Partition {
             copied_offset: log_end,
             write_segment: active_base,
             next_write_position: size,
+            written_position: size,
+            durable_position: size,
             carry: Box::new([0; block_bytes]),
             carry_len: 0,
             carry_state,
@@ -590,6 +597,12 @@ impl Partition {
             if self.carry_len > 0 && !self.writes.is_empty() {
                 return false;
             }
+            if self.config.flush == FlushPolicy::EveryBatch
+                && self.next_write_position + write_bytes_max as u64
+                    > self.durable_position + torn_tail_window_bytes
+            {
+                return false; // the fdatasync in flight (or about to be issued) frees room
+            }
             if io.buffers.is_empty() || *io.writes_inflight >= shard_writes_inflight_max {
                 return true;
             }
@@ -638,6 +651,7 @@ impl Partition {
         let serial = self.write_serial;
         self.writes.push_back(InflightWrite {
             serial,
+            end_position: end,
             end_offset: self.copied_offset,
             done: false,
             failed: false,
@@ -688,14 +702,13 @@ impl Partition {
         if !(force || waited_for || due) {
             return;
         }
-        self.sync_inflight = Some(written);
+        self.sync_inflight = Some((written, self.written_position));
         self.bytes_since_sync = 0;
         self.last_sync = Instant::now();
         bump(&io.metrics.fsyncs, 1);
         let file = self.write_file();
         io.submit(&self.id, async move {
             Event::Synced {
-                target: written,
                 result: file.sync_data().await,
             }
         });
@@ -842,7 +855,7 @@ impl Partition {
                 *io.writes_inflight -= 1;
                 self.on_written(serial, result, io);
             }
-            Event::Synced { target, result } => self.on_synced(target, result, io),
+            Event::Synced { result } => self.on_synced(result, io),
             Event::Control(result) => {
                 self.control_busy = false;
                 match result {
@@ -873,15 +886,19 @@ impl Partition {
             let w = self.writes.pop_front().expect("checked");
             self.offsets
                 .advance_written(Written(w.end_offset.max(self.offsets.written().0)));
+            self.written_position = w.end_position;
         }
         self.bytes_since_sync += self.offsets.written().0 - before;
         self.evict_cache();
     }
 
-    fn on_synced(&mut self, target: u64, result: io::Result<()>, io: &mut IoCtx<'_>) {
-        self.sync_inflight = None;
+    fn on_synced(&mut self, result: io::Result<()>, io: &mut IoCtx<'_>) {
+        let (target, position) = self.sync_inflight.take().expect("a sync was in flight");
         match result {
-            Ok(()) => self.offsets.advance_durable(Durable(target)),
+            Ok(()) => {
+                self.offsets.advance_durable(Durable(target));
+                self.durable_position = position;
+            }
             Err(e) => {
                 let path = self.segments[&self.write_segment].log_path.clone();
                 self.fail(Error::io("fdatasync", path, e), true, io);
@@ -909,6 +926,8 @@ impl Partition {
                 new.allocated = allocated;
                 self.write_segment = next_base;
                 self.next_write_position = 0;
+                self.written_position = 0;
+                self.durable_position = 0;
                 self.carry_len = 0;
                 self.carry_state = CarryState::Ready;
             }
@@ -1091,6 +1110,8 @@ impl Partition {
         self.copied_offset = to;
         self.write_segment = base;
         self.next_write_position = position;
+        self.written_position = position;
+        self.durable_position = position;
         self.carry_len = 0;
         self.carry_state = if position % block_bytes as u64 == 0 {
             CarryState::Ready

@@ -53,7 +53,8 @@ async fn read_window(
     limit: u64,
 ) -> Result<(Bytes, u64)> {
     let start = align_down(position);
-    let end = align_up(position.saturating_add(len as u64).min(limit)).max(start + block_bytes as u64);
+    let end =
+        align_up(position.saturating_add(len as u64).min(limit)).max(start + block_bytes as u64);
     let buf = AlignedBuf::new((end - start) as usize);
     let (result, buf) = file.read_at(start, buf).await;
     result.map_err(|e| Error::io("read", file.path(), e))?;

@@ -327,32 +327,79 @@ async fn scan(
     if !is_last {
         return Ok(ScanEnd::Damaged { position, reason });
     }
-    if reason == "zeros" || ctx.torn_window.is_none() {
-        if let Some(window) = ctx.torn_window {
-            if let Some(found) =
-                data_beyond(file, position + window, file_len, ctx.max_batch_bytes).await?
-            {
-                return Ok(ScanEnd::Damaged {
-                    position,
-                    reason: format!("{reason} at the log end, but data at byte {found}"),
-                });
-            }
-        }
-        return Ok(ScanEnd::Valid);
-    }
-    match data_beyond(
-        file,
-        position + ctx.torn_window.unwrap_or(0),
-        file_len,
-        ctx.max_batch_bytes,
-    )
-    .await?
-    {
-        Some(found) => Ok(ScanEnd::Damaged {
+    if !looks_torn(file, position, file_len, ctx.max_batch_bytes).await? {
+        return Ok(ScanEnd::Damaged {
             position,
-            reason: format!("{reason}; data continues at byte {found}"),
-        }),
-        None => Ok(ScanEnd::Valid),
+            reason: format!("{reason} in a batch that was written whole (no torn sector)"),
+        });
+    }
+    if let Some(window) = ctx.torn_window {
+        if let Some(found) =
+            data_beyond(file, position + window, file_len, ctx.max_batch_bytes).await?
+        {
+            return Ok(ScanEnd::Damaged {
+                position,
+                reason: format!(
+                    "{reason}; data continues at byte {found}, past what a crash can tear"
+                ),
+            });
+        }
+    }
+    Ok(ScanEnd::Valid)
+}
+
+/// Sector size the torn-write signature is judged at: devices write whole sectors atomically.
+const SECTOR_BYTES: usize = 512;
+
+/// Does the damage at `position` look like a write the crash interrupted? A torn write leaves
+/// sectors that never got their new content: zeros from preallocation (or the zeroed padding of
+/// the previous version of the tail block). So: a zeroed header, a batch that runs past the end of
+/// the file, or a whole zero sector inside the batch. A flipped bit inside an otherwise complete
+/// batch is none of those: that is damage, not a torn tail.
+async fn looks_torn(
+    file: &dyn StorageFile,
+    position: u64,
+    file_len: u64,
+    max_batch_bytes: usize,
+) -> Result<bool> {
+    let start = align_down(position);
+    let end = align_up((position + max_batch_bytes as u64 + 61).min(file_len));
+    if end <= position {
+        return Ok(true);
+    }
+    let (result, buf) = file
+        .read_at(start, AlignedBuf::new((end - start) as usize))
+        .await;
+    result.map_err(|e| Error::io("read", file.path(), e))?;
+    let bytes = &buf.as_slice()[((position - start) as usize).min(buf.len())..];
+    if bytes.len() < 61 || bytes[..61].iter().all(|&b| b == 0) {
+        return Ok(true);
+    }
+    let zero_sector = |region: &[u8], at: u64| {
+        let skip = ((SECTOR_BYTES - (at as usize % SECTOR_BYTES)) % SECTOR_BYTES).min(region.len());
+        region[skip..]
+            .chunks(SECTOR_BYTES)
+            .any(|s| s.len() == SECTOR_BYTES && s.iter().all(|&b| b == 0))
+    };
+    match BatchHeader::parse(bytes) {
+        Ok(h) if h.size_bytes <= max_batch_bytes => {
+            if position + h.size_bytes as u64 > file_len {
+                return Ok(true);
+            }
+            Ok(zero_sector(
+                &bytes[..h.size_bytes.min(bytes.len())],
+                position,
+            ))
+        }
+        // The header itself is garbage: a torn sector holding part of it shows as zeros near it.
+        _ => {
+            let split = (SECTOR_BYTES - (position as usize % SECTOR_BYTES)) % SECTOR_BYTES;
+            let torn_header = split > 0
+                && split < 61
+                && (bytes[..split].iter().all(|&b| b == 0)
+                    || bytes[split..61].iter().all(|&b| b == 0));
+            Ok(torn_header || zero_sector(&bytes[..bytes.len().min(2 * SECTOR_BYTES)], position))
+        }
     }
 }
 

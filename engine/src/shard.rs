@@ -124,7 +124,11 @@ pub(crate) fn run(
         shutdown: None,
         last_retention: Instant::now(),
     };
-    runtime.block_on(shard.serve(inbox));
+    runtime.block_on(async move {
+        shard.serve(inbox).await;
+        // In-flight operations (timers among them) must be dropped inside the runtime.
+        drop(shard);
+    });
 }
 
 struct Shard {

@@ -6,8 +6,8 @@ use common::*;
 use keel_engine::batch::BatchBuilder;
 use keel_engine::io::sim::SimFs;
 use keel_engine::{
-    block_on, Durability, Engine, Error, FlushPolicy, PartitionConfig, PartitionId, ReadOptions, ReadUpper,
-    TimestampOffset,
+    block_on, Durability, Engine, Error, FlushPolicy, PartitionConfig, PartitionId, ReadOptions,
+    ReadUpper, TimestampOffset,
 };
 
 fn small_segments() -> PartitionConfig {
@@ -43,7 +43,10 @@ fn segments_roll_and_reads_cross_them_after_reopen() {
     block_on(async {
         engine.create_partition(&p, small_segments()).await.unwrap();
         for tag in 0..400 {
-            engine.append(&p, batch(tag, 2, 10_000, tag as i64), 1).await.unwrap();
+            engine
+                .append(&p, batch(tag, 2, 10_000, tag as i64), 1)
+                .await
+                .unwrap();
         }
         let state = engine.partition_state(&p).await.unwrap();
         assert!(state.segments >= 4, "{state:?}");
@@ -76,7 +79,10 @@ fn retention_by_size_and_time_deletes_whole_old_segments() {
         };
         engine.create_partition(&by_size, config).await.unwrap();
         for tag in 0..1000 {
-            engine.append(&by_size, batch(tag, 1, 10_000, 0), 0).await.unwrap();
+            engine
+                .append(&by_size, batch(tag, 1, 10_000, 0), 0)
+                .await
+                .unwrap();
         }
         let before = engine.partition_state(&by_size).await.unwrap();
         let deleted = engine.enforce_retention(&by_size).await.unwrap();
@@ -85,13 +91,25 @@ fn retention_by_size_and_time_deletes_whole_old_segments() {
         assert_eq!(after.segments, before.segments - deleted);
         // Kafka's rule: delete the oldest segment while the rest still hold retention.bytes.
         let first_segment = after.size_bytes - 3 * 1024 * 1024;
-        assert!(after.size_bytes > 3 * 1024 * 1024 && first_segment <= 1024 * 1024, "{after:?}");
+        assert!(
+            after.size_bytes > 3 * 1024 * 1024 && first_segment <= 1024 * 1024,
+            "{after:?}"
+        );
         assert!(after.log_start_offset > 0);
-        assert!(matches!(engine.read(&by_size, 0, everything()).await, Err(Error::OffsetOutOfRange { .. })));
-        let first = engine.read(&by_size, after.log_start_offset, everything()).await.unwrap();
+        assert!(matches!(
+            engine.read(&by_size, 0, everything()).await,
+            Err(Error::OffsetOutOfRange { .. })
+        ));
+        let first = engine
+            .read(&by_size, after.log_start_offset, everything())
+            .await
+            .unwrap();
         assert_eq!(first.headers()[0].base_offset, after.log_start_offset);
 
-        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
         let config = PartitionConfig {
             retention_ms: Some(60_000),
             ..small_segments()
@@ -99,16 +117,31 @@ fn retention_by_size_and_time_deletes_whole_old_segments() {
         engine.create_partition(&by_time, config).await.unwrap();
         for tag in 0..300 {
             // The first 200 batches are two hours old, the rest are fresh.
-            let ts = if tag < 200 { now_ms - 7_200_000 } else { now_ms };
-            engine.append(&by_time, batch(tag, 1, 10_000, ts), 0).await.unwrap();
+            let ts = if tag < 200 {
+                now_ms - 7_200_000
+            } else {
+                now_ms
+            };
+            engine
+                .append(&by_time, batch(tag, 1, 10_000, ts), 0)
+                .await
+                .unwrap();
         }
         engine.enforce_retention(&by_time).await.unwrap();
     });
     let state = block_on(engine.partition_state(&by_time)).unwrap();
-    assert!(state.log_start_offset > 0 && state.log_start_offset <= 200, "{state:?}");
-    assert!(tags(&engine, &by_time, state.log_start_offset).ends_with(&(200..300).collect::<Vec<_>>()));
-    assert!(fs.files().iter().all(|f| !f.ends_with("00000000000000000000.log")
-        || !f.to_string_lossy().contains("by-size")));
+    assert!(
+        state.log_start_offset > 0 && state.log_start_offset <= 200,
+        "{state:?}"
+    );
+    assert!(
+        tags(&engine, &by_time, state.log_start_offset).ends_with(&(200..300).collect::<Vec<_>>())
+    );
+    assert!(fs
+        .files()
+        .iter()
+        .all(|f| !f.ends_with("00000000000000000000.log")
+            || !f.to_string_lossy().contains("by-size")));
 }
 
 #[test]
@@ -119,20 +152,38 @@ fn truncate_to_in_memory_and_on_disk_then_append_again() {
     block_on(async {
         engine.create_partition(&p, small_segments()).await.unwrap();
         for tag in 0..300 {
-            engine.append(&p, batch(tag, 1, 10_000, 0), (tag / 100) as i32).await.unwrap();
+            engine
+                .append(&p, batch(tag, 1, 10_000, 0), (tag / 100) as i32)
+                .await
+                .unwrap();
         }
-        assert_eq!(engine.end_offset_for_epoch(&p, 1).await.unwrap(), Some((1, 200)));
-        assert_eq!(engine.end_offset_for_epoch(&p, 2).await.unwrap(), Some((2, 300)));
+        assert_eq!(
+            engine.end_offset_for_epoch(&p, 1).await.unwrap(),
+            Some((1, 200))
+        );
+        assert_eq!(
+            engine.end_offset_for_epoch(&p, 2).await.unwrap(),
+            Some((2, 300))
+        );
         // Near the end (the batches are still in memory).
         engine.truncate_to(&p, 290).await.unwrap();
         assert_eq!(engine.partition_state(&p).await.unwrap().appended.0, 290);
         // Far back (only on disk, in an earlier segment): epoch 2 goes away.
         engine.truncate_to(&p, 150).await.unwrap();
         let state = engine.partition_state(&p).await.unwrap();
-        assert_eq!((state.appended.0, state.durable.0, state.latest_epoch), (150, 150, Some(1)));
-        assert_eq!(engine.end_offset_for_epoch(&p, 2).await.unwrap(), Some((1, 150)));
+        assert_eq!(
+            (state.appended.0, state.durable.0, state.latest_epoch),
+            (150, 150, Some(1))
+        );
+        assert_eq!(
+            engine.end_offset_for_epoch(&p, 2).await.unwrap(),
+            Some((1, 150))
+        );
         for tag in 1000..1010 {
-            engine.append(&p, batch(tag, 1, 10_000, 0), 3).await.unwrap();
+            engine
+                .append(&p, batch(tag, 1, 10_000, 0), 3)
+                .await
+                .unwrap();
         }
     });
     let expected: Vec<u64> = (0..150).chain(1000..1010).collect();
@@ -142,7 +193,10 @@ fn truncate_to_in_memory_and_on_disk_then_append_again() {
     fs.crash(keel_engine::io::sim::CrashKind::PowerCut);
     let engine = Engine::open(sim_config(&fs, 1)).unwrap();
     assert_eq!(tags(&engine, &p, 0), expected);
-    assert_eq!(block_on(engine.end_offset_for_epoch(&p, 1)).unwrap(), Some((1, 150)));
+    assert_eq!(
+        block_on(engine.end_offset_for_epoch(&p, 1)).unwrap(),
+        Some((1, 150))
+    );
 }
 
 #[test]
@@ -152,23 +206,47 @@ fn replica_appends_keep_offsets_and_bytes() {
     let follower = PartitionId::new("follower", 0);
     let engine = Engine::open(sim_config(&fs, 2)).unwrap();
     block_on(async {
-        engine.create_partition(&leader, PartitionConfig::default()).await.unwrap();
-        engine.create_partition(&follower, PartitionConfig::default()).await.unwrap();
+        engine
+            .create_partition(&leader, PartitionConfig::default())
+            .await
+            .unwrap();
+        engine
+            .create_partition(&follower, PartitionConfig::default())
+            .await
+            .unwrap();
         for tag in 0..50 {
-            engine.append(&leader, batch(tag, 3, 500, tag as i64), 7).await.unwrap();
+            engine
+                .append(&leader, batch(tag, 3, 500, tag as i64), 7)
+                .await
+                .unwrap();
         }
         let read = engine.read(&leader, 0, everything()).await.unwrap();
         for chunk in &read.chunks {
-            engine.append_replicated(&follower, chunk.clone()).await.unwrap();
+            engine
+                .append_replicated(&follower, chunk.clone())
+                .await
+                .unwrap();
         }
         let copy = engine.read(&follower, 0, everything()).await.unwrap();
         assert_eq!(copy.chunks.concat(), read.chunks.concat());
-        assert_eq!(engine.end_offset_for_epoch(&follower, 7).await.unwrap(), Some((7, 150)));
+        assert_eq!(
+            engine.end_offset_for_epoch(&follower, 7).await.unwrap(),
+            Some((7, 150))
+        );
         // A gap or an overlap is refused.
-        let mut gap = BatchBuilder { base_offset: 151, ..Default::default() }.build(b"x");
+        let mut gap = BatchBuilder {
+            base_offset: 151,
+            ..Default::default()
+        }
+        .build(b"x");
         assert!(matches!(
-            engine.append_replicated(&follower, gap.clone().into()).await,
-            Err(Error::NonContiguousOffset { expected: 150, got: 151 })
+            engine
+                .append_replicated(&follower, gap.clone().into())
+                .await,
+            Err(Error::NonContiguousOffset {
+                expected: 150,
+                got: 151
+            })
         ));
         gap[0..8].copy_from_slice(&149i64.to_be_bytes());
         assert!(matches!(
@@ -186,18 +264,33 @@ fn timestamps_find_the_first_batch_at_or_after() {
     block_on(async {
         engine.create_partition(&p, small_segments()).await.unwrap();
         for tag in 0..500u64 {
-            engine.append(&p, batch(tag, 1, 5_000, 10_000 + tag as i64 * 10), 0).await.unwrap();
+            engine
+                .append(&p, batch(tag, 1, 5_000, 10_000 + tag as i64 * 10), 0)
+                .await
+                .unwrap();
         }
-        for (ts, expected) in [(0, Some(0)), (10_000, Some(0)), (10_001, Some(1)), (12_345, Some(235)), (14_990, Some(499))] {
+        for (ts, expected) in [
+            (0, Some(0)),
+            (10_000, Some(0)),
+            (10_001, Some(1)),
+            (12_345, Some(235)),
+            (14_990, Some(499)),
+        ] {
             let found = engine.offset_for_timestamp(&p, ts).await.unwrap();
-            assert_eq!(found.map(|f: TimestampOffset| f.offset), expected, "timestamp {ts}");
+            assert_eq!(
+                found.map(|f: TimestampOffset| f.offset),
+                expected,
+                "timestamp {ts}"
+            );
         }
         assert_eq!(engine.offset_for_timestamp(&p, 99_999).await.unwrap(), None);
         engine.shutdown().await.unwrap();
     });
     drop(engine);
     let engine = Engine::open(uring_config(dir.path(), 1)).unwrap();
-    let found = block_on(engine.offset_for_timestamp(&p, 12_345)).unwrap().unwrap();
+    let found = block_on(engine.offset_for_timestamp(&p, 12_345))
+        .unwrap()
+        .unwrap();
     assert_eq!((found.offset, found.timestamp), (235, 12_350));
 }
 
@@ -208,7 +301,10 @@ fn interval_policy_completes_at_write_and_flushes_on_time() {
     let engine = Engine::open(sim_config(&fs, 1)).unwrap();
     block_on(async {
         let config = PartitionConfig {
-            flush: FlushPolicy::Interval { ms: 3_600_000, bytes: 0 },
+            flush: FlushPolicy::Interval {
+                ms: 3_600_000,
+                bytes: 0,
+            },
             ..Default::default()
         };
         engine.create_partition(&p, config).await.unwrap();
@@ -217,13 +313,26 @@ fn interval_policy_completes_at_write_and_flushes_on_time() {
         let state = engine.partition_state(&p).await.unwrap();
         assert_eq!((state.written.0, state.durable.0), (1, 0));
         // Durable reads see nothing yet; written reads do.
-        assert!(engine.read(&p, 0, ReadOptions::default()).await.unwrap().is_empty());
-        let written = ReadOptions { upper: ReadUpper::Written, ..Default::default() };
-        assert_eq!(engine.read(&p, 0, written).await.unwrap().headers().len(), 1);
+        assert!(engine
+            .read(&p, 0, ReadOptions::default())
+            .await
+            .unwrap()
+            .is_empty());
+        let written = ReadOptions {
+            upper: ReadUpper::Written,
+            ..Default::default()
+        };
+        assert_eq!(
+            engine.read(&p, 0, written).await.unwrap().headers().len(),
+            1
+        );
         engine.flush(&p).await.unwrap();
         assert_eq!(engine.partition_state(&p).await.unwrap().durable.0, 1);
         // A caller can still ask for durability on one append.
-        let out = engine.append_waiting(&p, batch(2, 1, 100, 0), 0, Durability::Durable).await.unwrap();
+        let out = engine
+            .append_waiting(&p, batch(2, 1, 100, 0), 0, Durability::Durable)
+            .await
+            .unwrap();
         assert_eq!(out.durability, Durability::Durable);
     });
     let (_, syncs) = fs.op_counts();
@@ -239,10 +348,16 @@ fn group_commit_covers_many_concurrent_appends_with_few_fsyncs() {
     let p = PartitionId::new("group", 0);
     let engine = Engine::open(sim_config(&fs, 1)).unwrap();
     block_on(async {
-        engine.create_partition(&p, PartitionConfig::default()).await.unwrap();
+        engine
+            .create_partition(&p, PartitionConfig::default())
+            .await
+            .unwrap();
         let appends = (0..200u64).map(|tag| engine.append(&p, batch(tag, 1, 1000, 0), 0));
         let outcomes = futures::future::join_all(appends).await;
-        let mut offsets: Vec<u64> = outcomes.into_iter().map(|o| o.unwrap().base_offset).collect();
+        let mut offsets: Vec<u64> = outcomes
+            .into_iter()
+            .map(|o| o.unwrap().base_offset)
+            .collect();
         offsets.sort();
         assert_eq!(offsets, (0..200).collect::<Vec<_>>());
     });
@@ -258,22 +373,43 @@ fn partitions_spread_over_shards_and_can_be_deleted() {
     let ids: Vec<_> = (0..12).map(|i| PartitionId::new("spread", i)).collect();
     block_on(async {
         for id in &ids {
-            engine.create_partition(id, PartitionConfig::default()).await.unwrap();
-            engine.append(id, batch(id.partition as u64, 1, 10, 0), 0).await.unwrap();
+            engine
+                .create_partition(id, PartitionConfig::default())
+                .await
+                .unwrap();
+            engine
+                .append(id, batch(id.partition as u64, 1, 10, 0), 0)
+                .await
+                .unwrap();
         }
         assert_eq!(engine.partitions().await.unwrap(), ids);
-        let shards: std::collections::HashSet<_> = ids.iter().map(|id| engine.shard_of(id)).collect();
+        let shards: std::collections::HashSet<_> =
+            ids.iter().map(|id| engine.shard_of(id)).collect();
         assert!(shards.len() > 1);
         engine.delete_partition(&ids[3]).await.unwrap();
-        assert!(matches!(engine.read(&ids[3], 0, everything()).await, Err(Error::UnknownPartition(_))));
+        assert!(matches!(
+            engine.read(&ids[3], 0, everything()).await,
+            Err(Error::UnknownPartition(_))
+        ));
         // Creating it again starts an empty log.
-        engine.create_partition(&ids[3], PartitionConfig::default()).await.unwrap();
+        engine
+            .create_partition(&ids[3], PartitionConfig::default())
+            .await
+            .unwrap();
         assert_eq!(engine.partition_state(&ids[3]).await.unwrap().appended.0, 0);
         // Same id, different configuration: refused.
-        let other = PartitionConfig { segment_bytes: 2 * 1024 * 1024, ..Default::default() };
-        assert!(matches!(engine.create_partition(&ids[4], other).await, Err(Error::InvalidConfig(_))));
+        let other = PartitionConfig {
+            segment_bytes: 2 * 1024 * 1024,
+            ..Default::default()
+        };
         assert!(matches!(
-            engine.create_partition(&PartitionId::new("bad/name", 0), PartitionConfig::default()).await,
+            engine.create_partition(&ids[4], other).await,
+            Err(Error::InvalidConfig(_))
+        ));
+        assert!(matches!(
+            engine
+                .create_partition(&PartitionId::new("bad/name", 0), PartitionConfig::default())
+                .await,
             Err(Error::InvalidConfig(_))
         ));
     });

@@ -125,6 +125,30 @@ impl SimFs {
             .sum()
     }
 
+    /// What the disk would hold if the power failed right now, as a separate file system; the
+    /// engine using this one carries on undisturbed. Seeded like this one.
+    pub fn crash_image(&self, kind: CrashKind) -> SimFs {
+        let state = lock(&self.state);
+        let copy = SimFs::new(state.faults.clone());
+        {
+            let mut c = lock(&copy.state);
+            c.rng = state.rng ^ 0x5DEE_CE66;
+            c.dirs = state.dirs.clone();
+            for (path, file) in &state.files {
+                let f = lock(file);
+                let clone = SimFile {
+                    data: f.data.clone(),
+                    unsynced: f.unsynced.clone(),
+                    durable: f.durable.clone(),
+                };
+                c.files.insert(path.clone(), Arc::new(Mutex::new(clone)));
+            }
+        }
+        drop(state);
+        copy.crash(kind);
+        copy
+    }
+
     /// Simulate a crash. Call it while no engine is using this file system.
     pub fn crash(&self, kind: CrashKind) {
         let mut state = lock(&self.state);
