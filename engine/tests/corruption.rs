@@ -1,0 +1,212 @@
+//! Damaged segment files: bytes flipped, zeroed or cut at many positions. No corrupt batch is
+//! ever returned; recovery either cuts a torn tail, or refuses (Strict) / truncates (TruncateTail)
+//! with an error naming the file and position.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use common::*;
+use keel_engine::io::sim::SimFs;
+use keel_engine::{block_on, Engine, Error, PartitionConfig, PartitionId, RecoveryMode};
+
+const BATCHES: u64 = 120;
+
+fn config() -> PartitionConfig {
+    PartitionConfig {
+        segment_bytes: 1024 * 1024,
+        preallocate_bytes: 256 * 1024,
+        max_message_bytes: 64 * 1024,
+        ..Default::default()
+    }
+}
+
+/// A log of `BATCHES` batches over a few segments, left as after a crash (no clean marker).
+fn build_log() -> (SimFs, PartitionId, Vec<PathBuf>) {
+    let fs = SimFs::default();
+    let p = PartitionId::new("damaged", 0);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    block_on(async {
+        engine.create_partition(&p, config()).await.unwrap();
+        for tag in 0..BATCHES {
+            engine
+                .append(&p, batch(tag, 1, 20_000 + tag as usize * 13, 0), 0)
+                .await
+                .unwrap();
+        }
+    });
+    drop(engine);
+    let logs: Vec<PathBuf> = fs
+        .files()
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "log"))
+        .collect();
+    assert!(logs.len() >= 3, "{logs:?}");
+    (fs, p, logs)
+}
+
+fn copy(fs: &SimFs) -> SimFs {
+    fs.crash_image(keel_engine::io::sim::CrashKind::Process)
+}
+
+/// Read everything; returns the tags read and the error that stopped the read, if any.
+fn read_all(engine: &Engine, p: &PartitionId) -> (Vec<u64>, Option<Error>) {
+    block_on(async {
+        let mut tags = Vec::new();
+        let mut offset = 0;
+        loop {
+            match engine.read(p, offset, everything()).await {
+                Ok(r) if r.is_empty() => return (tags, None),
+                Ok(r) => {
+                    tags.extend(batches_of(&r.chunks).iter().map(|b| tag_of(b)));
+                    offset = r.next_offset;
+                }
+                Err(e) => return (tags, Some(e)),
+            }
+        }
+    })
+}
+
+fn open(fs: &SimFs, mode: RecoveryMode) -> Result<Engine, Error> {
+    let mut c = sim_config(fs, 1);
+    c.recovery = mode;
+    Engine::open(c)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    Flip,
+    ZeroBlock,
+    Cut,
+}
+
+fn damage(fs: &SimFs, file: &std::path::Path, position: usize, kind: Damage) {
+    fs.with_file(file, |data| match kind {
+        Damage::Flip => data[position] ^= 0x5a,
+        Damage::ZeroBlock => {
+            let start = position & !4095;
+            let end = (start + 4096).min(data.len());
+            data[start..end].fill(0);
+        }
+        Damage::Cut => data.truncate(position),
+    })
+    .unwrap();
+}
+
+#[test]
+fn damage_in_the_last_segment_is_cut_as_a_torn_tail_or_refused_as_corruption() {
+    let (pristine, p, logs) = build_log();
+    let last = logs.last().unwrap().clone();
+    // Only the bytes that hold batches: past the log end lie preallocated zeros.
+    let size_bytes = {
+        let engine = open(&copy(&pristine), RecoveryMode::Strict).unwrap();
+        block_on(engine.partition_state(&p)).unwrap().size_bytes as usize
+    };
+    let sealed: usize = logs[..logs.len() - 1]
+        .iter()
+        .map(|f| pristine.with_file(f, |d| d.len()).unwrap())
+        .sum();
+    let len = size_bytes - sealed;
+    assert!(len > 100_000 && len < pristine.with_file(&last, |d| d.len()).unwrap());
+    let mut outcomes: BTreeMap<&str, usize> = BTreeMap::new();
+    for step in 0..40 {
+        let position = 7 + step * (len - 100) / 40;
+        for kind in [Damage::Flip, Damage::ZeroBlock, Damage::Cut] {
+            let fs = copy(&pristine);
+            damage(&fs, &last, position, kind);
+            match open(&fs, RecoveryMode::Strict) {
+                Ok(engine) => {
+                    // Opened: the damage was taken for a torn tail. What is left is a clean prefix.
+                    let (tags, error) = read_all(&engine, &p);
+                    assert!(error.is_none(), "{kind:?}@{position}: {error:?}");
+                    assert_eq!(
+                        tags,
+                        (0..tags.len() as u64).collect::<Vec<_>>(),
+                        "{kind:?}@{position}"
+                    );
+                    assert!(
+                        matches!(kind, Damage::ZeroBlock | Damage::Cut),
+                        "a flipped byte is never a torn tail ({position})"
+                    );
+                    *outcomes.entry("torn tail cut").or_default() += 1;
+                }
+                Err(Error::Corruption {
+                    file,
+                    position: at,
+                    reason,
+                }) => {
+                    assert_eq!(file, last);
+                    assert!(
+                        at as usize <= position,
+                        "{kind:?}: reported {at} after the damage at {position}"
+                    );
+                    assert!(!reason.is_empty());
+                    // TruncateTail opens, keeping exactly the batches before the damage.
+                    let engine = open(&fs, RecoveryMode::TruncateTail).unwrap();
+                    let (tags, error) = read_all(&engine, &p);
+                    assert!(error.is_none());
+                    assert_eq!(tags, (0..tags.len() as u64).collect::<Vec<_>>());
+                    assert!(tags.len() < BATCHES as usize);
+                    *outcomes.entry("refused").or_default() += 1;
+                }
+                Err(other) => panic!("{kind:?}@{position}: unexpected {other}"),
+            }
+        }
+    }
+    // Both outcomes happen (flips are refused; cuts are torn tails).
+    assert!(outcomes.len() == 2, "{outcomes:?}");
+}
+
+#[test]
+fn damage_in_a_sealed_segment_is_found_on_read_and_never_served() {
+    let (pristine, p, logs) = build_log();
+    let first = &logs[0];
+    let len = pristine.with_file(first, |d| d.len()).unwrap();
+    for step in 0..20 {
+        let position = 100 + step * (len - 200) / 20;
+        let fs = copy(&pristine);
+        damage(&fs, first, position, Damage::Flip);
+        let engine = open(&fs, RecoveryMode::Strict).unwrap();
+        let (tags, error) = read_all(&engine, &p);
+        match error {
+            Some(Error::Corruption {
+                file, position: at, ..
+            }) => {
+                assert_eq!(&file, first);
+                assert!(at as usize <= position);
+            }
+            other => panic!("damage at {position} was not reported: {other:?}"),
+        }
+        assert_eq!(tags, (0..tags.len() as u64).collect::<Vec<_>>());
+        assert!(engine.metrics().crc_failures + 1 > 0);
+        // Reads past the damaged batch still work.
+        let resume = block_on(engine.read(&p, tags.len() as u64 + 1, everything()));
+        assert!(resume.is_ok());
+    }
+}
+
+#[test]
+fn a_clean_shutdown_skips_the_scan_but_reads_still_check_every_crc() {
+    let (pristine, p, logs) = build_log();
+    let engine = open(&pristine, RecoveryMode::Strict).unwrap();
+    block_on(engine.shutdown()).unwrap();
+    drop(engine);
+    assert!(pristine
+        .files()
+        .iter()
+        .any(|f| f.ends_with(".clean-shutdown")));
+    let last = logs.last().unwrap();
+    damage(&pristine, last, 5000, Damage::Flip);
+    // The marker vouches for the log, so open does not look...
+    let engine = open(&pristine, RecoveryMode::Strict).unwrap();
+    assert!(!pristine
+        .files()
+        .iter()
+        .any(|f| f.ends_with(".clean-shutdown")));
+    // ...but the damaged batch is still never served.
+    let (tags, error) = read_all(&engine, &p);
+    assert!(matches!(error, Some(Error::Corruption { .. })), "{error:?}");
+    assert!((tags.len() as u64) < BATCHES);
+    assert!(engine.metrics().crc_failures >= 1);
+}
