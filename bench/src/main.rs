@@ -1,1 +1,5 @@
-fn main() {}
+//! `keel-bench`: see `keel_bench::cli` for the modes.
+
+fn main() -> std::process::ExitCode {
+    keel_bench::main()
+}

@@ -10,9 +10,10 @@ use crate::batch::BatchHeader;
 use crate::config::{EngineConfig, PartitionConfig};
 use crate::constants::shard_inbox_count_max;
 use crate::error::{Error, Result};
+use crate::metrics::bump;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::offsets::Durability;
-use crate::partition::{AppendKind, Reply};
+use crate::partition::{AppendKind, Reply, Validated};
 use crate::segment::path::parse_partition_dir;
 use crate::shard::{self, Command};
 use crate::{
@@ -201,6 +202,10 @@ impl Engine {
         kind: AppendKind,
         wait: Option<Durability>,
     ) -> Result<AppendOutcome> {
+        // Validation reads every byte (CRC-32C): done here, on the caller's thread, so the shard
+        // that owns the partition only assigns offsets and copies.
+        let bytes = Validated::check(bytes, kind)
+            .inspect_err(|_| bump(&self.inner.metrics.appends_rejected, 1))?;
         self.call(id, |reply| Command::Append {
             id: id.clone(),
             bytes,

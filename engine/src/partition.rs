@@ -118,6 +118,29 @@ impl IoCtx<'_> {
     }
 }
 
+/// Producer or replica bytes that passed [`batch::validate_all`]: only [`Validated::check`] makes
+/// one, so the shard that owns the partition trusts them without re-reading every byte. The
+/// check (CRC-32C over every byte) runs on the caller's thread, not on the owning shard.
+pub(crate) struct Validated {
+    bytes: Bytes,
+    headers: Vec<BatchHeader>,
+}
+
+impl Validated {
+    pub fn check(bytes: Bytes, kind: AppendKind) -> Result<Validated> {
+        let check = match kind {
+            AppendKind::Leader { .. } => OffsetCheck::Dense,
+            AppendKind::Replica => OffsetCheck::Sparse,
+        };
+        let headers = batch::validate_all(&bytes, check)?;
+        Ok(Validated { bytes, headers })
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
 /// A batch in the in-memory tail of the log.
 struct TailBatch {
     base_offset: u64,
@@ -298,7 +321,7 @@ impl Partition {
 
     pub fn append(
         &mut self,
-        bytes: Bytes,
+        bytes: Validated,
         kind: AppendKind,
         wait: Option<Durability>,
         reply: Reply<AppendOutcome>,
@@ -331,18 +354,14 @@ impl Partition {
     }
 
     /// Validate and place the batches; on any error nothing has changed.
-    fn accept(&mut self, bytes: Bytes, kind: AppendKind) -> Result<AppendOutcome> {
+    fn accept(&mut self, validated: Validated, kind: AppendKind) -> Result<AppendOutcome> {
         if let Some(failure) = &self.failure {
             return Err(failure.error.duplicate());
         }
         if self.deleted {
             return Err(Error::UnknownPartition(self.id.clone()));
         }
-        let check = match kind {
-            AppendKind::Leader { .. } => OffsetCheck::Dense,
-            AppendKind::Replica => OffsetCheck::Sparse,
-        };
-        let headers = batch::validate_all(&bytes, check)?;
+        let Validated { bytes, headers } = validated;
         if let Some(h) = headers
             .iter()
             .find(|h| h.size_bytes > self.config.max_message_bytes)
@@ -693,7 +712,13 @@ impl Partition {
             .front()
             .is_some_and(|w| w.end_offset > self.offsets.durable().0);
         let due = match self.config.flush {
-            FlushPolicy::EveryBatch => true,
+            // Group commit: a write still in flight would miss this fdatasync and need another
+            // right after it, so wait for it unless a full group is already waiting. Idle
+            // partitions sync at once; loaded ones sync in groups of about `sync_group_bytes`.
+            FlushPolicy::EveryBatch => {
+                !self.writes.iter().any(|w| !w.done)
+                    || self.written_position - self.durable_position >= sync_group_bytes
+            }
             FlushPolicy::Interval { ms, bytes } => {
                 (ms > 0 && self.last_sync.elapsed().as_millis() as u64 >= ms)
                     || (bytes > 0 && self.bytes_since_sync >= bytes)

@@ -10,7 +10,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 
 use crate::batch::BatchHeader;
@@ -20,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::io::{AlignedBuf, Storage};
 use crate::metrics::{bump, Metrics};
 use crate::offsets::Durability;
-use crate::partition::{AppendKind, Event, Inflight, IoCtx, Partition, Reply};
+use crate::partition::{AppendKind, Event, Inflight, IoCtx, Partition, Reply, Validated};
 use crate::read;
 use crate::recovery::{open_partition, OpenRequest};
 use crate::segment::path;
@@ -34,7 +33,7 @@ pub(crate) enum Command {
     },
     Append {
         id: PartitionId,
-        bytes: Bytes,
+        bytes: Validated,
         kind: AppendKind,
         wait: Option<Durability>,
         reply: Reply<AppendOutcome>,

@@ -81,16 +81,21 @@ impl AlignedBuf {
         n
     }
 
-    /// Forget the content; zero the previously used bytes so padding written past `len` is zeros.
+    /// Forget the content (the bytes stay; `zero_padding` cleans what a write will carry).
     pub fn clear(&mut self) {
-        let len = self.len;
-        self.full_mut()[..len].fill(0);
         self.len = 0;
     }
 
     /// Length rounded up to whole blocks: what an O_DIRECT write of this buffer must cover.
     pub fn padded_len(&self) -> usize {
         align_up(self.len as u64) as usize
+    }
+
+    /// Zero the bytes between `len` and `padded_len`, so a write never puts stale bytes after the
+    /// log's end (recovery reads zeros there as the end of the log).
+    pub fn zero_padding(&mut self) {
+        let (len, padded) = (self.len, self.padded_len());
+        self.full_mut()[len..padded].fill(0);
     }
 
     /// Make the first `len` bytes meaningful (used after a read, and to cover padding for a write).
@@ -185,8 +190,12 @@ mod tests {
         assert_eq!(b.full().as_ptr() as usize % block_bytes, 0);
         assert_eq!(b.extend_from_slice(&[7; 10]), 10);
         assert_eq!(b.padded_len(), 4096);
+        b.set_len(10);
+        b.full_mut()[10..20].fill(9);
+        b.zero_padding();
+        assert!(b.full()[10..4096].iter().all(|&x| x == 0));
         b.clear();
-        assert!(b.full().iter().all(|&x| x == 0));
+        assert!(b.is_empty());
         assert_eq!(
             (align_down(4097), align_up(4097), align_up(4096)),
             (4096, 8192, 4096)

@@ -348,7 +348,12 @@ impl StorageFile for SimHandle {
         &self.path
     }
 
-    fn write_at(&self, position: u64, buf: AlignedBuf) -> IoFuture<(io::Result<()>, AlignedBuf)> {
+    fn write_at(
+        &self,
+        position: u64,
+        mut buf: AlignedBuf,
+    ) -> IoFuture<(io::Result<()>, AlignedBuf)> {
+        buf.zero_padding();
         let fs = self.fs.clone();
         let file = self.file.clone();
         Box::pin(async move {

@@ -130,6 +130,7 @@ impl StorageFile for UringFile {
         let file = self.file.clone();
         Box::pin(async move {
             let meaningful = buf.len();
+            buf.zero_padding();
             buf.set_len(buf.padded_len());
             let total = buf.len();
             let mut done = 0;

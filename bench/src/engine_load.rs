@@ -1,0 +1,133 @@
+//! `keel-bench engine`: a closed-loop load on the embedded engine. `concurrency` appends are kept
+//! in flight, spread round-robin over `partitions`; each completion is timed and replaced.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use keel_engine::batch::BatchBuilder;
+use keel_engine::metrics::MetricsSnapshot;
+use keel_engine::{block_on, Engine, EngineConfig, FlushPolicy, PartitionConfig, PartitionId};
+
+use crate::report::{histogram, mb_per_s, Percentiles};
+
+#[derive(Clone, Debug)]
+pub struct EngineLoadConfig {
+    pub dir: PathBuf,
+    pub partitions: u32,
+    pub batch_bytes: usize,
+    pub records_per_batch: i32,
+    pub flush: FlushPolicy,
+    pub concurrency: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub shards: usize,
+    pub segment_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct EngineLoadResult {
+    pub bytes: u64,
+    pub batches: u64,
+    pub seconds: f64,
+    pub throughput_mb_s: f64,
+    pub batches_per_s: f64,
+    pub latency: Percentiles,
+    pub metrics: MetricsSnapshot,
+}
+
+pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
+    let data = config.dir.join("engine-data");
+    let _ = std::fs::remove_dir_all(&data);
+    let mut engine_config = EngineConfig::new(&data);
+    engine_config.shards = config.shards;
+    let engine = Engine::open(engine_config)?;
+    let ids: Vec<PartitionId> = (0..config.partitions)
+        .map(|i| PartitionId::new("bench", i))
+        .collect();
+    let partition_config = PartitionConfig {
+        flush: config.flush,
+        segment_bytes: config.segment_bytes,
+        max_message_bytes: config.batch_bytes.max(1 << 20),
+        // Many partitions: grow files in smaller steps so the run does not preallocate gigabytes.
+        preallocate_bytes: if config.partitions > 64 {
+            8 << 20
+        } else {
+            64 << 20
+        },
+        ..Default::default()
+    };
+    let payload: Vec<u8> = (0..config.batch_bytes.saturating_sub(61))
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    let template = BatchBuilder {
+        records_count: config.records_per_batch,
+        timestamp_ms: 1,
+        ..Default::default()
+    }
+    .build(&payload);
+
+    let result = block_on(async {
+        for id in &ids {
+            engine
+                .create_partition(id, partition_config.clone())
+                .await?;
+        }
+        let mut h = histogram();
+        let mut inflight = FuturesUnordered::new();
+        let mut next_partition = 0usize;
+        let start = Instant::now();
+        let measure_from = start + config.warmup;
+        let end = measure_from + config.duration;
+        let (mut bytes, mut batches) = (0u64, 0u64);
+        let mut first_in_window: Option<Instant> = None;
+        let mut last_completion = start;
+        loop {
+            while inflight.len() < config.concurrency && Instant::now() < end {
+                let id = &ids[next_partition % ids.len()];
+                next_partition += 1;
+                // A fresh buffer per append, as a socket read would hand the engine.
+                let batch = Bytes::from(template.clone());
+                let engine = &engine;
+                inflight.push(async move {
+                    let issued = Instant::now();
+                    let result = engine.append(id, batch, 0).await;
+                    (result, issued)
+                });
+            }
+            let Some((result, issued)) = inflight.next().await else {
+                break;
+            };
+            result?;
+            let now = Instant::now();
+            last_completion = now;
+            if issued >= measure_from {
+                first_in_window.get_or_insert(issued);
+                h.record(now.duration_since(issued).as_micros().max(1) as u64)
+                    .ok();
+                bytes += template.len() as u64;
+                batches += 1;
+            }
+        }
+        let seconds =
+            first_in_window.map_or(0.0, |f| last_completion.duration_since(f).as_secs_f64());
+        engine.shutdown().await?;
+        Ok::<_, keel_engine::Error>(EngineLoadResult {
+            bytes,
+            batches,
+            seconds,
+            throughput_mb_s: mb_per_s(bytes, seconds),
+            batches_per_s: if seconds > 0.0 {
+                batches as f64 / seconds
+            } else {
+                0.0
+            },
+            latency: Percentiles::of(&h),
+            metrics: engine.metrics(),
+        })
+    });
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&data);
+    result
+}

@@ -1,0 +1,9 @@
+//! Keel's benchmarks. Every mode measures the raw device on the same file system in the same run
+//! (unless `--no-baseline`) and reports its figures as ratios of that baseline.
+
+pub mod cli;
+pub mod engine_load;
+pub mod raw;
+pub mod report;
+
+pub use cli::main;

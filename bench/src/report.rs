@@ -1,0 +1,125 @@
+//! Results: latency percentiles from HdrHistogram, ratios against the baseline, JSON.
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub count: u64,
+}
+
+/// A histogram of microseconds: 1 µs to 100 s, 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Percentiles {
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles {
+            p50: h.value_at_quantile(0.50) as f64,
+            p90: h.value_at_quantile(0.90) as f64,
+            p99: h.value_at_quantile(0.99) as f64,
+            p999: h.value_at_quantile(0.999) as f64,
+            max: h.max() as f64,
+            count: h.len(),
+        }
+    }
+
+    pub fn to_json(self) -> Value {
+        json!({ "p50": self.p50, "p90": self.p90, "p99": self.p99, "p999": self.p999, "max": self.max, "count": self.count })
+    }
+}
+
+/// `numerator ÷ denominator`, or `None` when there is no baseline to divide by.
+pub fn ratio(numerator: f64, denominator: f64) -> Option<f64> {
+    (denominator > 0.0 && numerator.is_finite()).then(|| numerator / denominator)
+}
+
+pub fn mb_per_s(bytes: u64, seconds: f64) -> f64 {
+    if seconds <= 0.0 {
+        0.0
+    } else {
+        bytes as f64 / seconds / 1_000_000.0
+    }
+}
+
+/// Parse `10s`, `250ms`, `2m`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((text, "s"), |i| text.split_at(i));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("bad duration {text:?}"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("bad duration unit in {text:?} (use ms, s or m)")),
+    };
+    Ok(std::time::Duration::from_secs_f64(seconds))
+}
+
+/// Parse `4096`, `64k`, `64KiB`, `1m`, `1MiB`.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let lower = text.trim().to_ascii_lowercase();
+    let (number, unit) = lower
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((lower.as_str(), ""), |i| lower.split_at(i));
+    let value: u64 = number.parse().map_err(|_| format!("bad size {text:?}"))?;
+    let multiplier = match unit.trim_end_matches("ib").trim_end_matches('b') {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        _ => return Err(format!("bad size unit in {text:?}")),
+    };
+    Ok(value * multiplier)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_merge_and_ratios() {
+        let mut a = histogram();
+        let mut b = histogram();
+        for v in 1..=900 {
+            a.record(v).unwrap();
+        }
+        for v in 901..=1000 {
+            b.record(v).unwrap();
+        }
+        a.add(&b).unwrap();
+        let p = Percentiles::of(&a);
+        assert_eq!(p.count, 1000);
+        assert!((p.p50 - 500.0).abs() <= 1.0, "{p:?}");
+        assert!((p.p99 - 990.0).abs() <= 1.0, "{p:?}");
+        assert_eq!(p.max, 1000.0);
+        assert_eq!(ratio(1.0, 4.0), Some(0.25));
+        assert_eq!(ratio(1.0, 0.0), None);
+        assert_eq!(mb_per_s(2_000_000, 2.0), 1.0);
+    }
+
+    #[test]
+    fn units() {
+        assert_eq!(parse_bytes("64k").unwrap(), 65536);
+        assert_eq!(parse_bytes("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert!(parse_bytes("4q").is_err());
+        assert_eq!(parse_duration("250ms").unwrap().as_millis(), 250);
+        assert_eq!(parse_duration("3").unwrap().as_secs(), 3);
+        assert!(parse_duration("3h").is_err());
+    }
+}
