@@ -27,7 +27,10 @@ counters!(
     appends_rejected,
     writes,
     write_bytes,
+    /// Partition syncs requested (each fdatasync, and each member of a syncfs group).
     fsyncs,
+    /// syncfs calls that made several partitions durable at once.
+    group_syncs,
     /// Batches whose CRC failed on a read; never served.
     crc_failures,
     io_errors,

@@ -67,6 +67,11 @@ pub(crate) enum Event {
         result: io::Result<()>,
     },
     Control(Result<ControlDone>),
+    /// One syncfs made every member's written data durable (the shard hands each a `Synced`).
+    GroupSynced {
+        members: Vec<PartitionId>,
+        result: io::Result<()>,
+    },
     /// A self-contained task (a disk read) finished and answered its caller itself.
     Detached,
 }
@@ -573,7 +578,6 @@ impl Partition {
         if self.control_busy {
             return false;
         }
-        self.maybe_sync(io, false);
         if !self.control_busy && self.epochs_dirty && self.sync_inflight.is_none() {
             self.persist_epochs(io);
         }
@@ -697,46 +701,43 @@ impl Partition {
             .expect("the write segment's file is open")
     }
 
-    /// Issue an fdatasync if one is due: every-batch when someone waits for durability, interval
-    /// when its time or byte budget is spent, or when `force`d.
-    pub fn maybe_sync(&mut self, io: &mut IoCtx<'_>, force: bool) {
+    /// Is an fdatasync (or a place in the shard's syncfs) due for this partition? Every-batch:
+    /// when written data is not yet durable. Interval: when its time or byte budget is spent, or a
+    /// caller waits for durability. In both, a write still in flight would miss the sync and need
+    /// another right after it, so wait for it unless a full group (`sync_group_bytes`) is ready:
+    /// idle partitions sync at once, loaded ones in large groups.
+    pub fn sync_due(&self) -> bool {
         if self.sync_inflight.is_some() || self.control_busy || self.failure.is_some() {
-            return;
+            return false;
         }
-        let written = self.offsets.written().0;
-        if written <= self.offsets.durable().0 {
-            return;
+        if self.offsets.written().0 <= self.offsets.durable().0 {
+            return false;
         }
         let waited_for = self
             .durable_waiters
             .front()
             .is_some_and(|w| w.end_offset > self.offsets.durable().0);
         let due = match self.config.flush {
-            // Group commit: a write still in flight would miss this fdatasync and need another
-            // right after it, so wait for it unless a full group is already waiting. Idle
-            // partitions sync at once; loaded ones sync in groups of about `sync_group_bytes`.
-            FlushPolicy::EveryBatch => {
-                !self.writes.iter().any(|w| !w.done)
-                    || self.written_position - self.durable_position >= sync_group_bytes
-            }
+            FlushPolicy::EveryBatch => true,
             FlushPolicy::Interval { ms, bytes } => {
-                (ms > 0 && self.last_sync.elapsed().as_millis() as u64 >= ms)
+                waited_for
+                    || (ms > 0 && self.last_sync.elapsed().as_millis() as u64 >= ms)
                     || (bytes > 0 && self.bytes_since_sync >= bytes)
             }
         };
-        if !(force || waited_for || due) {
-            return;
-        }
-        self.sync_inflight = Some((written, self.written_position));
+        let writes_in_flight = self.writes.iter().any(|w| !w.done);
+        due && (!writes_in_flight
+            || self.written_position - self.durable_position >= sync_group_bytes)
+    }
+
+    /// Record that a sync covering everything written so far is being issued; returns the file
+    /// to fdatasync.
+    pub fn begin_sync(&mut self, metrics: &Metrics) -> Rc<dyn StorageFile> {
+        self.sync_inflight = Some((self.offsets.written().0, self.written_position));
         self.bytes_since_sync = 0;
         self.last_sync = Instant::now();
-        bump(&io.metrics.fsyncs, 1);
-        let file = self.write_file();
-        io.submit(&self.id, async move {
-            Event::Synced {
-                result: file.sync_data().await,
-            }
-        });
+        bump(&metrics.fsyncs, 1);
+        self.write_file()
     }
 
     fn start_control(
@@ -888,6 +889,7 @@ impl Partition {
                     Err(e) => self.on_control_failed(e, io),
                 }
             }
+            Event::GroupSynced { .. } => unreachable!("the shard splits group syncs"),
             Event::Detached => {}
         }
         self.complete_waiters();

@@ -92,6 +92,7 @@ pub(crate) fn run(
     inbox: flume::Receiver<Command>,
     ready: std::sync::mpsc::Sender<std::io::Result<()>>,
 ) {
+    let _drain = DrainOnExit(inbox.clone());
     let mut builder = compio::runtime::RuntimeBuilder::new();
     if config.pin_threads {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -119,6 +120,8 @@ pub(crate) fn run(
             .collect(),
         writes_inflight: 0,
         dirty: HashSet::new(),
+        sync_inflight: false,
+        sync_waiting: HashSet::new(),
         metrics,
         shutdown: None,
         last_retention: Instant::now(),
@@ -138,6 +141,10 @@ struct Shard {
     buffers: Vec<AlignedBuf>,
     writes_inflight: usize,
     dirty: HashSet<PartitionId>,
+    /// A shard-level sync (fdatasync of one partition, or syncfs for several) is in flight.
+    sync_inflight: bool,
+    /// Partitions due for a sync, waiting for the next one.
+    sync_waiting: HashSet<PartitionId>,
     metrics: Arc<Metrics>,
     shutdown: Option<Reply<()>>,
     last_retention: Instant,
@@ -180,6 +187,8 @@ impl Shard {
             writes_inflight,
             dirty,
             metrics,
+            sync_inflight,
+            sync_waiting,
             ..
         } = self;
         let mut io = IoCtx {
@@ -195,13 +204,64 @@ impl Shard {
             if let Some(p) = partitions.get_mut(&id) {
                 io.max_batch_bytes = p.config.max_message_bytes;
                 if p.schedule(&mut io) {
-                    dirty.insert(id);
+                    dirty.insert(id.clone());
+                }
+                if p.sync_due() {
+                    sync_waiting.insert(id);
                 }
             }
         }
+        if *sync_inflight || sync_waiting.is_empty() {
+            return;
+        }
+        // Group commit across partitions, one sync in flight per shard: partitions that become
+        // due meanwhile wait and share the next one. A group of one fdatasyncs its own file; a
+        // larger group shares one syncfs, which costs about what one fdatasync does (O_DIRECT
+        // leaves no dirty pages: it is one journal commit and one device flush).
+        let members: Vec<PartitionId> = sync_waiting
+            .drain()
+            .filter(|id| partitions.get(id).is_some_and(Partition::sync_due))
+            .collect();
+        let Some(first) = members.first().cloned() else {
+            return;
+        };
+        let mut file = None;
+        for id in &members {
+            file = Some(
+                partitions
+                    .get_mut(id)
+                    .expect("present")
+                    .begin_sync(io.metrics),
+            );
+        }
+        let file = file.expect("at least one member");
+        let group = members.len() > 1;
+        if group {
+            bump(&io.metrics.group_syncs, 1);
+        }
+        *sync_inflight = true;
+        io.inflight.push(Box::pin(async move {
+            let result = if group {
+                file.sync_filesystem().await
+            } else {
+                file.sync_data().await
+            };
+            (first, Event::GroupSynced { members, result })
+        }));
     }
 
     fn on_event(&mut self, (id, event): (PartitionId, Event)) {
+        if let Event::GroupSynced { members, result } = event {
+            self.sync_inflight = false;
+            for member in members {
+                let result = match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                };
+                self.on_event((member, Event::Synced { result }));
+            }
+            return;
+        }
         let Shard {
             storage,
             partitions,
@@ -508,6 +568,19 @@ impl Shard {
         }
         if let Some(reply) = self.shutdown.take() {
             let _ = reply.send(result);
+        }
+    }
+}
+
+/// However the shard thread ends (shutdown, every handle dropped, or a panic), drop the commands
+/// still queued: flume keeps them while senders live, and their callers would wait forever.
+/// Dropping a command drops its reply sender, so each caller gets `Error::ShuttingDown`.
+struct DrainOnExit(flume::Receiver<Command>);
+
+impl Drop for DrainOnExit {
+    fn drop(&mut self) {
+        while let Ok(command) = self.0.try_recv() {
+            drop(command);
         }
     }
 }

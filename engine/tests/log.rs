@@ -419,3 +419,43 @@ fn partitions_spread_over_shards_and_can_be_deleted() {
         }
     }
 }
+
+#[test]
+fn partitions_due_together_share_one_filesystem_sync() {
+    let fs = SimFs::default();
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    let ids: Vec<_> = (0..32).map(|i| PartitionId::new("grouped", i)).collect();
+    block_on(async {
+        for id in &ids {
+            engine
+                .create_partition(id, PartitionConfig::default())
+                .await
+                .unwrap();
+        }
+        fs.set_faults(keel_engine::io::sim::FaultConfig {
+            latency: std::time::Duration::from_millis(2),
+            ..Default::default()
+        });
+        let (_, syncs_before) = fs.op_counts();
+        let appends = ids
+            .iter()
+            .map(|id| engine.append(id, batch(id.partition as u64, 1, 100, 0), 0));
+        for outcome in futures::future::join_all(appends).await {
+            assert_eq!(outcome.unwrap().durability, Durability::Durable);
+        }
+        let (_, syncs_after) = fs.op_counts();
+        assert!(
+            syncs_after - syncs_before < 16,
+            "32 partitions took {} syncs",
+            syncs_after - syncs_before
+        );
+    });
+    assert!(engine.metrics().group_syncs >= 1);
+    // Each partition's append survives a power cut: the shared sync covered every file.
+    drop(engine);
+    fs.crash(keel_engine::io::sim::CrashKind::PowerCut);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    for id in &ids {
+        assert_eq!(tags(&engine, id, 0), vec![id.partition as u64]);
+    }
+}

@@ -98,6 +98,12 @@ impl AlignedBuf {
         self.full_mut()[len..padded].fill(0);
     }
 
+    /// Zero the meaningful bytes from `from` on (a read that found fewer bytes than it covers).
+    pub fn zero_tail(&mut self, from: usize) {
+        let len = self.len;
+        self.full_mut()[from..len].fill(0);
+    }
+
     /// Make the first `len` bytes meaningful (used after a read, and to cover padding for a write).
     pub fn set_len(&mut self, len: usize) {
         assert!(

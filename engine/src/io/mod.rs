@@ -50,6 +50,9 @@ pub trait StorageFile {
     /// Read up to `buf.capacity()` bytes at `position`; `buf.len()` is what was read (short at EOF).
     fn read_at(&self, position: u64, buf: AlignedBuf) -> IoFuture<(io::Result<()>, AlignedBuf)>;
     fn sync_data(&self) -> IoFuture<io::Result<()>>;
+    /// syncfs(2) on this file's file system: everything written to any file on it before the call
+    /// is durable when it returns (one journal commit and one device flush for many files).
+    fn sync_filesystem(&self) -> IoFuture<io::Result<()>>;
     /// fsync including metadata (used when the file's size changes outside writes).
     fn sync_all(&self) -> IoFuture<io::Result<()>>;
     /// Allocate blocks so the file is at least `len` bytes long (fallocate; grows the size).

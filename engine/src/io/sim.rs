@@ -36,14 +36,68 @@ pub enum CrashKind {
     PowerCut,
 }
 
+/// A file: `len` bytes, of which only a prefix is materialised (the rest reads as zeros, as
+/// fallocated space does), so preallocating large segments costs no memory.
 #[derive(Default, Debug)]
 struct SimFile {
-    /// What reads see now.
+    /// What reads see now (a prefix of `len`).
     data: Vec<u8>,
+    len: u64,
     /// Writes since the last sync, oldest first.
     unsynced: Vec<(u64, Vec<u8>)>,
-    /// Content as of the last successful sync.
+    /// Content as of the last successful sync (a prefix of `durable_len`).
     durable: Vec<u8>,
+    durable_len: u64,
+}
+
+impl SimFile {
+    fn new(bytes: Vec<u8>) -> SimFile {
+        SimFile {
+            len: bytes.len() as u64,
+            durable_len: bytes.len() as u64,
+            durable: bytes.clone(),
+            data: bytes,
+            unsynced: Vec::new(),
+        }
+    }
+
+    fn write(&mut self, position: u64, bytes: &[u8]) {
+        put(&mut self.data, position, bytes);
+        self.len = self.len.max(position + bytes.len() as u64);
+        self.unsynced.push((position, bytes.to_vec()));
+    }
+
+    /// Everything written so far becomes durable.
+    fn sync(&mut self) {
+        for (position, bytes) in std::mem::take(&mut self.unsynced) {
+            put(&mut self.durable, position, &bytes);
+        }
+        self.durable_len = self.len;
+    }
+
+    fn set_len(&mut self, len: u64) {
+        self.len = len;
+        self.durable_len = len;
+        self.data.truncate(len as usize);
+        self.durable.truncate(len as usize);
+        self.unsynced.retain(|(p, _)| *p < len);
+        for (p, bytes) in &mut self.unsynced {
+            bytes.truncate((len - *p) as usize);
+        }
+    }
+
+    /// Materialise the whole file (for tests that edit bytes).
+    fn materialise(&mut self) {
+        self.data.resize(self.len as usize, 0);
+    }
+}
+
+fn put(image: &mut Vec<u8>, position: u64, bytes: &[u8]) {
+    let end = position as usize + bytes.len();
+    if image.len() < end {
+        image.resize(end, 0);
+    }
+    image[position as usize..end].copy_from_slice(bytes);
 }
 
 #[derive(Debug)]
@@ -118,11 +172,7 @@ impl SimFs {
 
     /// Total file bytes held (the "disk usage").
     pub fn used_bytes(&self) -> u64 {
-        lock(&self.state)
-            .files
-            .values()
-            .map(|f| lock(f).data.len() as u64)
-            .sum()
+        lock(&self.state).files.values().map(|f| lock(f).len).sum()
     }
 
     /// What the disk would hold if the power failed right now, as a separate file system; the
@@ -138,8 +188,10 @@ impl SimFs {
                 let f = lock(file);
                 let clone = SimFile {
                     data: f.data.clone(),
+                    len: f.len,
                     unsynced: f.unsynced.clone(),
                     durable: f.durable.clone(),
+                    durable_len: f.durable_len,
                 };
                 c.files.insert(path.clone(), Arc::new(Mutex::new(clone)));
             }
@@ -165,16 +217,14 @@ impl SimFs {
                         1 => blocks,
                         _ => (state.next_u64() as usize) % (blocks + 1),
                     };
-                    let end = position as usize + kept * block_bytes;
-                    if image.len() < end {
-                        image.resize(end, 0);
-                    }
-                    image[position as usize..end].copy_from_slice(&bytes[..kept * block_bytes]);
+                    put(&mut image, position, &bytes[..kept * block_bytes]);
                 }
                 f.data = image;
+                f.len = f.durable_len.max(f.data.len() as u64);
             }
             f.unsynced.clear();
             f.durable = f.data.clone();
+            f.durable_len = f.len;
         }
     }
 
@@ -182,9 +232,12 @@ impl SimFs {
     pub fn with_file<R>(&self, path: &Path, edit: impl FnOnce(&mut Vec<u8>) -> R) -> Option<R> {
         let file = lock(&self.state).files.get(path).cloned()?;
         let mut f = lock(&file);
+        f.materialise();
         let r = edit(&mut f.data);
-        f.durable = f.data.clone();
+        f.len = f.data.len() as u64;
         f.unsynced.clear();
+        f.durable = f.data.clone();
+        f.durable_len = f.len;
         Some(r)
     }
 
@@ -214,7 +267,7 @@ impl State {
     }
 
     fn used(&self) -> u64 {
-        self.files.values().map(|f| lock(f).data.len() as u64).sum()
+        self.files.values().map(|f| lock(f).len).sum()
     }
 
     fn has_room(&self, current_len: u64, new_len: u64) -> bool {
@@ -307,7 +360,11 @@ impl Storage for SimFs {
 
     fn read_file(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
         let file = lock(&self.state).files.get(path).cloned();
-        Ok(file.map(|f| lock(&f).data.clone()))
+        Ok(file.map(|f| {
+            let mut f = lock(&f);
+            f.materialise();
+            f.data.clone()
+        }))
     }
 
     fn write_file_durable(&self, path: &Path, bytes: Vec<u8>) -> IoFuture<io::Result<()>> {
@@ -316,10 +373,7 @@ impl Storage for SimFs {
         Box::pin(async move {
             pause(&fs).await;
             let mut state = lock(&fs.state);
-            let current = state
-                .files
-                .get(&path)
-                .map_or(0, |f| lock(f).data.len() as u64);
+            let current = state.files.get(&path).map_or(0, |f| lock(f).len);
             if !state.has_room(current, bytes.len() as u64) {
                 return Err(enospc());
             }
@@ -328,12 +382,9 @@ impl Storage for SimFs {
                 return Err(io::Error::other("injected fsync failure"));
             }
             state.files.remove(&temp_path(&path));
-            let file = SimFile {
-                durable: bytes.clone(),
-                data: bytes,
-                unsynced: Vec::new(),
-            };
-            state.files.insert(path, Arc::new(Mutex::new(file)));
+            state
+                .files
+                .insert(path, Arc::new(Mutex::new(SimFile::new(bytes))));
             Ok(())
         })
     }
@@ -373,18 +424,12 @@ impl StorageFile for SimHandle {
                 state.fail_writes = state.fail_writes.saturating_sub(1);
                 return (Err(io::Error::from_raw_os_error(libc::EIO)), buf);
             }
-            let current_len = lock(&file).data.len() as u64;
+            let current_len = lock(&file).len;
             if !state.has_room(current_len, end) {
                 return (Err(enospc()), buf);
             }
             state.writes += 1;
-            let mut f = lock(&file);
-            if (f.data.len() as u64) < end {
-                f.data.resize(end as usize, 0);
-            }
-            f.data[position as usize..end as usize].copy_from_slice(bytes);
-            f.unsynced.push((position, bytes.to_vec()));
-            drop(f);
+            lock(&file).write(position, bytes);
             (Ok(()), buf)
         })
     }
@@ -404,10 +449,16 @@ impl StorageFile for SimHandle {
             );
             pause(&fs).await;
             let f = lock(&file);
-            let start = (position as usize).min(f.data.len());
-            let end = (start + buf.capacity()).min(f.data.len());
+            let start = position.min(f.len) as usize;
+            let end = (start + buf.capacity()).min(f.len as usize);
+            let from = start.min(f.data.len());
+            let to = end.min(f.data.len()).max(from);
             buf.set_len(0);
-            buf.extend_from_slice(&f.data[start..end]);
+            buf.extend_from_slice(&f.data[from..to]);
+            // The rest reads as zeros: fallocated space.
+            let read = buf.len();
+            buf.set_len(end - start);
+            buf.zero_tail(read);
             (Ok(()), buf)
         })
     }
@@ -428,9 +479,7 @@ impl StorageFile for SimHandle {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
             state.syncs += 1;
-            let mut f = lock(&file);
-            f.durable = f.data.clone();
-            f.unsynced.clear();
+            lock(&file).sync();
             Ok(())
         })
     }
@@ -439,22 +488,39 @@ impl StorageFile for SimHandle {
         self.sync_data()
     }
 
+    fn sync_filesystem(&self) -> IoFuture<io::Result<()>> {
+        let fs = self.fs.clone();
+        Box::pin(async move {
+            pause(&fs).await;
+            let mut state = lock(&fs.state);
+            if state.fail_syncs > 0 || {
+                let rate = state.faults.sync_error_rate;
+                state.chance(rate)
+            } {
+                state.fail_syncs = state.fail_syncs.saturating_sub(1);
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            state.syncs += 1;
+            for file in state.files.values() {
+                lock(file).sync();
+            }
+            Ok(())
+        })
+    }
+
     fn allocate(&self, len: u64) -> IoFuture<io::Result<()>> {
         let fs = self.fs.clone();
         let file = self.file.clone();
         Box::pin(async move {
             let state = lock(&fs.state);
-            let current_len = lock(&file).data.len() as u64;
+            let current_len = lock(&file).len;
             if !state.has_room(current_len, len) {
                 return Err(enospc());
             }
             let mut f = lock(&file);
-            if (f.data.len() as u64) < len {
-                f.data.resize(len as usize, 0);
-                // The size change is metadata that the next sync makes durable; model it as durable.
-                let durable_len = f.durable.len().max(len as usize);
-                f.durable.resize(durable_len, 0);
-            }
+            // The size change is metadata; modelled as durable at once.
+            f.len = f.len.max(len);
+            f.durable_len = f.durable_len.max(len);
             Ok(())
         })
     }
@@ -462,15 +528,12 @@ impl StorageFile for SimHandle {
     fn set_len(&self, len: u64) -> IoFuture<io::Result<()>> {
         let file = self.file.clone();
         Box::pin(async move {
-            let mut f = lock(&file);
-            f.data.resize(len as usize, 0);
-            f.durable.resize(len as usize, 0);
-            f.unsynced.retain(|(p, _)| *p < len);
+            lock(&file).set_len(len);
             Ok(())
         })
     }
 
     fn file_len(&self) -> io::Result<u64> {
-        Ok(lock(&self.file).data.len() as u64)
+        Ok(lock(&self.file).len)
     }
 }

@@ -185,6 +185,27 @@ impl StorageFile for UringFile {
         Box::pin(async move { file.sync_data().await })
     }
 
+    fn sync_filesystem(&self) -> IoFuture<io::Result<()>> {
+        let file = self.file.clone();
+        // io_uring has no syncfs operation: run the syscall on compio's blocking pool. `file`
+        // stays alive (and its fd valid) until the call has returned.
+        Box::pin(async move {
+            let fd = file.as_raw_fd();
+            let rc = compio::runtime::spawn_blocking(move || {
+                // SAFETY: syncfs only reads the fd, which the awaiting future keeps open.
+                let rc = unsafe { libc::syncfs(fd) };
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            })
+            .await;
+            drop(file);
+            rc.unwrap_or_else(|_| Err(io::Error::other("syncfs thread panicked")))
+        })
+    }
+
     fn sync_all(&self) -> IoFuture<io::Result<()>> {
         let file = self.file.clone();
         Box::pin(async move { file.sync_all().await })
