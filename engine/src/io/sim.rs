@@ -241,6 +241,19 @@ impl SimFs {
         Some(r)
     }
 
+    /// Create (or replace) a file holding `bytes`, durable, creating its directories: for tests
+    /// and fuzzing that start from given disk contents.
+    pub fn create_file(&self, path: &Path, bytes: Vec<u8>) {
+        let mut state = lock(&self.state);
+        for ancestor in path.ancestors().skip(1) {
+            state.dirs.insert(ancestor.to_path_buf());
+        }
+        state.files.insert(
+            path.to_path_buf(),
+            Arc::new(Mutex::new(SimFile::new(bytes))),
+        );
+    }
+
     /// Every file path, sorted.
     pub fn files(&self) -> Vec<PathBuf> {
         let mut v: Vec<_> = lock(&self.state).files.keys().cloned().collect();
