@@ -31,7 +31,7 @@ counters!(
     fsyncs,
     /// syncfs calls that made several partitions durable at once.
     group_syncs,
-    /// Batches whose CRC failed on a read; never served.
+    /// Batches that failed their integrity checks (CRC or header) on a read; never served.
     crc_failures,
     io_errors,
     disk_full_errors,

@@ -109,7 +109,7 @@ async fn walk(
                     })
                 }
                 Slot::Damaged(e) => {
-                    bump(&metrics.crc_failures, u64::from(e.is_crc()));
+                    bump(&metrics.crc_failures, 1);
                     return Err(Error::Corruption {
                         file: file.path().to_path_buf(),
                         position,

@@ -295,7 +295,7 @@ fn timestamps_find_the_first_batch_at_or_after() {
 }
 
 #[test]
-fn interval_policy_completes_at_write_and_flushes_on_time() {
+fn interval_policy_completes_at_write_and_flushes_on_demand() {
     let fs = SimFs::default();
     let p = PartitionId::new("interval", 0);
     let engine = Engine::open(sim_config(&fs, 1)).unwrap();
