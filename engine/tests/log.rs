@@ -459,3 +459,55 @@ fn partitions_due_together_share_one_filesystem_sync() {
         assert_eq!(tags(&engine, id, 0), vec![id.partition as u64]);
     }
 }
+
+#[test]
+fn segment_ms_rolls_an_old_segment_on_the_next_append() {
+    let fs = SimFs::default();
+    let p = PartitionId::new("aged", 0);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    block_on(async {
+        let config = PartitionConfig {
+            segment_ms: Some(20),
+            ..Default::default()
+        };
+        engine.create_partition(&p, config).await.unwrap();
+        engine.append(&p, batch(0, 1, 100, 0), 0).await.unwrap();
+        engine.append(&p, batch(1, 1, 100, 0), 0).await.unwrap();
+        let young = engine.partition_state(&p).await.unwrap().segments;
+        // At least segment.ms passes (a lower bound, not a race): the next append rolls.
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        engine.append(&p, batch(2, 1, 100, 0), 0).await.unwrap();
+        let state = engine.partition_state(&p).await.unwrap();
+        assert_eq!((young, state.segments), (1, 2));
+    });
+    assert_eq!(tags(&engine, &p, 0), vec![0, 1, 2]);
+}
+
+#[test]
+fn interval_policy_syncs_by_itself_once_its_time_is_up() {
+    let fs = SimFs::default();
+    let p = PartitionId::new("timed", 0);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    block_on(async {
+        let config = PartitionConfig {
+            flush: FlushPolicy::Interval { ms: 50, bytes: 0 },
+            ..Default::default()
+        };
+        engine.create_partition(&p, config).await.unwrap();
+        let out = engine.append(&p, batch(1, 1, 100, 0), 0).await.unwrap();
+        assert_eq!(out.durability, Durability::Written);
+    });
+    // No flush call: the shard's tick makes it durable. Poll with a generous deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let state = block_on(engine.partition_state(&p)).unwrap();
+        if state.durable.0 == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "interval flush never happened: {state:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
