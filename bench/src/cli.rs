@@ -93,8 +93,9 @@ struct EngineArgs {
     /// With `--policy interval`: fdatasync every this many milliseconds.
     #[arg(long, default_value_t = 1000)]
     flush_ms: u64,
-    /// Appends in flight (closed loop).
-    #[arg(long, default_value_t = 64)]
+    /// Appends in flight (closed loop). Group commit needs a deep pipeline: throughput is at most
+    /// concurrency × batch size ÷ (write + fdatasync latency).
+    #[arg(long, default_value_t = 256)]
     concurrency: usize,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
