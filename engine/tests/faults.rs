@@ -21,25 +21,6 @@ fn config() -> PartitionConfig {
     }
 }
 
-/// Offset → tag of every batch in the log, reading it all.
-fn log_contents(engine: &Engine, p: &PartitionId) -> BTreeMap<u64, u64> {
-    block_on(async {
-        let mut out = BTreeMap::new();
-        let mut offset = engine.partition_state(p).await.unwrap().log_start_offset;
-        loop {
-            let read = engine.read(p, offset, everything()).await.unwrap();
-            if read.is_empty() {
-                return out;
-            }
-            for b in batches_of(&read.chunks) {
-                let h = keel_engine::batch::BatchHeader::parse(&b).unwrap();
-                out.insert(h.base_offset, tag_of(&b));
-            }
-            offset = read.next_offset;
-        }
-    })
-}
-
 /// Append `count` batches with `concurrency` in flight; returns offset → tag of those acknowledged
 /// and the number that failed.
 async fn append_many(

@@ -116,21 +116,7 @@ fn sigkill_at_random_moments_loses_no_acknowledged_append() {
 
         let engine = Engine::open(uring_config(dir.path(), 1)).unwrap();
         let p = partition();
-        let log = block_on(async {
-            let mut log = BTreeMap::new();
-            let mut offset = 0;
-            loop {
-                let read = engine.read(&p, offset, everything()).await.unwrap();
-                if read.is_empty() {
-                    break log;
-                }
-                for b in batches_of(&read.chunks) {
-                    let h = keel_engine::batch::BatchHeader::parse(&b).unwrap();
-                    log.insert(h.base_offset, tag_of(&b));
-                }
-                offset = read.next_offset;
-            }
-        });
+        let log = log_contents(&engine, &p);
         for (offset, tag) in &acked {
             assert_eq!(
                 log.get(offset),

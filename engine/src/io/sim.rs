@@ -279,6 +279,19 @@ impl State {
         rate > 0.0 && (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= rate
     }
 
+    /// Decide whether the sync about to run fails (an injected or random fault); counts it if not.
+    /// A failure is like Linux after failed writeback: the unsynced data may or may not be on
+    /// disk, and a later sync will not report it again.
+    fn begin_sync(&mut self) -> io::Result<()> {
+        let rate = self.faults.sync_error_rate;
+        if self.fail_syncs > 0 || self.chance(rate) {
+            self.fail_syncs = self.fail_syncs.saturating_sub(1);
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.syncs += 1;
+        Ok(())
+    }
+
     fn used(&self) -> u64 {
         self.files.values().map(|f| lock(f).len).sum()
     }
@@ -482,16 +495,7 @@ impl StorageFile for SimHandle {
         Box::pin(async move {
             pause(&fs).await;
             let mut state = lock(&fs.state);
-            if state.fail_syncs > 0 || {
-                let rate = state.faults.sync_error_rate;
-                state.chance(rate)
-            } {
-                state.fail_syncs = state.fail_syncs.saturating_sub(1);
-                // Like Linux after a failed writeback: the unsynced data may or may not be on disk,
-                // and a later fsync will not report it again.
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            }
-            state.syncs += 1;
+            state.begin_sync()?;
             lock(&file).sync();
             Ok(())
         })
@@ -506,14 +510,7 @@ impl StorageFile for SimHandle {
         Box::pin(async move {
             pause(&fs).await;
             let mut state = lock(&fs.state);
-            if state.fail_syncs > 0 || {
-                let rate = state.faults.sync_error_rate;
-                state.chance(rate)
-            } {
-                state.fail_syncs = state.fail_syncs.saturating_sub(1);
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            }
-            state.syncs += 1;
+            state.begin_sync()?;
             for file in state.files.values() {
                 lock(file).sync();
             }

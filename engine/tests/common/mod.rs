@@ -1,11 +1,13 @@
 #![allow(dead_code)]
 //! Helpers shared by the engine's integration tests.
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use keel_engine::batch::BatchBuilder;
 use keel_engine::io::sim::SimFs;
 use keel_engine::io::Backend;
-use keel_engine::{EngineConfig, ReadOptions, ReadUpper};
+use keel_engine::{block_on, Engine, EngineConfig, PartitionId, ReadOptions, ReadUpper};
 
 /// A producer batch of `records` records whose payload encodes `tag` (so reads can be checked).
 pub fn batch(tag: u64, records: i32, payload_bytes: usize, timestamp_ms: i64) -> Bytes {
@@ -59,4 +61,23 @@ pub fn batches_of(chunks: &[Bytes]) -> Vec<Bytes> {
         }
     }
     out
+}
+
+/// Offset → tag of every batch in the log, reading it all from the log start.
+pub fn log_contents(engine: &Engine, p: &PartitionId) -> BTreeMap<u64, u64> {
+    block_on(async {
+        let mut out = BTreeMap::new();
+        let mut offset = engine.partition_state(p).await.unwrap().log_start_offset;
+        loop {
+            let read = engine.read(p, offset, everything()).await.unwrap();
+            if read.is_empty() {
+                return out;
+            }
+            for b in batches_of(&read.chunks) {
+                let h = keel_engine::batch::BatchHeader::parse(&b).unwrap();
+                out.insert(h.base_offset, tag_of(&b));
+            }
+            offset = read.next_offset;
+        }
+    })
 }
