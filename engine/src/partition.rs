@@ -189,7 +189,6 @@ struct Failure {
 struct PendingTruncate {
     offset: u64,
     reply: Reply<()>,
-    located: bool,
 }
 
 pub(crate) struct Partition {
@@ -570,7 +569,7 @@ impl Partition {
         }
         if self.truncate.is_some() && self.is_idle() && self.copy_index == self.tail.len() {
             self.start_truncate(io);
-            if self.control_busy || self.truncate.is_some() {
+            if self.control_busy {
                 return false;
             }
         }
@@ -981,8 +980,6 @@ impl Partition {
                 position,
                 base_offset,
             } => {
-                let pending = self.truncate.as_mut().expect("a truncation is pending");
-                pending.located = true;
                 self.apply_truncation(base_offset, Some(position));
                 self.cut_pending = true;
             }
@@ -1040,22 +1037,19 @@ impl Partition {
     // Truncation (replication's divergence repair, and rollback after failures)
 
     pub fn truncate_to(&mut self, offset: u64, reply: Reply<()>) {
-        if let Some(old) = self.truncate.replace(PendingTruncate {
-            offset,
-            reply,
-            located: false,
-        }) {
+        if let Some(old) = self.truncate.replace(PendingTruncate { offset, reply }) {
             let _ = old.reply.send(Err(Error::Truncated { offset }));
         }
     }
 
     fn start_truncate(&mut self, io: &mut IoCtx<'_>) {
-        let offset = self.truncate.as_ref().expect("pending").offset;
+        let PendingTruncate { offset, reply } = self.truncate.take().expect("pending");
         if offset >= self.offsets.appended().0 {
-            let pending = self.truncate.take().expect("pending");
-            let _ = pending.reply.send(Ok(()));
+            let _ = reply.send(Ok(()));
             return;
         }
+        // Answered when the cut on disk completes (or fails).
+        self.truncate_reply = Some(reply);
         let offset = offset.max(self.log_start_offset);
         if self.tail.front().is_some_and(|b| b.base_offset <= offset)
             || offset == self.log_start_offset
@@ -1066,7 +1060,6 @@ impl Partition {
                 .find(|b| b.next_offset > offset)
                 .map_or(offset, |b| b.base_offset);
             self.apply_truncation(to, None);
-            self.truncate_reply = self.truncate.take().map(|p| p.reply);
             self.start_cut(io);
             return;
         }
@@ -1145,11 +1138,6 @@ impl Partition {
         } else {
             CarryState::NeedsLoad
         };
-        if let Some(p) = &self.truncate {
-            if p.located {
-                self.truncate_reply = self.truncate.take().map(|p| p.reply);
-            }
-        }
     }
 
     /// Make the disk match memory after a truncation: cut the active file to its size, delete

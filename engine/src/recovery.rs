@@ -181,10 +181,13 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
         segments.insert(base, segment);
     }
 
-    let (&active_base, active) = segments.last_key_value().expect("at least one segment");
-    let log_end = active.next_offset;
+    let log_end = segments
+        .values()
+        .next_back()
+        .expect("at least one segment")
+        .next_offset;
     epochs.truncate_from_end(log_end);
-    let _ = active_base;
+
     if clean.is_some() {
         let marker = dir.join(path::CLEAN_SHUTDOWN_FILE);
         storage

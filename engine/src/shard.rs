@@ -294,11 +294,6 @@ impl Shard {
                 }
             }
         }
-        // A freed buffer may unblock partitions starved of one.
-        if self.buffers.len() == 1 {
-            let starved: Vec<_> = self.partitions.keys().cloned().collect();
-            self.dirty.extend(starved);
-        }
     }
 
     fn partition(&mut self, id: &PartitionId) -> Result<&mut Partition> {
@@ -325,14 +320,13 @@ impl Shard {
                     return;
                 }
                 bump(&self.metrics.append_bytes, bytes.len() as u64);
-                let metrics = self.metrics.clone();
-                match self.partition(&id) {
-                    Ok(p) => {
-                        p.append(bytes, kind, wait, reply, &metrics);
+                match self.partitions.get_mut(&id) {
+                    Some(p) => {
+                        p.append(bytes, kind, wait, reply, &self.metrics);
                         self.dirty.insert(id);
                     }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
+                    None => {
+                        let _ = reply.send(Err(Error::UnknownPartition(id)));
                     }
                 }
             }
