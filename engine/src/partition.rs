@@ -184,6 +184,8 @@ struct Failure {
     error: Error,
     /// A failed fdatasync leaves written-but-unsynced data in doubt: roll back to `durable`.
     back_to_durable: bool,
+    /// The rollback point is being located on disk; appends stay refused until it is applied.
+    rolling_back: bool,
 }
 
 struct PendingTruncate {
@@ -561,8 +563,8 @@ impl Partition {
             self.start_cut(io);
             return false;
         }
-        if self.failure.is_some() {
-            if self.is_idle() {
+        if let Some(failure) = &self.failure {
+            if !failure.rolling_back && self.is_idle() {
                 self.roll_back(io);
             }
             return false;
@@ -980,8 +982,12 @@ impl Partition {
                 position,
                 base_offset,
             } => {
-                self.apply_truncation(base_offset, Some(position));
+                self.apply_truncation(base_offset, position);
                 self.cut_pending = true;
+                // A rollback that had to find its point on disk is done: appends may resume.
+                if self.failure.as_ref().is_some_and(|f| f.rolling_back) {
+                    self.failure = None;
+                }
             }
             ControlDone::MetadataWritten => {}
         }
@@ -996,6 +1002,10 @@ impl Partition {
         }
         if let Some(reply) = self.truncate_reply.take() {
             let _ = reply.send(Err(error.duplicate()));
+        }
+        // A rollback whose locate failed starts over once idle.
+        if let Some(failure) = &mut self.failure {
+            failure.rolling_back = false;
         }
         self.fail(error, false, io);
     }
@@ -1013,6 +1023,7 @@ impl Partition {
                 self.failure = Some(Failure {
                     error,
                     back_to_durable,
+                    rolling_back: false,
                 })
             }
         }
@@ -1021,16 +1032,42 @@ impl Partition {
     /// With nothing in flight: drop what was not written (or not synced), fail its waiters, and cut
     /// the file back so no stale bytes lie past the log's end.
     fn roll_back(&mut self, io: &mut IoCtx<'_>) {
-        let failure = self.failure.take().expect("called on failure");
+        let failure = self.failure.as_mut().expect("called on failure");
         let to = if failure.back_to_durable {
             self.offsets.durable().0
         } else {
             self.offsets.written().0
         };
+        let error = failure.error.duplicate();
         self.writes.clear();
-        self.fail_waiters_after(to, &failure.error);
-        self.apply_truncation(to, None);
-        self.start_cut(io);
+        self.fail_waiters_after(to, &error);
+        match self.position_in_memory(to) {
+            Some(position) => {
+                self.failure = None;
+                self.apply_truncation(to, position);
+                self.start_cut(io);
+            }
+            None => {
+                self.failure.as_mut().expect("set").rolling_back = true;
+                self.start_locate(io, to);
+            }
+        }
+    }
+
+    /// Where the batch starting at `to` lies, if known without reading the disk: in the tail, or
+    /// at a segment's start or end.
+    fn position_in_memory(&self, to: u64) -> Option<u64> {
+        if let Some(b) = self.tail.iter().find(|b| b.base_offset == to) {
+            return Some(b.position);
+        }
+        let segment = self.segments.range(..=to).next_back().map(|(_, s)| s)?;
+        if to == segment.base_offset {
+            Some(0)
+        } else if to == segment.next_offset {
+            Some(segment.size)
+        } else {
+            None
+        }
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -1051,19 +1088,26 @@ impl Partition {
         // Answered when the cut on disk completes (or fails).
         self.truncate_reply = Some(reply);
         let offset = offset.max(self.log_start_offset);
-        if self.tail.front().is_some_and(|b| b.base_offset <= offset)
-            || offset == self.log_start_offset
-        {
-            let to = self
+        // The log ends at the start of the batch containing `offset`.
+        let to = match self.tail.front() {
+            Some(front) if front.base_offset <= offset => self
                 .tail
                 .iter()
                 .find(|b| b.next_offset > offset)
-                .map_or(offset, |b| b.base_offset);
-            self.apply_truncation(to, None);
-            self.start_cut(io);
-            return;
+                .map_or(offset, |b| b.base_offset),
+            _ => offset,
+        };
+        match self.position_in_memory(to) {
+            Some(position) => {
+                self.apply_truncation(to, position);
+                self.start_cut(io);
+            }
+            None => self.start_locate(io, offset),
         }
-        // On disk only: find the batch containing `offset` first.
+    }
+
+    /// Find on disk the batch containing `offset`; `ControlDone::Located` applies the truncation.
+    fn start_locate(&mut self, io: &mut IoCtx<'_>, offset: u64) {
         let (&base, segment) = self
             .segments
             .range(..=offset)
@@ -1092,9 +1136,9 @@ impl Partition {
         });
     }
 
-    /// Forget everything at or after offset `to` (a batch boundary) in memory. `position` is where
-    /// that batch starts on disk when the tail does not hold it.
-    fn apply_truncation(&mut self, to: u64, position: Option<u64>) {
+    /// Forget everything at or after offset `to` (a batch boundary) in memory; `position` is where
+    /// that batch starts in its segment.
+    fn apply_truncation(&mut self, to: u64, position: u64) {
         let error = Error::Truncated { offset: to };
         self.fail_waiters_after(to, &error);
         let (&base, _) = self
@@ -1106,14 +1150,6 @@ impl Partition {
         for b in removed {
             self.segments.remove(&b);
         }
-        let position = position
-            .or_else(|| {
-                self.tail
-                    .iter()
-                    .find(|b| b.base_offset == to)
-                    .map(|b| b.position)
-            })
-            .unwrap_or_else(|| self.segments[&base].size);
         let segment = self.segments.get_mut(&base).expect("exists");
         segment.truncate(position, to);
         segment.sealed = false;

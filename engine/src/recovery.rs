@@ -116,7 +116,7 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
             None
         };
         let restored = match trusted {
-            Some((size, next)) => load_indexes(storage, &segment, size, next).await,
+            Some((size, next)) => load_indexes(storage, &segment, size, next, file_len).await,
             None => None,
         };
         match restored {
@@ -242,7 +242,13 @@ async fn load_indexes(
     segment: &Segment,
     size: u64,
     next: u64,
+    file_len: u64,
 ) -> Option<(OffsetIndex, TimeIndex)> {
+    // The size and next offset come from a marker or a file name on disk: only trust them if they
+    // fit the file (otherwise the segment is scanned).
+    if size > file_len || next < segment.base_offset {
+        return None;
+    }
     let index = storage.read_file(&segment.index_path()).ok()??;
     let time_index = storage.read_file(&segment.time_index_path()).ok()??;
     let index = OffsetIndex::decode(&index, size).ok()?;

@@ -213,3 +213,40 @@ fn a_clean_shutdown_skips_the_scan_but_reads_still_check_every_crc() {
     assert!((tags.len() as u64) < BATCHES);
     assert!(engine.metrics().crc_failures >= 1);
 }
+
+#[test]
+fn a_damaged_clean_shutdown_marker_is_not_trusted() {
+    let (pristine, p, logs) = build_log();
+    let last: u64 = logs
+        .last()
+        .unwrap()
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let engine = open(&pristine, RecoveryMode::Strict).unwrap();
+    block_on(engine.shutdown()).unwrap();
+    drop(engine);
+    let marker = pristine
+        .files()
+        .into_iter()
+        .find(|f| f.ends_with(".clean-shutdown"))
+        .unwrap();
+    let bad_markers = [
+        format!("{last} 999999999 {}\n", last + 1), // size past the end of the file
+        format!("{last} 100 0\n"),                  // next offset below the segment's base
+        "garbage\n".to_string(),
+    ];
+    for bad in bad_markers {
+        let fs = copy(&pristine);
+        fs.with_file(&marker, |d| *d = bad.as_bytes().to_vec())
+            .unwrap();
+        // A marker that does not fit the files is ignored and the log is scanned.
+        let engine = open(&fs, RecoveryMode::Strict).unwrap();
+        let (tags, error) = read_all(&engine, &p);
+        assert!(error.is_none(), "{bad:?}: {error:?}");
+        assert_eq!(tags, (0..BATCHES).collect::<Vec<_>>(), "{bad:?}");
+    }
+}

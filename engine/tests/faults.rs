@@ -221,3 +221,50 @@ fn power_cuts_at_random_moments_keep_every_acknowledged_append() {
         assert_eq!(out.base_offset, recovered.len() as u64);
     }
 }
+
+/// A failed fdatasync rolls back to the durable offset even when the batches since then have
+/// already left the in-memory tail (interval flushing, a small cache).
+#[test]
+fn a_failed_fdatasync_rolls_back_past_what_memory_still_holds() {
+    let fs = SimFs::default();
+    let p = PartitionId::new("deep-rollback", 0);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    block_on(async {
+        let config = PartitionConfig {
+            flush: keel_engine::FlushPolicy::Interval {
+                ms: 3_600_000,
+                bytes: 0,
+            },
+            cache_bytes: 32 * 1024,
+            ..config()
+        };
+        engine.create_partition(&p, config).await.unwrap();
+        for tag in 0..5 {
+            engine
+                .append(&p, batch(tag, 1, 10_000, 0), 0)
+                .await
+                .unwrap();
+        }
+        engine.flush(&p).await.unwrap();
+        // Written but never durable, and far more than the 32 KiB cache keeps.
+        for tag in 5..50 {
+            engine
+                .append(&p, batch(tag, 1, 10_000, 0), 0)
+                .await
+                .unwrap();
+        }
+        fs.fail_next_syncs(1);
+        assert!(engine.flush(&p).await.is_err());
+        let state = engine.partition_state(&p).await.unwrap();
+        assert_eq!((state.appended.0, state.durable.0), (5, 5));
+        engine
+            .append(&p, batch(100, 1, 10_000, 0), 0)
+            .await
+            .unwrap();
+    });
+    let expected: BTreeMap<u64, u64> = (0..5).map(|t| (t, t)).chain([(5, 100)]).collect();
+    assert_eq!(log_contents(&engine, &p), expected);
+    drop(engine);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    assert_eq!(log_contents(&engine, &p), expected, "after reopen");
+}

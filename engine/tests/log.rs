@@ -511,3 +511,27 @@ fn interval_policy_syncs_by_itself_once_its_time_is_up() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+#[test]
+fn truncating_to_the_log_start_empties_the_log_on_disk_too() {
+    let fs = SimFs::default();
+    let p = PartitionId::new("to-start", 0);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    block_on(async {
+        engine.create_partition(&p, small_segments()).await.unwrap();
+        for tag in 0..30 {
+            engine
+                .append(&p, batch(tag, 1, 10_000, 0), 0)
+                .await
+                .unwrap();
+        }
+        engine.truncate_to(&p, 0).await.unwrap();
+        let state = engine.partition_state(&p).await.unwrap();
+        assert_eq!((state.appended.0, state.size_bytes), (0, 0));
+        engine.append(&p, batch(7, 1, 10_000, 0), 0).await.unwrap();
+    });
+    assert_eq!(tags(&engine, &p, 0), vec![7]);
+    drop(engine);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    assert_eq!(tags(&engine, &p, 0), vec![7]);
+}
