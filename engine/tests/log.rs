@@ -21,18 +21,10 @@ fn small_segments() -> PartitionConfig {
 }
 
 fn tags(engine: &Engine, p: &PartitionId, from: u64) -> Vec<u64> {
-    block_on(async {
-        let mut out = Vec::new();
-        let mut offset = from;
-        loop {
-            let read = engine.read(p, offset, everything()).await.unwrap();
-            if read.is_empty() {
-                return out;
-            }
-            out.extend(batches_of(&read.chunks).iter().map(|b| tag_of(b)));
-            offset = read.next_offset;
-        }
-    })
+    batches_from(engine, p, from)
+        .into_iter()
+        .map(|(_, tag)| tag)
+        .collect()
 }
 
 #[test]
@@ -426,12 +418,7 @@ fn partitions_due_together_share_one_filesystem_sync() {
     let engine = Engine::open(sim_config(&fs, 1)).unwrap();
     let ids: Vec<_> = (0..32).map(|i| PartitionId::new("grouped", i)).collect();
     block_on(async {
-        for id in &ids {
-            engine
-                .create_partition(id, PartitionConfig::default())
-                .await
-                .unwrap();
-        }
+        create_all(&engine, &ids, &PartitionConfig::default()).await;
         fs.set_faults(keel_engine::io::sim::FaultConfig {
             latency: std::time::Duration::from_millis(2),
             ..Default::default()

@@ -63,11 +63,11 @@ pub fn batches_of(chunks: &[Bytes]) -> Vec<Bytes> {
     out
 }
 
-/// Offset → tag of every batch in the log, reading it all from the log start.
-pub fn log_contents(engine: &Engine, p: &PartitionId) -> BTreeMap<u64, u64> {
+/// (base offset, tag) of every batch from `from` to the log end, reading through the engine.
+pub fn batches_from(engine: &Engine, p: &PartitionId, from: u64) -> Vec<(u64, u64)> {
     block_on(async {
-        let mut out = BTreeMap::new();
-        let mut offset = engine.partition_state(p).await.unwrap().log_start_offset;
+        let mut out = Vec::new();
+        let mut offset = from;
         loop {
             let read = engine.read(p, offset, everything()).await.unwrap();
             if read.is_empty() {
@@ -75,9 +75,28 @@ pub fn log_contents(engine: &Engine, p: &PartitionId) -> BTreeMap<u64, u64> {
             }
             for b in batches_of(&read.chunks) {
                 let h = keel_engine::batch::BatchHeader::parse(&b).unwrap();
-                out.insert(h.base_offset, tag_of(&b));
+                out.push((h.base_offset, tag_of(&b)));
             }
             offset = read.next_offset;
         }
     })
+}
+
+/// Offset → tag of every batch in the log, from the log start.
+pub fn log_contents(engine: &Engine, p: &PartitionId) -> BTreeMap<u64, u64> {
+    let start = block_on(engine.partition_state(p))
+        .unwrap()
+        .log_start_offset;
+    batches_from(engine, p, start).into_iter().collect()
+}
+
+/// Create every partition in `ids` with `config`.
+pub async fn create_all(
+    engine: &Engine,
+    ids: &[PartitionId],
+    config: &keel_engine::PartitionConfig,
+) {
+    for id in ids {
+        engine.create_partition(id, config.clone()).await.unwrap();
+    }
 }
