@@ -1,6 +1,9 @@
 //! The public handle: routes each call to the shard that owns the partition.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -19,6 +22,23 @@ use crate::shard::{self, Command};
 use crate::{
     AppendOutcome, PartitionId, PartitionState, ReadOptions, ReadResult, ReadUpper, TimestampOffset,
 };
+
+/// The outcome of a call already queued at its shard.
+#[derive(Debug)]
+#[must_use = "the outcome says whether the append succeeded"]
+pub struct Pending<T> {
+    rx: oneshot::Receiver<Result<T>>,
+}
+
+impl<T> Future for Pending<T> {
+    type Output = Result<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(Error::ShuttingDown)))
+    }
+}
 
 /// A running engine. Cheap to clone; every clone talks to the same shards. Dropping the last clone
 /// without [`Engine::shutdown`] stops the shards like a crash would (no clean-shutdown marker).
@@ -195,6 +215,21 @@ impl Engine {
             .await
     }
 
+    /// [`Engine::append_waiting`] in two steps: the returned future resolves once the append is
+    /// queued at its shard, in call order, and yields a [`Pending`] outcome. A server that must keep
+    /// one connection's appends in request order awaits the first step of each request in turn and
+    /// the outcomes in any order.
+    pub async fn append_enqueued(
+        &self,
+        id: &PartitionId,
+        batches: Bytes,
+        leader_epoch: i32,
+        wait: Option<Durability>,
+    ) -> Result<Pending<AppendOutcome>> {
+        self.enqueue_append(id, batches, AppendKind::Leader { leader_epoch }, wait)
+            .await
+    }
+
     async fn append_inner(
         &self,
         id: &PartitionId,
@@ -202,18 +237,44 @@ impl Engine {
         kind: AppendKind,
         wait: Option<Durability>,
     ) -> Result<AppendOutcome> {
+        self.enqueue_append(id, bytes, kind, wait).await?.await
+    }
+
+    async fn enqueue_append(
+        &self,
+        id: &PartitionId,
+        bytes: Bytes,
+        kind: AppendKind,
+        wait: Option<Durability>,
+    ) -> Result<Pending<AppendOutcome>> {
         // Validation reads every byte (CRC-32C): done here, on the caller's thread, so the shard
         // that owns the partition only assigns offsets and copies.
         let bytes = Validated::check(bytes, kind)
             .inspect_err(|_| bump(&self.inner.metrics.appends_rejected, 1))?;
-        self.call(id, |reply| Command::Append {
-            id: id.clone(),
-            bytes,
-            kind,
-            wait,
-            reply,
-        })
-        .await
+        let (reply, rx) = oneshot::channel();
+        self.inner.shards[self.shard_of(id)]
+            .send_async(Command::Append {
+                id: id.clone(),
+                bytes,
+                kind,
+                wait,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        Ok(Pending { rx })
+    }
+
+    /// Run `task` on shard `shard`'s thread, inside its io_uring runtime (thread-per-core
+    /// embedding: a server spawns its socket tasks there with `compio::runtime::spawn`, next to
+    /// the partitions the shard owns). The task must not block.
+    pub async fn run_on_shard(&self, shard: usize, task: impl FnOnce() + Send + 'static) -> Result<()> {
+        self.inner.shards[shard % self.shard_count()]
+            .send_async(Command::Run {
+                task: Box::new(task),
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)
     }
 
     /// Whole batches from `offset` (the batch containing it first), CRC-checked.

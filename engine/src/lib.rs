@@ -43,7 +43,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 pub use config::{EngineConfig, FlushPolicy, PartitionConfig, RecoveryMode};
-pub use engine::Engine;
+pub use engine::{Engine, Pending};
 pub use error::{Error, Result};
 pub use futures::executor::block_on;
 pub use offsets::{Appended, Durability, Durable, Written};
@@ -126,6 +126,8 @@ pub struct ReadResult {
     pub log_start_offset: u64,
     pub log_end_offset: u64,
     pub durable_offset: u64,
+    /// Everything below this survives a process crash (the high watermark of an `interval` topic).
+    pub written_offset: u64,
 }
 
 impl ReadResult {

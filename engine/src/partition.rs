@@ -1282,6 +1282,7 @@ impl Partition {
             log_start_offset: self.log_start_offset,
             log_end_offset: log_end,
             durable_offset: self.offsets.durable().0,
+            written_offset: self.offsets.written().0,
         };
         let upper = self.upper(options.upper);
         if offset >= upper {
@@ -1343,6 +1344,7 @@ impl Partition {
                 log_start_offset: self.log_start_offset,
                 log_end_offset: end,
                 durable_offset: self.offsets.durable().0,
+                written_offset: self.offsets.written().0,
             },
         })
     }

@@ -81,6 +81,8 @@ pub(crate) enum Command {
     Shutdown {
         reply: Reply<()>,
     },
+    /// Run an embedder's closure on this shard's thread, inside its runtime.
+    Run { task: Box<dyn FnOnce() + Send> },
 }
 
 /// Start-up of a shard thread: build the runtime (pinned), then serve commands until shutdown or
@@ -383,6 +385,7 @@ impl Shard {
                 ids.sort();
                 let _ = reply.send(Ok(ids));
             }
+            Command::Run { task } => task(),
             Command::Shutdown { reply } => {
                 self.shutdown = Some(reply);
                 let ids: Vec<_> = self.partitions.keys().cloned().collect();
