@@ -268,7 +268,11 @@ impl Engine {
     /// Run `task` on shard `shard`'s thread, inside its io_uring runtime (thread-per-core
     /// embedding: a server spawns its socket tasks there with `compio::runtime::spawn`, next to
     /// the partitions the shard owns). The task must not block.
-    pub async fn run_on_shard(&self, shard: usize, task: impl FnOnce() + Send + 'static) -> Result<()> {
+    pub async fn run_on_shard(
+        &self,
+        shard: usize,
+        task: impl FnOnce() + Send + 'static,
+    ) -> Result<()> {
         self.inner.shards[shard % self.shard_count()]
             .send_async(Command::Run {
                 task: Box::new(task),

@@ -82,7 +82,9 @@ pub(crate) enum Command {
         reply: Reply<()>,
     },
     /// Run an embedder's closure on this shard's thread, inside its runtime.
-    Run { task: Box<dyn FnOnce() + Send> },
+    Run {
+        task: Box<dyn FnOnce() + Send>,
+    },
 }
 
 /// Start-up of a shard thread: build the runtime (pinned), then serve commands until shutdown or

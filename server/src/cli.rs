@@ -18,6 +18,22 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the broker: Kafka clients connect to 127.0.0.1:9092 by default, data goes to
+    /// ./keel-data. Stops cleanly on SIGTERM or SIGINT.
+    Serve {
+        /// A Kafka-style properties file (`key=value` lines), applied before the flags below.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The data directory (`log.dirs`).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Where to listen (`listeners`), e.g. 127.0.0.1:9092.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Any setting by its Kafka name, e.g. `-o num.partitions=3`; repeatable.
+        #[arg(short = 'o', long = "set", value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+    },
     /// Open a data directory (recovering it if it was not shut down cleanly) and print every
     /// partition's offsets and size. Exits non-zero if any partition cannot be opened.
     Check {
@@ -44,6 +60,12 @@ pub fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve {
+            config,
+            data_dir,
+            listen,
+            settings,
+        } => serve(config, data_dir, listen, settings),
         Command::Check {
             data_dir,
             truncate_damaged,
@@ -57,4 +79,33 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn serve(
+    file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    settings: Vec<String>,
+) -> Result<(), String> {
+    let mut config = match file {
+        Some(path) => crate::config::BrokerConfig::from_file(&path).map_err(|e| e.to_string())?,
+        None => crate::config::BrokerConfig::default(),
+    };
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    if let Some(dir) = data_dir {
+        pairs.push(("log.dirs".into(), dir.display().to_string()));
+    }
+    if let Some(listen) = listen {
+        pairs.push(("listeners".into(), listen));
+    }
+    for s in settings {
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| format!("-o {s}: expected KEY=VALUE"))?;
+        pairs.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    for (k, v) in pairs {
+        config.set(&k, &v).map_err(|e| e.to_string())?;
+    }
+    crate::serve::run(config).map_err(|e| e.to_string())
 }

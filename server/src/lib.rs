@@ -1,5 +1,26 @@
-//! `keel-server`: the Kafka-protocol broker around `keel-engine` (the broker itself is the next
-//! piece of work; today the crate carries the operator tools of the `keel` binary).
+//! `keel-server`: the Kafka-protocol broker around `keel-engine`, and the operator tools of the
+//! `keel` binary.
+//!
+//! [`serve::Server`] runs a broker in-process (tests and embedders); `keel serve` runs it until
+//! SIGTERM. Requests are decoded in [`protocol`], dispatched by [`broker::Broker`], and served on
+//! every engine shard by [`network`].
 
+#![allow(non_upper_case_globals)] // constants follow the engine's snake_case-with-unit-last naming
+
+mod admin;
+pub mod broker;
 pub mod cli;
+pub mod config;
+pub mod error;
+mod fetch;
+pub mod metadata;
+pub mod metrics;
+pub mod network;
+mod produce;
+pub mod producers;
+pub mod protocol;
+pub mod serve;
 pub mod tools;
+
+pub use config::BrokerConfig;
+pub use serve::Server;

@@ -1,0 +1,283 @@
+//! The broker: the engine, the topic registry, idempotent-producer state and metrics behind one
+//! handle, and the request dispatcher. Produce and Fetch live in `produce.rs` and `fetch.rs`, the
+//! admin requests in `admin.rs`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use kafka_protocol::messages::{RequestKind, ResponseKind};
+use kafka_protocol::ResponseError;
+use keel_engine::{Engine, EngineConfig, FlushPolicy, ReadUpper};
+
+use crate::config::{BrokerConfig, TopicConfig};
+use crate::error::Error;
+use crate::metadata::{blocking, write_durably, Partition, Registry, Topic};
+use crate::metrics::Metrics;
+use crate::producers::ProducerStates;
+use crate::protocol::{self, Request};
+
+/// A response still being produced. Futures are lazy: the connection polls them one after the
+/// other, so a request's work starts once the previous response is out (Kafka's per-connection
+/// order), except Produce, whose appends are queued in order before its future is handed over.
+pub type ResponseFuture = Pin<Box<dyn Future<Output = Option<ResponseKind>>>>;
+
+/// Bytes of log read per call while rebuilding producer state.
+const rebuild_read_bytes: usize = 8 * 1024 * 1024;
+
+#[derive(Debug)]
+pub struct Broker {
+    pub config: BrokerConfig,
+    pub engine: Engine,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    /// Host and port given to clients in Metadata (set once the listener is bound).
+    pub advertised: std::sync::OnceLock<(String, u16)>,
+}
+
+impl Broker {
+    /// Open the engine (recovering the data directory), load topics, make the engine's
+    /// partitions match them (creating missing ones, deleting those of deleted topics), and
+    /// rebuild idempotent-producer state.
+    /// Blocking: call it from plain code, not from inside an async runtime.
+    pub fn open(config: BrokerConfig) -> Result<Arc<Broker>, Error> {
+        let mut engine_config = EngineConfig::new(&config.data_dir);
+        engine_config.shards = config.shards;
+        engine_config.recovery = config.recovery;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| Error::io("create", config.data_dir.display(), e))?;
+        let registry = Registry::load(&config.data_dir, &config.topic_defaults, config.node_id)?;
+        let engine = Engine::open(engine_config)?;
+        let broker = Arc::new(Broker {
+            config,
+            engine,
+            registry,
+            metrics: Metrics::default(),
+            advertised: std::sync::OnceLock::new(),
+        });
+        keel_engine::block_on(broker.reconcile())?;
+        Ok(broker)
+    }
+
+    async fn reconcile(&self) -> Result<(), Error> {
+        let topics = self.registry.snapshot();
+        let existing = self.engine.partitions().await?;
+        for id in &existing {
+            let known = topics
+                .get(&*id.topic)
+                .is_some_and(|t| (id.partition as usize) < t.partitions.len());
+            if !known {
+                tracing::warn!(partition = %id, "deleting a partition whose topic no longer exists");
+                self.engine.delete_partition(id).await?;
+                let _ = std::fs::remove_file(self.registry.producer_snapshot_path(id));
+            }
+        }
+        for topic in topics.values() {
+            let wanted = topic.config.partition_config();
+            for p in &topic.partitions {
+                if existing.binary_search(&p.id).is_ok() {
+                    let state = self.engine.partition_state(&p.id).await?;
+                    if state.config != wanted {
+                        tracing::warn!(
+                            partition = %p.id,
+                            "the partition keeps the settings it was created with; changed broker defaults apply to new topics"
+                        );
+                    }
+                } else {
+                    self.engine.create_partition(&p.id, wanted.clone()).await?;
+                }
+                self.rebuild_producers(p).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Load the producer snapshot written at the last clean shutdown and replay the batches
+    /// after it; without a usable snapshot, replay the whole log.
+    async fn rebuild_producers(&self, p: &Partition) -> Result<(), Error> {
+        let state = self.engine.partition_state(&p.id).await?;
+        let log_end = state.appended.0;
+        let path = self.registry.producer_snapshot_path(&p.id);
+        let (mut states, mut from) = match std::fs::read_to_string(&path) {
+            Ok(text) => match ProducerStates::from_snapshot(&text) {
+                Some((s, end)) if end <= log_end && end >= state.log_start_offset => (s, end),
+                _ => {
+                    tracing::warn!(path = %path.display(), "ignoring a producer snapshot that does not fit the log");
+                    (ProducerStates::default(), state.log_start_offset)
+                }
+            },
+            Err(_) => (ProducerStates::default(), state.log_start_offset),
+        };
+        while from < log_end {
+            let headers = self
+                .engine
+                .batch_headers(&p.id, from, rebuild_read_bytes)
+                .await?;
+            let Some(last) = headers.last() else { break };
+            let next = last.next_offset();
+            for h in &headers {
+                states.replay(h);
+            }
+            from = next;
+        }
+        // The snapshot is consumed: a crash from here on must replay from the log, not from it.
+        let _ = std::fs::remove_file(&path);
+        *p.producers.lock().unwrap_or_else(|e| e.into_inner()) = states;
+        Ok(())
+    }
+
+    /// Persist producer state of every partition whose appends are all settled (at shutdown).
+    pub async fn snapshot_producers(&self) {
+        for topic in self.registry.snapshot().values() {
+            for p in &topic.partitions {
+                let Ok(state) = self.engine.partition_state(&p.id).await else {
+                    continue;
+                };
+                let text = {
+                    let producers = p.producers.lock().unwrap_or_else(|e| e.into_inner());
+                    if producers.is_empty() || !producers.is_settled() {
+                        continue;
+                    }
+                    producers.snapshot(state.appended.0)
+                };
+                let path = self.registry.producer_snapshot_path(&p.id);
+                if let Err(e) = write_durably(&path, text.as_bytes()) {
+                    tracing::warn!(error = %e, "cannot write producer snapshot (state will be rebuilt from the log)");
+                }
+            }
+        }
+    }
+
+    /// Count and return an error code.
+    pub fn code(&self, e: ResponseError) -> i16 {
+        self.metrics.error(e.code());
+        e.code()
+    }
+
+    /// Up to where consumers may read: the high watermark. On a single node the in-sync replica
+    /// set is this broker, so a batch is committed once it reaches the durability the topic's
+    /// flush policy promises (durable for `every-batch`, written for `interval`).
+    pub fn visible(topic: &Topic) -> ReadUpper {
+        match topic.config.flush {
+            FlushPolicy::EveryBatch => ReadUpper::Durable,
+            FlushPolicy::Interval { .. } => ReadUpper::Written,
+        }
+    }
+
+    pub fn high_watermark(topic: &Topic, durable: u64, written: u64) -> u64 {
+        match Broker::visible(topic) {
+            ReadUpper::Durable => durable,
+            _ => written,
+        }
+    }
+
+    /// Leader epoch check of Fetch and ListOffsets (KIP-320): -1 means the client does not know.
+    pub fn check_leader_epoch(&self, p: &Partition, current: i32) -> Result<(), ResponseError> {
+        match current {
+            -1 => Ok(()),
+            e if e < p.leader_epoch => Err(ResponseError::FencedLeaderEpoch),
+            e if e > p.leader_epoch => Err(ResponseError::UnknownLeaderEpoch),
+            _ => Ok(()),
+        }
+    }
+
+    /// Create a topic: its metadata file first (durable), then its partitions. The caller has
+    /// validated the name and settings.
+    pub async fn create_topic(
+        self: &Arc<Self>,
+        name: &str,
+        partitions: u32,
+        config: TopicConfig,
+    ) -> Result<Arc<Topic>, (ResponseError, String)> {
+        let _change = self.registry.change.lock().await;
+        if self.registry.topic(name).is_some() {
+            return Err((
+                ResponseError::TopicAlreadyExists,
+                format!("topic {name} already exists"),
+            ));
+        }
+        let broker = self.clone();
+        let owned = name.to_string();
+        let topic = blocking(move || broker.registry.add_topic(&owned, partitions, config))
+            .await
+            .map_err(|e| (ResponseError::KafkaStorageError, e.to_string()))?;
+        let wanted = topic.config.partition_config();
+        for p in &topic.partitions {
+            if let Err(e) = self.engine.create_partition(&p.id, wanted.clone()).await {
+                tracing::error!(topic = name, error = %e, "cannot create partition; removing the topic");
+                let broker = self.clone();
+                let owned = name.to_string();
+                let _ = blocking(move || broker.registry.remove_topic(&owned)).await;
+                for p in &topic.partitions {
+                    let _ = self.engine.delete_partition(&p.id).await;
+                }
+                return Err((crate::error::error_code(&e), e.to_string()));
+            }
+        }
+        Metrics::bump(&self.metrics.topics_created);
+        tracing::info!(topic = name, partitions, "created topic");
+        Ok(topic)
+    }
+
+    pub async fn delete_topic(self: &Arc<Self>, name: &str) -> Result<(), (ResponseError, String)> {
+        let _change = self.registry.change.lock().await;
+        let broker = self.clone();
+        let owned = name.to_string();
+        let removed = blocking(move || broker.registry.remove_topic(&owned))
+            .await
+            .map_err(|e| (ResponseError::KafkaStorageError, e.to_string()))?;
+        let Some(topic) = removed else {
+            return Err((
+                ResponseError::UnknownTopicOrPartition,
+                format!("unknown topic {name}"),
+            ));
+        };
+        for p in &topic.partitions {
+            if let Err(e) = self.engine.delete_partition(&p.id).await {
+                // The metadata is gone: the next start deletes the leftover partition.
+                tracing::warn!(partition = %p.id, error = %e, "partition not deleted now; it will be at the next start");
+            }
+            let _ = std::fs::remove_file(self.registry.producer_snapshot_path(&p.id));
+            p.waiters.wake_all();
+        }
+        Metrics::bump(&self.metrics.topics_deleted);
+        tracing::info!(topic = name, "deleted topic");
+        Ok(())
+    }
+
+    /// Start serving one request. Produce queues its appends before returning (so one
+    /// connection's appends keep their order); everything else runs when the future is polled.
+    pub async fn submit(self: &Arc<Self>, request: Request) -> ResponseFuture {
+        self.metrics.request(request.key as i16);
+        let version = request.header.request_api_version;
+        match request.body {
+            RequestKind::Produce(r) => self.produce(r, version).await,
+            body => {
+                let broker = self.clone();
+                Box::pin(async move { Some(broker.handle(body, version).await) })
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, body: RequestKind, version: i16) -> ResponseKind {
+        match body {
+            RequestKind::ApiVersions(_) => protocol::api_versions_response(0).into(),
+            RequestKind::Metadata(r) => self.metadata(r, version).await.into(),
+            RequestKind::Fetch(r) => self.fetch(r, version).await.into(),
+            RequestKind::ListOffsets(r) => self.list_offsets(r, version).await.into(),
+            RequestKind::CreateTopics(r) => self.create_topics(r).await.into(),
+            RequestKind::DeleteTopics(r) => self.delete_topics(r).await.into(),
+            RequestKind::DescribeConfigs(r) => self.describe_configs(r).into(),
+            RequestKind::InitProducerId(r) => self.init_producer_id(r).await.into(),
+            other => unreachable!("decode_request admits only supported APIs: {other:?}"),
+        }
+    }
+
+    /// Finish: write producer snapshots, then make everything durable and stop the engine
+    /// (which writes the clean-shutdown markers).
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        self.snapshot_producers().await;
+        self.engine.shutdown().await?;
+        Ok(())
+    }
+}

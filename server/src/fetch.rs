@@ -1,0 +1,197 @@
+//! Fetch: read whole batches below the high watermark, within `max.bytes` and each partition's
+//! limit (KIP-74: the first batch of the first non-empty partition is returned even if larger),
+//! and long-poll until `min.bytes` are there or `max.wait.ms` has passed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::future::{join_all, select, select_all};
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::{FetchRequest, FetchResponse};
+use kafka_protocol::ResponseError;
+use keel_engine::{ReadOptions, ReadResult};
+
+use crate::broker::Broker;
+use crate::error::error_code;
+use crate::metadata::{Partition, Topic};
+use crate::metrics::Metrics;
+
+/// While a waiting fetch sees batches that are appended but not yet below the high watermark (an
+/// acks=1 produce answered at write time, its fsync still running), it re-reads this often:
+/// the engine signals append completions, not each fsync.
+const visibility_recheck: Duration = Duration::from_millis(2);
+
+struct Wanted {
+    topic: Option<Arc<Topic>>,
+    partition: Option<Arc<Partition>>,
+    index: i32,
+    offset: i64,
+    max_bytes: usize,
+    leader_epoch: i32,
+}
+
+impl Broker {
+    pub(crate) async fn fetch(
+        self: Arc<Self>,
+        request: FetchRequest,
+        version: i16,
+    ) -> FetchResponse {
+        let mut response = FetchResponse::default();
+        // Keel does not keep fetch sessions (KIP-227): it answers with session 0, which tells the
+        // client to send full requests. A client asking for an existing session gets told it has none.
+        if request.session_id != 0 || request.session_epoch > 0 {
+            response.error_code = self.code(ResponseError::FetchSessionIdNotFound);
+            return response;
+        }
+        let mut wanted = Vec::new();
+        let mut names = Vec::new();
+        for t in &request.topics {
+            let topic = if version >= 13 {
+                self.registry.topic_by_id(t.topic_id)
+            } else {
+                self.registry.topic(t.topic.as_str())
+            };
+            let mut list = Vec::new();
+            for fp in &t.partitions {
+                list.push(Wanted {
+                    partition: topic
+                        .as_ref()
+                        .and_then(|t| t.partition(fp.partition).cloned()),
+                    topic: topic.clone(),
+                    index: fp.partition,
+                    offset: fp.fetch_offset,
+                    max_bytes: fp.partition_max_bytes.max(0) as usize,
+                    leader_epoch: fp.current_leader_epoch,
+                });
+            }
+            names.push(t.topic.clone());
+            wanted.push(list);
+        }
+        let max_bytes = request.max_bytes.max(0) as usize;
+        let min_bytes = request.min_bytes.max(0) as usize;
+        let deadline = Instant::now() + Duration::from_millis(request.max_wait_ms.max(0) as u64);
+        loop {
+            // Listen before reading, so a produce completing during the read is not missed.
+            let waiters: Vec<_> = wanted
+                .iter()
+                .flatten()
+                .filter_map(|w| w.partition.as_ref().map(|p| p.waiters.register()))
+                .collect();
+            let reads = join_all(
+                wanted
+                    .iter()
+                    .map(|list| join_all(list.iter().map(|w| self.read_partition(w)))),
+            )
+            .await;
+            let mut total = 0usize;
+            let mut failed = false;
+            let mut lagging = false;
+            let mut topics = Vec::new();
+            for (name, results) in names.iter().zip(reads) {
+                let mut partitions = Vec::new();
+                for (mut data, records, hidden) in results {
+                    failed |= data.error_code != 0;
+                    lagging |= hidden;
+                    if let Some(records) = records {
+                        if total > 0 && total + records.len() > max_bytes {
+                            // Over the request's limit: this partition's data waits for the next fetch.
+                        } else {
+                            total += records.len();
+                            data.records = Some(records);
+                        }
+                    }
+                    if data.records.is_none() {
+                        data.records = Some(Bytes::new());
+                    }
+                    partitions.push(data);
+                }
+                topics.push(
+                    FetchableTopicResponse::default()
+                        .with_topic(name.clone())
+                        .with_partitions(partitions),
+                );
+            }
+            let now = Instant::now();
+            if total >= min_bytes || failed || now >= deadline || waiters.is_empty() {
+                Metrics::add(&self.metrics.fetch_bytes, total as u64);
+                response.responses = topics;
+                if version >= 13 {
+                    for (t, req) in response.responses.iter_mut().zip(&request.topics) {
+                        t.topic_id = req.topic_id;
+                    }
+                }
+                return response;
+            }
+            let mut wait = deadline - now;
+            if lagging {
+                wait = wait.min(visibility_recheck);
+            }
+            let _ = select(select_all(waiters), Box::pin(compio::time::sleep(wait))).await;
+        }
+    }
+
+    /// One partition: its response entry, its records (if any) and whether batches exist above
+    /// the high watermark that will soon become visible.
+    async fn read_partition(&self, w: &Wanted) -> (PartitionData, Option<Bytes>, bool) {
+        let mut data = PartitionData::default()
+            .with_partition_index(w.index)
+            .with_high_watermark(-1)
+            .with_last_stable_offset(-1)
+            .with_log_start_offset(-1);
+        let (Some(topic), Some(p)) = (&w.topic, &w.partition) else {
+            data.error_code = self.code(ResponseError::UnknownTopicOrPartition);
+            return (data, None, false);
+        };
+        if let Err(e) = self.check_leader_epoch(p, w.leader_epoch) {
+            data.error_code = self.code(e);
+            return (data, None, false);
+        }
+        let Ok(offset) = u64::try_from(w.offset) else {
+            data.error_code = self.code(ResponseError::OffsetOutOfRange);
+            return (data, None, false);
+        };
+        let options = ReadOptions {
+            max_bytes: w.max_bytes,
+            upper: Broker::visible(topic),
+        };
+        match self.engine.read(&p.id, offset, options).await {
+            Ok(read) => {
+                let hw = Broker::high_watermark(topic, read.durable_offset, read.written_offset);
+                data.high_watermark = hw as i64;
+                data.last_stable_offset = hw as i64;
+                data.log_start_offset = read.log_start_offset as i64;
+                let hidden = read.log_end_offset > hw;
+                let records = (!read.is_empty()).then(|| join_chunks(read));
+                (data, records, hidden)
+            }
+            Err(e) => {
+                let code = error_code(&e);
+                if code != ResponseError::OffsetOutOfRange {
+                    tracing::warn!(partition = %p.id, error = %e, "fetch failed");
+                }
+                data.error_code = self.code(code);
+                if let Ok(state) = self.engine.partition_state(&p.id).await {
+                    let hw = Broker::high_watermark(topic, state.durable.0, state.written.0);
+                    data.high_watermark = hw as i64;
+                    data.last_stable_offset = hw as i64;
+                    data.log_start_offset = state.log_start_offset as i64;
+                }
+                (data, None, false)
+            }
+        }
+    }
+}
+
+/// The read's batches as one buffer: free when the engine returned one contiguous chunk, one
+/// copy otherwise (see ARCHITECTURE.md, "Fetch copies").
+fn join_chunks(read: ReadResult) -> Bytes {
+    if read.chunks.len() == 1 {
+        return read.chunks.into_iter().next().expect("one chunk");
+    }
+    let mut out = BytesMut::with_capacity(read.total_bytes());
+    for c in &read.chunks {
+        out.extend_from_slice(c);
+    }
+    out.freeze()
+}
