@@ -59,8 +59,13 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.shards.clear();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let me = std::thread::current().id();
         for t in threads {
-            let _ = t.join();
+            // The last handle may be dropped on a shard thread itself (a task an embedder ran
+            // there held it): that thread is already finishing and cannot join itself.
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
         }
     }
 }
