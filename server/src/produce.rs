@@ -161,7 +161,18 @@ impl Broker {
                 return ready(Outcome::error(index, code, e.to_string()));
             }
         };
-        if header.size_bytes != records.len() {
+        if header.size_bytes > records.len() {
+            return ready(Outcome::error(
+                index,
+                ResponseError::CorruptMessage,
+                format!(
+                    "batch of {} bytes is truncated to {}",
+                    header.size_bytes,
+                    records.len()
+                ),
+            ));
+        }
+        if header.size_bytes < records.len() {
             return ready(Outcome::error(
                 index,
                 ResponseError::InvalidRecord,
@@ -264,14 +275,17 @@ impl Broker {
                 return ready(Outcome::error(index, error_code(&e), e.to_string()));
             }
         };
+        // The outcome is recorded by a task of its own: producer state and waiting fetches must
+        // learn it even if this response is never awaited (the client's connection went away).
         let p = p.clone();
-        async move {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        compio::runtime::spawn(async move {
             let result = pending.await;
             let mut producers = p.producers.lock().unwrap_or_else(|e| e.into_inner());
             let outcome = match result {
                 Ok(done) => {
-                    if let Some((t, tx)) = ticket {
-                        producers.complete(header.producer_id, t, done.base_offset, tx);
+                    if let Some((t, done_tx)) = ticket {
+                        producers.complete(header.producer_id, t, done.base_offset, done_tx);
                     }
                     Outcome {
                         index,
@@ -288,7 +302,17 @@ impl Broker {
             };
             drop(producers);
             p.waiters.wake_all();
-            outcome
+            let _ = tx.send(outcome);
+        })
+        .detach();
+        async move {
+            rx.await.unwrap_or_else(|_| {
+                Outcome::error(
+                    index,
+                    ResponseError::KafkaStorageError,
+                    "the append task was dropped",
+                )
+            })
         }
         .boxed_local()
     }

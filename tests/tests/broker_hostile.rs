@@ -1,0 +1,298 @@
+//! Hostile input: each malformed frame gets the documented reaction (the connection closes, or a
+//! Kafka error code), is counted in metrics, and neither stops the broker nor changes stored data.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use bytes::{BufMut, BytesMut};
+use common::*;
+use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{
+    ApiVersionsRequest, CreateTopicsRequest, FetchRequest, ListOffsetsRequest, MetadataRequest,
+    ProduceRequest, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::ResponseError;
+use keel_server::Server;
+
+fn name(s: &'static str) -> TopicName {
+    TopicName(StrBytes::from_static_str(s))
+}
+
+fn produce(
+    topic: &'static str,
+    partition: i32,
+    records: bytes::Bytes,
+    acks: i16,
+) -> ProduceRequest {
+    ProduceRequest::default()
+        .with_acks(acks)
+        .with_timeout_ms(10_000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(name(topic))
+            .with_partition_data(vec![PartitionProduceData::default()
+                .with_index(partition)
+                .with_records(Some(records))])])
+}
+
+fn produce_code(w: &mut Wire, request: &ProduceRequest) -> i16 {
+    let r = w.call(9, request);
+    r.responses[0].partition_responses[0].error_code
+}
+
+fn log_end(w: &mut Wire, topic: &'static str) -> i64 {
+    let r = w.call(
+        5,
+        &ListOffsetsRequest::default()
+            .with_replica_id((-1).into())
+            .with_topics(vec![ListOffsetsTopic::default()
+                .with_name(name(topic))
+                .with_partitions(vec![
+                    ListOffsetsPartition::default().with_timestamp(-1)
+                ])]),
+    );
+    r.topics[0].partitions[0].offset
+}
+
+fn create(w: &mut Wire, topic: &'static str, max_message_bytes: &'static str) {
+    let r = w.call(
+        5,
+        &CreateTopicsRequest::default()
+            .with_timeout_ms(10_000)
+            .with_topics(vec![CreatableTopic::default()
+                .with_name(name(topic))
+                .with_num_partitions(1)
+                .with_replication_factor(1)
+                .with_configs(vec![CreatableTopicConfig::default()
+                    .with_name(StrBytes::from_static_str("max.message.bytes"))
+                    .with_value(Some(StrBytes::from_static_str(
+                        max_message_bytes,
+                    )))])]),
+    );
+    assert_eq!(r.topics[0].error_code, 0, "{:?}", r.topics[0].error_message);
+}
+
+/// The broker still answers a new, well-behaved connection.
+fn still_serving(server: &Server) {
+    let mut w = Wire::connect(server.local_addr());
+    let r = w.call(3, &ApiVersionsRequest::default());
+    assert_eq!(r.error_code, 0);
+    assert!(!r.api_keys.is_empty());
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as i32).to_be_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+#[test]
+fn malformed_frames_close_only_their_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[("socket.request.max.bytes", "1048576")]);
+    let addr = server.local_addr();
+    let metrics = &server.broker().metrics;
+    // A bystander connection opened before the attacks keeps working after them.
+    let mut bystander = Wire::connect(addr);
+    create(&mut bystander, "safe", "1048588");
+    let batch = kafka_batch(&[b"kept"], None);
+    assert_eq!(
+        produce_code(&mut bystander, &produce("safe", 0, batch, -1)),
+        0
+    );
+
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "garbage (an HTTP request)",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        ("a size field of 2 GiB", vec![0x7f, 0xff, 0xff, 0xff, 0, 0]),
+        ("a negative size", vec![0x80, 0, 0, 0]),
+        ("a frame shorter than a header", frame(&[0, 3, 0])),
+        (
+            "an unknown API key",
+            frame(&[0x27, 0x0f, 0, 0, 0, 0, 0, 1, 0xff, 0xff]),
+        ),
+        // Metadata v1 header, then a topic array claiming 2^31-1 entries.
+        (
+            "a huge array length",
+            frame(&[0, 3, 0, 1, 0, 0, 0, 1, 0xff, 0xff, 0x7f, 0xff, 0xff, 0xff]),
+        ),
+        // Metadata v1 header, then a truncated body.
+        (
+            "a truncated body",
+            frame(&[0, 3, 0, 1, 0, 0, 0, 1, 0xff, 0xff, 0, 0]),
+        ),
+    ];
+    for (what, bytes) in &cases {
+        let mut w = Wire::connect(addr);
+        w.send_raw(bytes);
+        assert!(
+            w.closed_by_broker(),
+            "{what}: the broker closes the connection"
+        );
+        still_serving(&server);
+    }
+    // A frame cut short by the client: the broker waits for the rest, then sees the end.
+    let mut w = Wire::connect(addr);
+    w.send_raw(&[0, 0, 0, 100, 0, 3, 0, 1]);
+    w.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(w.closed_by_broker());
+
+    assert_eq!(metrics.frames_oversized.load(Ordering::Relaxed), 3);
+    assert_eq!(metrics.unknown_api_keys.load(Ordering::Relaxed), 1);
+    assert_eq!(metrics.frames_malformed.load(Ordering::Relaxed), 3);
+
+    // An ApiVersions of a future version is answered (v0, UNSUPPORTED_VERSION, the list) first.
+    let mut w = Wire::connect(addr);
+    w.send_raw(&frame(&[0, 18, 0, 99, 0, 0, 0, 42]));
+    let reply = w.read_frame().expect("an answer before closing");
+    assert_eq!(&reply[0..4], &42i32.to_be_bytes());
+    assert_eq!(
+        &reply[4..6],
+        &ResponseError::UnsupportedVersion.code().to_be_bytes()
+    );
+    assert!(w.closed_by_broker());
+
+    // Nothing stored was touched, and the bystander's connection still works.
+    assert_eq!(log_end(&mut bystander, "safe"), 1);
+    let r = bystander.call(1, &MetadataRequest::default().with_topics(None));
+    assert_eq!(r.topics.len(), 1);
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn bad_batches_get_kafka_error_codes_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let mut w = Wire::connect(server.local_addr());
+    create(&mut w, "small", "1024");
+    let good = kafka_batch(&[b"first"], None);
+    assert_eq!(
+        produce_code(&mut w, &produce("small", 0, good.clone(), -1)),
+        0
+    );
+
+    let mut bad_crc = BytesMut::from(&good[..]);
+    let last = bad_crc.len() - 1;
+    bad_crc[last] ^= 0xff;
+    let big = kafka_batch(&[&[7u8; 4000]], None);
+    let mut two = BytesMut::from(&good[..]);
+    two.extend_from_slice(&good);
+    let mut old_magic = BytesMut::from(&good[..]);
+    old_magic[16] = 1;
+    let mut truncated = BytesMut::from(&good[..]);
+    truncated.truncate(good.len() - 3);
+    let cases: Vec<(&str, ProduceRequest, ResponseError)> = vec![
+        (
+            "wrong CRC",
+            produce("small", 0, bad_crc.freeze(), -1),
+            ResponseError::CorruptMessage,
+        ),
+        (
+            "too large",
+            produce("small", 0, big, -1),
+            ResponseError::MessageTooLarge,
+        ),
+        (
+            "two batches",
+            produce("small", 0, two.freeze(), -1),
+            ResponseError::InvalidRecord,
+        ),
+        (
+            "magic 1",
+            produce("small", 0, old_magic.freeze(), -1),
+            ResponseError::UnsupportedForMessageFormat,
+        ),
+        (
+            "truncated batch",
+            produce("small", 0, truncated.freeze(), -1),
+            ResponseError::CorruptMessage,
+        ),
+        (
+            "unknown topic",
+            produce("nope", 0, good.clone(), -1),
+            ResponseError::UnknownTopicOrPartition,
+        ),
+        (
+            "unknown partition",
+            produce("small", 9, good.clone(), -1),
+            ResponseError::UnknownTopicOrPartition,
+        ),
+        (
+            "acks=5",
+            produce("small", 0, good.clone(), 5),
+            ResponseError::InvalidRequiredAcks,
+        ),
+    ];
+    let metrics = &server.broker().metrics;
+    for (what, request, expected) in &cases {
+        let before = metrics.error_count(expected.code());
+        assert_eq!(produce_code(&mut w, request), expected.code(), "{what}");
+        assert!(
+            metrics.error_count(expected.code()) > before,
+            "{what} is counted"
+        );
+    }
+    assert_eq!(
+        log_end(&mut w, "small"),
+        1,
+        "no rejected batch reached the log"
+    );
+
+    // Fetching past the end is OFFSET_OUT_OF_RANGE; at the end it is an empty answer.
+    let fetch = |offset: i64| {
+        FetchRequest::default()
+            .with_replica_id((-1).into())
+            .with_max_wait_ms(0)
+            .with_max_bytes(1 << 20)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(name("small"))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_fetch_offset(offset)
+                    .with_partition_max_bytes(1 << 20)])])
+    };
+    let r = w.call(11, &fetch(5));
+    assert_eq!(
+        r.responses[0].partitions[0].error_code,
+        ResponseError::OffsetOutOfRange.code()
+    );
+    let r = w.call(11, &fetch(0));
+    let p = &r.responses[0].partitions[0];
+    assert_eq!((p.error_code, p.high_watermark), (0, 1));
+    // Served byte for byte as produced, but for the offset and leader epoch the broker assigned
+    // (both outside the CRC).
+    assert_eq!(p.records.as_ref().unwrap().len(), good.len());
+    assert_eq!(
+        &p.records.as_ref().unwrap()[17..],
+        &good[17..],
+        "bytes served as produced"
+    );
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_frame_above_socket_request_max_bytes_is_refused_without_reading_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[("socket.request.max.bytes", "1024")]);
+    let mut w = Wire::connect(server.local_addr());
+    let mut body = BytesMut::new();
+    body.put_i32(2048);
+    body.put_slice(&[0u8; 16]);
+    w.send_raw(&body);
+    assert!(w.closed_by_broker());
+    assert_eq!(
+        server
+            .broker()
+            .metrics
+            .frames_oversized
+            .load(Ordering::Relaxed),
+        1
+    );
+    still_serving(&server);
+    server.shutdown().unwrap();
+}
