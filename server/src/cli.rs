@@ -54,8 +54,13 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
+    use std::io::IsTerminal;
+    // RUST_LOG overrides; a broker logs at info by default (start, topics, shutdown).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
