@@ -1,4 +1,4 @@
-//! Command line: `keel-bench raw` and `keel-bench engine`.
+//! Command line: `keel-bench raw`, `keel-bench engine` and `keel-bench broker`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
+use crate::broker_load::{self, BrokerLoadConfig};
 use crate::engine_load::{self, EngineLoadConfig};
 use crate::raw::{self, RawConfig, RawResult};
 use crate::report::{parse_bytes, parse_duration, ratio, Percentiles};
@@ -27,6 +28,9 @@ enum Mode {
     Raw(RawArgs),
     /// The embedded engine under a closed-loop append load, next to the baseline.
     Engine(EngineArgs),
+    /// Producers and consumers over the Kafka protocol against `keel serve`, next to the
+    /// engine alone with the same settings and to the baseline.
+    Broker(BrokerArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -108,6 +112,58 @@ struct EngineArgs {
     segment_bytes: u64,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Acks {
+    All,
+    #[value(name = "1")]
+    One,
+    #[value(name = "0")]
+    Zero,
+}
+
+#[derive(Args, Debug)]
+struct BrokerArgs {
+    #[command(flatten)]
+    common: Common,
+    /// An external broker to load (default: start one in-process on a scratch directory).
+    #[arg(long)]
+    bootstrap: Option<std::net::SocketAddr>,
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    /// Producer connections (each an idempotent producer).
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
+    #[arg(long, default_value = "1KiB", value_parser = parse_bytes)]
+    message_bytes: u64,
+    /// Messages per produce request (one batch per request, like linger-filled client batches).
+    #[arg(long, default_value_t = 64)]
+    messages_per_batch: usize,
+    #[arg(long, value_enum, default_value = "all")]
+    acks: Acks,
+    /// Produce requests in flight per producer connection.
+    #[arg(long, default_value_t = 5)]
+    inflight: usize,
+    #[arg(long, value_enum, default_value = "every-batch")]
+    policy: Policy,
+    #[arg(long, default_value_t = 1000)]
+    flush_ms: u64,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Stop after this many messages in all (0: only the duration bounds the run).
+    #[arg(long, default_value_t = 0)]
+    max_messages: u64,
+    /// Broker/engine shards (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    shards: usize,
+    /// Skip the engine-only run with the same settings.
+    #[arg(long)]
+    no_engine: bool,
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -156,6 +212,7 @@ fn run(cli: Cli) -> Result<(), String> {
             write_json(&args.common, &result)
         }
         Mode::Engine(args) => engine(args),
+        Mode::Broker(args) => broker(args),
     }
 }
 
@@ -265,6 +322,170 @@ fn engine(args: EngineArgs) -> Result<(), String> {
         "latency_us": r.latency.to_json(),
         "baseline_latency_us": baseline_latency.to_json(),
         "engine": { "writes": r.metrics.writes, "write_bytes": r.metrics.write_bytes, "fsyncs": r.metrics.fsyncs, "appends": r.metrics.appends },
+    });
+    write_json(common, &result)
+}
+
+fn broker(args: BrokerArgs) -> Result<(), String> {
+    let common = &args.common;
+    let base = if common.no_baseline {
+        None
+    } else {
+        Some(baseline(common, 1 << 20, 4, 0, 4096, false)?)
+    };
+    std::fs::create_dir_all(&common.dir)
+        .map_err(|e| format!("create {}: {e}", common.dir.display()))?;
+    let (policy_name, flush) = match args.policy {
+        Policy::EveryBatch => (
+            "every-batch".to_string(),
+            keel_engine::FlushPolicy::EveryBatch,
+        ),
+        Policy::Interval => (
+            format!("interval ({} ms)", args.flush_ms),
+            keel_engine::FlushPolicy::Interval {
+                ms: args.flush_ms,
+                bytes: 0,
+            },
+        ),
+    };
+    let mut topic_configs = vec![("segment.bytes".to_string(), "1073741824".to_string())];
+    match args.policy {
+        Policy::EveryBatch => topic_configs.push(("flush.policy".into(), "every-batch".into())),
+        Policy::Interval => {
+            topic_configs.push(("flush.policy".into(), "interval".into()));
+            topic_configs.push(("flush.ms".into(), args.flush_ms.to_string()));
+        }
+    }
+    let data = common.dir.join("broker-data");
+    let _ = std::fs::remove_dir_all(&data);
+    let server = match args.bootstrap {
+        Some(_) => None,
+        None => {
+            let mut c = keel_server::BrokerConfig::default();
+            let settings = [
+                ("log.dirs", data.display().to_string()),
+                ("listeners", "127.0.0.1:0".to_string()),
+                ("num.shards", args.shards.to_string()),
+                ("message.max.bytes", (64u64 << 20).to_string()),
+            ];
+            for (k, v) in settings {
+                c.set(k, &v).map_err(|e| e.to_string())?;
+            }
+            Some(keel_server::Server::start(c).map_err(|e| format!("start broker: {e}"))?)
+        }
+    };
+    let bootstrap = args
+        .bootstrap
+        .or(server.as_ref().map(|s| s.local_addr()))
+        .expect("an address");
+    let acks = match args.acks {
+        Acks::All => -1,
+        Acks::One => 1,
+        Acks::Zero => 0,
+    };
+    let load = BrokerLoadConfig {
+        bootstrap,
+        topic: format!("keel-bench-{}", std::process::id()),
+        partitions: args.partitions,
+        producers: args.producers,
+        consumers: args.consumers,
+        message_bytes: args.message_bytes as usize,
+        messages_per_batch: args.messages_per_batch,
+        acks,
+        inflight: args.inflight,
+        duration: args.duration,
+        warmup: args.warmup,
+        max_messages: args.max_messages,
+        topic_configs,
+    };
+    let r = broker_load::run(&load);
+    if let Some(server) = server {
+        server
+            .shutdown()
+            .map_err(|e| format!("broker shutdown: {e}"))?;
+    }
+    let _ = std::fs::remove_dir_all(&data);
+    let r = r?;
+    let batch_bytes = (args.message_bytes as usize * args.messages_per_batch + 61) as u64;
+    let engine = if args.no_engine {
+        None
+    } else {
+        Some(
+            engine_load::run(&EngineLoadConfig {
+                dir: common.dir.clone(),
+                partitions: args.partitions,
+                batch_bytes: batch_bytes as usize,
+                records_per_batch: args.messages_per_batch as i32,
+                flush,
+                concurrency: (args.producers * args.inflight).max(1),
+                duration: args.duration,
+                warmup: args.warmup,
+                shards: args.shards,
+                segment_bytes: 1 << 30,
+            })
+            .map_err(|e| format!("engine run: {e}"))?,
+        )
+    };
+    let acks_name = match args.acks {
+        Acks::All => "all",
+        Acks::One => "1",
+        Acks::Zero => "0",
+    };
+    println!(
+        "broker: {} partition(s), {} producer(s) x {} in flight, {} consumer(s), {} B messages x {} per batch, acks={acks_name}, {policy_name}",
+        args.partitions, args.producers, args.inflight, args.consumers, args.message_bytes, args.messages_per_batch
+    );
+    println!(
+        "broker: {:.0} MB/s, {:.0} msgs/s over {:.2} s ({} batches, {} errors); consumers read {:.0} MB",
+        r.throughput_mb_s, r.messages_per_s, r.seconds, r.batches, r.errors, r.consumed_bytes as f64 / 1e6
+    );
+    if acks != 0 {
+        print_latency("broker: produce latency", &r.produce_latency);
+    }
+    if args.consumers > 0 {
+        print_latency("broker: end-to-end latency", &r.e2e_latency);
+    }
+    let engine_mb_s = engine.as_ref().map_or(0.0, |e| e.throughput_mb_s);
+    let engine_ratio = ratio(r.throughput_mb_s, engine_mb_s);
+    if let Some(e) = &engine {
+        println!(
+            "engine alone, same settings ({} appends in flight): {:.0} MB/s; broker/engine {:.3}",
+            args.producers * args.inflight,
+            e.throughput_mb_s,
+            engine_ratio.unwrap_or(f64::NAN)
+        );
+        print_latency("engine alone: append latency", &e.latency);
+    }
+    let baseline_mb_s = base.map_or(0.0, |b| b.bandwidth_mb_s);
+    let baseline_latency = base.map(|b| b.sync_latency).unwrap_or_default();
+    let throughput_ratio = ratio(r.throughput_mb_s, baseline_mb_s);
+    if let Some(b) = base {
+        println!(
+            "baseline: sequential {:.0} MB/s; 4 KiB write+fdatasync p50 {:.0} µs p99 {:.0} µs; broker/baseline {:.3}",
+            b.bandwidth_mb_s, b.sync_latency.p50, b.sync_latency.p99, throughput_ratio.unwrap_or(f64::NAN)
+        );
+    }
+    let result = json!({
+        "mode": "broker",
+        "config": {
+            "dir": common.dir, "bootstrap": args.bootstrap.map(|a| a.to_string()), "partitions": args.partitions,
+            "producers": args.producers, "consumers": args.consumers, "message_bytes": args.message_bytes,
+            "messages_per_batch": args.messages_per_batch, "batch_bytes": batch_bytes, "acks": acks_name,
+            "inflight": args.inflight, "flush_policy": policy_name, "duration_s": args.duration.as_secs_f64(),
+            "warmup_s": args.warmup.as_secs_f64(), "max_messages": args.max_messages, "shards": args.shards,
+            "baseline": !common.no_baseline, "engine": !args.no_engine,
+        },
+        "throughput_mb_s": r.throughput_mb_s,
+        "messages_per_s": r.messages_per_s,
+        "baseline_mb_s": baseline_mb_s,
+        "ratio": throughput_ratio,
+        "engine_mb_s": engine_mb_s,
+        "engine_ratio": engine_ratio,
+        "latency_us": r.produce_latency.to_json(),
+        "e2e_latency_us": r.e2e_latency.to_json(),
+        "engine_latency_us": engine.as_ref().map(|e| e.latency.to_json()),
+        "baseline_latency_us": baseline_latency.to_json(),
+        "errors": r.errors,
     });
     write_json(common, &result)
 }

@@ -1,0 +1,489 @@
+//! `keel-bench broker`: producers and consumers over the Kafka protocol against `keel serve`
+//! (started in-process on a scratch directory, or an external broker with `--bootstrap`).
+//!
+//! Its own load generator, so batching is exact: each producer is one connection with an
+//! idempotent producer id, keeping `inflight` produce requests of one batch each in flight (as
+//! librdkafka does with `max.in.flight=5`). A batch is `messages_per_batch` records of
+//! `message_bytes` each; the record bytes are opaque filler (the broker never parses records, so
+//! their encoding does not change what is measured). Consumers fetch every partition from the
+//! start and match each batch they see, by (producer id, partition, base sequence), to its send time: that is
+//! the end-to-end latency, produce request sent → batch fetched by a consumer.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use hdrhistogram::Histogram;
+use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{
+    CreateTopicsRequest, FetchRequest, InitProducerIdRequest, ProduceRequest, RequestHeader,
+    ResponseHeader, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
+use keel_engine::batch::{BatchBuilder, BatchHeader};
+
+use crate::report::{histogram, mb_per_s, Percentiles};
+
+const produce_version: i16 = 9;
+const fetch_version: i16 = 11;
+
+#[derive(Clone, Debug)]
+pub struct BrokerLoadConfig {
+    pub bootstrap: SocketAddr,
+    pub topic: String,
+    pub partitions: u32,
+    pub producers: usize,
+    pub consumers: usize,
+    pub message_bytes: usize,
+    pub messages_per_batch: usize,
+    /// -1 (all), 0 or 1.
+    pub acks: i16,
+    /// Produce requests in flight per producer connection.
+    pub inflight: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+    /// Stop after this many messages in all (0: no limit).
+    pub max_messages: u64,
+    /// Topic settings for CreateTopics (e.g. flush.policy).
+    pub topic_configs: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct BrokerLoadResult {
+    pub bytes: u64,
+    pub messages: u64,
+    pub batches: u64,
+    pub seconds: f64,
+    pub throughput_mb_s: f64,
+    pub messages_per_s: f64,
+    pub produce_latency: Percentiles,
+    pub e2e_latency: Percentiles,
+    pub consumed_bytes: u64,
+    pub errors: u64,
+}
+
+/// Send times of batches not yet seen by a consumer, by (producer id, partition, base sequence).
+type SendTimes = Arc<Mutex<HashMap<(i64, i32, i32), Instant>>>;
+
+struct Conn {
+    stream: TcpStream,
+    correlation: i32,
+}
+
+impl Conn {
+    fn connect(addr: SocketAddr) -> std::io::Result<Conn> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Conn {
+            stream,
+            correlation: 0,
+        })
+    }
+
+    fn send<R: Request>(&mut self, version: i16, request: &R) -> std::io::Result<()> {
+        self.correlation += 1;
+        let header = RequestHeader::default()
+            .with_request_api_key(R::KEY)
+            .with_request_api_version(version)
+            .with_correlation_id(self.correlation)
+            .with_client_id(Some(StrBytes::from_static_str("keel-bench")));
+        let mut frame = BytesMut::with_capacity(256);
+        frame.extend_from_slice(&[0; 4]);
+        header
+            .encode(&mut frame, R::header_version(version))
+            .map_err(std::io::Error::other)?;
+        request
+            .encode(&mut frame, version)
+            .map_err(std::io::Error::other)?;
+        let size = (frame.len() - 4) as i32;
+        frame[0..4].copy_from_slice(&size.to_be_bytes());
+        self.stream.write_all(&frame)
+    }
+
+    fn receive<R: Request>(&mut self, version: i16) -> std::io::Result<R::Response> {
+        let mut size = [0u8; 4];
+        self.stream.read_exact(&mut size)?;
+        let mut body = vec![0u8; i32::from_be_bytes(size).max(0) as usize];
+        self.stream.read_exact(&mut body)?;
+        let mut body = Bytes::from(body);
+        ResponseHeader::decode(
+            &mut body,
+            <R::Response as HeaderVersion>::header_version(version),
+        )
+        .map_err(std::io::Error::other)?;
+        R::Response::decode(&mut body, version).map_err(std::io::Error::other)
+    }
+
+    fn call<R: Request>(&mut self, version: i16, request: &R) -> std::io::Result<R::Response> {
+        self.send(version, request)?;
+        self.receive::<R>(version)
+    }
+}
+
+fn topic_name(name: &str) -> TopicName {
+    TopicName(StrBytes::from_string(name.to_string()))
+}
+
+/// Create the benchmark topic (an existing one is an error: results must start from empty).
+pub fn create_topic(config: &BrokerLoadConfig) -> Result<(), String> {
+    let mut conn = Conn::connect(config.bootstrap).map_err(|e| e.to_string())?;
+    let topic = CreatableTopic::default()
+        .with_name(topic_name(&config.topic))
+        .with_num_partitions(config.partitions as i32)
+        .with_replication_factor(1)
+        .with_configs(
+            config
+                .topic_configs
+                .iter()
+                .map(|(k, v)| {
+                    CreatableTopicConfig::default()
+                        .with_name(StrBytes::from_string(k.clone()))
+                        .with_value(Some(StrBytes::from_string(v.clone())))
+                })
+                .collect(),
+        );
+    let r = conn
+        .call(
+            5,
+            &CreateTopicsRequest::default()
+                .with_timeout_ms(30_000)
+                .with_topics(vec![topic]),
+        )
+        .map_err(|e| e.to_string())?;
+    match r.topics.first() {
+        Some(t) if t.error_code == 0 => Ok(()),
+        Some(t) => Err(format!(
+            "CreateTopics {}: error {} {:?}",
+            config.topic,
+            t.error_code,
+            t.error_message.as_ref().map(|m| m.as_str().to_string())
+        )),
+        None => Err("CreateTopics: empty response".into()),
+    }
+}
+
+pub fn run(config: &BrokerLoadConfig) -> Result<BrokerLoadResult, String> {
+    create_topic(config)?;
+    let start = Instant::now();
+    let measure_from = start + config.warmup;
+    let end = measure_from + config.duration;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent_messages = Arc::new(AtomicU64::new(0));
+    let send_times: SendTimes = Arc::default();
+    let mut producer_threads = Vec::new();
+    for i in 0..config.producers {
+        let (config, stop, sent, times) = (
+            config.clone(),
+            stop.clone(),
+            sent_messages.clone(),
+            send_times.clone(),
+        );
+        producer_threads.push(std::thread::spawn(move || {
+            produce_loop(i, &config, measure_from, end, &stop, &sent, &times)
+        }));
+    }
+    let mut consumer_threads = Vec::new();
+    for i in 0..config.consumers {
+        let (config, stop, times) = (config.clone(), stop.clone(), send_times.clone());
+        consumer_threads.push(std::thread::spawn(move || {
+            consume_loop(i, &config, measure_from, &stop, &times)
+        }));
+    }
+    let mut result = BrokerLoadResult::default();
+    let mut produce_h = histogram();
+    let mut first: Option<Instant> = None;
+    let mut last = start;
+    for t in producer_threads {
+        let p = t.join().map_err(|_| "a producer thread panicked")??;
+        produce_h.add(&p.latency).ok();
+        result.bytes += p.bytes;
+        result.messages += p.messages;
+        result.batches += p.batches;
+        result.errors += p.errors;
+        if let Some(f) = p.first {
+            first = Some(first.map_or(f, |x: Instant| x.min(f)));
+        }
+        last = last.max(p.last);
+    }
+    // Let consumers catch up with what was produced, then stop them.
+    let drain_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < drain_until && !send_times.lock().expect("times").is_empty() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Release);
+    let mut e2e_h = histogram();
+    for t in consumer_threads {
+        let c = t.join().map_err(|_| "a consumer thread panicked")??;
+        e2e_h.add(&c.latency).ok();
+        result.consumed_bytes += c.bytes;
+    }
+    result.seconds = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
+    result.throughput_mb_s = mb_per_s(result.bytes, result.seconds);
+    result.messages_per_s = if result.seconds > 0.0 {
+        result.messages as f64 / result.seconds
+    } else {
+        0.0
+    };
+    result.produce_latency = Percentiles::of(&produce_h);
+    result.e2e_latency = Percentiles::of(&e2e_h);
+    Ok(result)
+}
+
+struct ProducerResult {
+    latency: Histogram<u64>,
+    bytes: u64,
+    messages: u64,
+    batches: u64,
+    errors: u64,
+    first: Option<Instant>,
+    last: Instant,
+}
+
+fn produce_loop(
+    index: usize,
+    config: &BrokerLoadConfig,
+    measure_from: Instant,
+    end: Instant,
+    stop: &AtomicBool,
+    sent_messages: &AtomicU64,
+    times: &SendTimes,
+) -> Result<ProducerResult, String> {
+    let mut conn = Conn::connect(config.bootstrap).map_err(|e| format!("producer {index}: {e}"))?;
+    let init = conn
+        .call(
+            4,
+            &InitProducerIdRequest::default()
+                .with_transaction_timeout_ms(60_000)
+                .with_producer_id((-1).into())
+                .with_producer_epoch(-1),
+        )
+        .map_err(|e| format!("producer {index}: InitProducerId: {e}"))?;
+    let pid = init.producer_id.0;
+    let payload: Vec<u8> = (0..config.message_bytes * config.messages_per_batch)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    let records = config.messages_per_batch as i32;
+    let mut seqs = vec![0i32; config.partitions as usize];
+    let mut next_partition = index;
+    let mut out = ProducerResult {
+        latency: histogram(),
+        bytes: 0,
+        messages: 0,
+        batches: 0,
+        errors: 0,
+        first: None,
+        last: Instant::now(),
+    };
+    let mut pending: std::collections::VecDeque<(Instant, usize)> = Default::default();
+    loop {
+        let limit_hit =
+            config.max_messages > 0 && sent_messages.load(Ordering::Relaxed) >= config.max_messages;
+        let sending = Instant::now() < end && !limit_hit && !stop.load(Ordering::Relaxed);
+        if sending && pending.len() < config.inflight {
+            let partition = next_partition % config.partitions as usize;
+            next_partition += config.producers.max(1);
+            let seq = seqs[partition];
+            seqs[partition] = seq.wrapping_add(records);
+            let batch = BatchBuilder {
+                records_count: records,
+                timestamp_ms: 1,
+                producer_id: pid,
+                producer_epoch: init.producer_epoch,
+                base_sequence: seq,
+                ..Default::default()
+            }
+            .build(&payload);
+            let size = batch.len();
+            let request = ProduceRequest::default()
+                .with_acks(config.acks)
+                .with_timeout_ms(30_000)
+                .with_topic_data(vec![TopicProduceData::default()
+                    .with_name(topic_name(&config.topic))
+                    .with_partition_data(vec![PartitionProduceData::default()
+                        .with_index(partition as i32)
+                        .with_records(Some(Bytes::from(batch)))])]);
+            let sent_at = Instant::now();
+            if config.consumers > 0 {
+                times
+                    .lock()
+                    .expect("times")
+                    .insert((pid, partition as i32, seq), sent_at);
+            }
+            conn.send(produce_version, &request)
+                .map_err(|e| format!("producer {index}: {e}"))?;
+            sent_messages.fetch_add(records as u64, Ordering::Relaxed);
+            if config.acks == 0 {
+                if sent_at >= measure_from {
+                    out.first.get_or_insert(sent_at);
+                    out.last = sent_at;
+                    out.bytes += size as u64;
+                    out.messages += records as u64;
+                    out.batches += 1;
+                }
+                continue;
+            }
+            pending.push_back((sent_at, size));
+            continue;
+        }
+        let Some((sent_at, size)) = pending.pop_front() else {
+            break;
+        };
+        let response = conn
+            .receive::<ProduceRequest>(produce_version)
+            .map_err(|e| format!("producer {index}: {e}"))?;
+        let now = Instant::now();
+        let code = response
+            .responses
+            .first()
+            .and_then(|t| t.partition_responses.first())
+            .map_or(-1, |p| p.error_code);
+        if code != 0 {
+            out.errors += 1;
+            continue;
+        }
+        if sent_at >= measure_from {
+            out.first.get_or_insert(sent_at);
+            out.last = now;
+            out.latency
+                .record(now.duration_since(sent_at).as_micros().max(1) as u64)
+                .ok();
+            out.bytes += size as u64;
+            out.messages += records as u64;
+            out.batches += 1;
+        }
+    }
+    Ok(out)
+}
+
+struct ConsumerResult {
+    latency: Histogram<u64>,
+    bytes: u64,
+}
+
+fn consume_loop(
+    index: usize,
+    config: &BrokerLoadConfig,
+    measure_from: Instant,
+    stop: &AtomicBool,
+    times: &SendTimes,
+) -> Result<ConsumerResult, String> {
+    let mut conn = Conn::connect(config.bootstrap).map_err(|e| format!("consumer {index}: {e}"))?;
+    let mine: Vec<i32> = (0..config.partitions as i32)
+        .filter(|p| *p as usize % config.consumers == index)
+        .collect();
+    let mut offsets: Vec<i64> = vec![0; mine.len()];
+    let mut out = ConsumerResult {
+        latency: histogram(),
+        bytes: 0,
+    };
+    while !stop.load(Ordering::Acquire) {
+        let request = FetchRequest::default()
+            .with_replica_id((-1).into())
+            .with_max_wait_ms(100)
+            .with_min_bytes(1)
+            .with_max_bytes(16 << 20)
+            .with_session_epoch(-1)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(topic_name(&config.topic))
+                .with_partitions(
+                    mine.iter()
+                        .zip(&offsets)
+                        .map(|(&p, &o)| {
+                            FetchPartition::default()
+                                .with_partition(p)
+                                .with_fetch_offset(o)
+                                .with_partition_max_bytes(4 << 20)
+                        })
+                        .collect(),
+                )]);
+        let response = conn
+            .call(fetch_version, &request)
+            .map_err(|e| format!("consumer {index}: {e}"))?;
+        let now = Instant::now();
+        for topic in &response.responses {
+            for p in &topic.partitions {
+                let Some(slot) = mine.iter().position(|&m| m == p.partition_index) else {
+                    continue;
+                };
+                let Some(records) = &p.records else { continue };
+                let mut rest = &records[..];
+                while let Ok(h) = BatchHeader::parse(rest) {
+                    if h.size_bytes > rest.len() {
+                        break;
+                    }
+                    out.bytes += h.size_bytes as u64;
+                    offsets[slot] = h.next_offset() as i64;
+                    let sent = times.lock().expect("times").remove(&(
+                        h.producer_id,
+                        p.partition_index,
+                        h.base_sequence,
+                    ));
+                    if let Some(sent) = sent.filter(|s| *s >= measure_from) {
+                        out.latency
+                            .record(now.duration_since(sent).as_micros().max(1) as u64)
+                            .ok();
+                    }
+                    rest = &rest[h.size_bytes..];
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tiny_run_consumes_everything_it_produced() {
+        let dir =
+            std::env::temp_dir().join(format!("keel-bench-broker-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut c = keel_server::BrokerConfig::default();
+        for (k, v) in [
+            ("log.dirs", dir.to_str().unwrap()),
+            ("listeners", "127.0.0.1:0"),
+            ("num.shards", "1"),
+        ] {
+            c.set(k, v).unwrap();
+        }
+        let server = keel_server::Server::start(c).unwrap();
+        let config = BrokerLoadConfig {
+            bootstrap: server.local_addr(),
+            topic: "tiny".into(),
+            partitions: 3,
+            producers: 2,
+            consumers: 2,
+            message_bytes: 100,
+            messages_per_batch: 4,
+            acks: -1,
+            inflight: 3,
+            duration: Duration::from_secs(30),
+            warmup: Duration::ZERO,
+            max_messages: 2_000,
+            topic_configs: vec![("flush.policy".into(), "every-batch".into())],
+        };
+        let r = run(&config).unwrap();
+        server.shutdown().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(r.errors, 0);
+        assert!(r.messages >= 2_000, "{r:?}");
+        assert_eq!(
+            r.consumed_bytes, r.bytes,
+            "consumers saw every produced batch"
+        );
+        assert_eq!(
+            r.e2e_latency.count, r.batches,
+            "every batch was matched to its send time"
+        );
+        assert_eq!(r.produce_latency.count, r.batches);
+    }
+}
