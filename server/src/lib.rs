@@ -10,6 +10,7 @@
 mod admin;
 pub mod broker;
 pub mod cli;
+pub mod compression;
 pub mod config;
 pub mod error;
 mod fetch;

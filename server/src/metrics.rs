@@ -61,6 +61,8 @@ counters!(
     /// Produce partitions answered REQUEST_TIMED_OUT (the append was slower than `timeout.ms`).
     produce_timeouts,
     fetch_bytes,
+    /// Batches rewritten into their topic's `compression.type`.
+    batches_recompressed,
     topics_created,
     topics_deleted,
     producer_ids_allocated,

@@ -200,6 +200,16 @@ impl Broker {
                 "a producer id needs an epoch",
             ));
         }
+        // compression.type: rewrite into the topic's codec unless it is `producer` or matches.
+        let records =
+            match crate::compression::recompress(&records, &header, topic.config.compression) {
+                Ok(None) => records,
+                Ok(Some(rewritten)) => {
+                    Metrics::bump(&self.metrics.batches_recompressed);
+                    rewritten
+                }
+                Err((e, message)) => return ready(Outcome::error(index, e, message)),
+            };
         Metrics::bump(&self.metrics.produce_batches);
         Metrics::add(&self.metrics.produce_bytes, records.len() as u64);
 

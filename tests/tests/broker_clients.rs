@@ -310,3 +310,56 @@ fn topic_configs_are_described_and_survive_restart() {
     assert_eq!(got.len(), 1);
     server.shutdown().unwrap();
 }
+
+#[test]
+fn compression_type_rewrites_batches_into_the_topic_codec() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let addr = server.local_addr();
+    create_topic(addr, "as-produced", 1, &[]);
+    create_topic(addr, "as-lz4", 1, &[("compression.type", "lz4")]);
+    let p = producer(addr, &[("acks", "all"), ("compression.codec", "gzip")]);
+    let values: Vec<String> = (0..20)
+        .map(|i| format!("value {i} {}", "x".repeat(200)))
+        .collect();
+    for topic in ["as-produced", "as-lz4"] {
+        for v in &values {
+            send(&p, topic, 0, "k", v, None);
+        }
+        let got = consume(
+            &consumer(addr),
+            topic,
+            0,
+            Offset::Beginning,
+            values.len(),
+            Duration::from_secs(5),
+        );
+        let got: Vec<String> = got
+            .into_iter()
+            .map(|r| String::from_utf8(r.value).unwrap())
+            .collect();
+        assert_eq!(got, values, "{topic}");
+    }
+    // What is stored: gzip (codec 1) as produced, lz4 (codec 3) where the topic says so.
+    let codecs = |topic: &str| -> Vec<u8> {
+        let id = keel_engine::PartitionId::new(topic, 0);
+        let read = block_on(server.broker().engine.read(
+            &id,
+            0,
+            keel_engine::ReadOptions::default(),
+        ))
+        .unwrap();
+        read.headers().iter().map(|h| h.compression()).collect()
+    };
+    assert!(codecs("as-produced").iter().all(|&c| c == 1));
+    assert!(codecs("as-lz4").iter().all(|&c| c == 3));
+    assert!(
+        server
+            .broker()
+            .metrics
+            .batches_recompressed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    server.shutdown().unwrap();
+}
