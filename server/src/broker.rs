@@ -120,6 +120,7 @@ impl Broker {
             }
             from = next;
         }
+        states.expiration_ms = self.config.producer_id_expiration_ms as i64;
         // The snapshot is consumed: a crash from here on must replay from the log, not from it.
         let _ = std::fs::remove_file(&path);
         *p.producers.lock().unwrap_or_else(|e| e.into_inner()) = states;
@@ -203,6 +204,10 @@ impl Broker {
             .map_err(|e| (ResponseError::KafkaStorageError, e.to_string()))?;
         let wanted = topic.config.partition_config();
         for p in &topic.partitions {
+            p.producers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .expiration_ms = self.config.producer_id_expiration_ms as i64;
             if let Err(e) = self.engine.create_partition(&p.id, wanted.clone()).await {
                 tracing::error!(topic = name, error = %e, "cannot create partition; removing the topic");
                 let broker = self.clone();

@@ -39,6 +39,8 @@ struct BatchEntry {
 struct Producer {
     epoch: i16,
     batches: VecDeque<BatchEntry>,
+    /// Wall-clock milliseconds of its last batch here (for `producer.id.expiration.ms`).
+    last_ms: i64,
 }
 
 /// What to do with an incoming idempotent batch.
@@ -58,6 +60,18 @@ pub enum Check {
 pub struct ProducerStates {
     producers: HashMap<i64, Producer>,
     next_ticket: u64,
+    /// Forget producers idle this long (`producer.id.expiration.ms`); 0 keeps them forever.
+    pub expiration_ms: i64,
+    checks: u64,
+}
+
+/// Look for expired producers once every this many checks (cheap, and bounded work per batch).
+const expiry_sweep_every: u64 = 1024;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn next_seq(seq: i32) -> i32 {
@@ -79,6 +93,10 @@ impl ProducerStates {
     /// duplicate) or continues the last one. A producer this partition has never seen (or has
     /// forgotten, e.g. after retention) may start anywhere.
     pub fn check(&mut self, header: &BatchHeader) -> Check {
+        self.checks += 1;
+        if self.checks % expiry_sweep_every == 0 {
+            self.expire(now_ms());
+        }
         let (pid, epoch) = (header.producer_id, header.producer_epoch);
         let (first, last) = (header.base_sequence, last_seq_of(header));
         if first < 0 {
@@ -123,6 +141,21 @@ impl ProducerStates {
         Check::Append { ticket, done }
     }
 
+    /// Forget producers whose last batch is older than `expiration_ms` and which have nothing
+    /// in flight. A forgotten producer may start again at any sequence, as Kafka allows.
+    pub fn expire(&mut self, now_ms: i64) {
+        if self.expiration_ms <= 0 {
+            return;
+        }
+        let horizon = now_ms - self.expiration_ms;
+        self.producers.retain(|_, p| {
+            p.last_ms >= horizon
+                || p.batches
+                    .iter()
+                    .any(|b| matches!(b.offset, BatchOffset::Pending(_)))
+        });
+    }
+
     fn record(
         &mut self,
         pid: i64,
@@ -133,6 +166,7 @@ impl ProducerStates {
         ticket: u64,
     ) {
         let p = self.producers.entry(pid).or_default();
+        p.last_ms = now_ms();
         if epoch != p.epoch {
             p.epoch = epoch;
             p.batches.clear();
@@ -179,7 +213,8 @@ impl ProducerStates {
         }
     }
 
-    /// Replay one batch read back from the log (rebuild after restart).
+    /// Replay one batch read back from the log (rebuild after restart). The producer counts as
+    /// seen now: the expiry clock restarts with the broker.
     pub fn replay(&mut self, header: &BatchHeader) {
         if !header.has_producer_id() || header.is_control() {
             return;
@@ -347,5 +382,19 @@ mod tests {
             Check::Duplicate(BatchOffset::Known(60))
         ));
         assert!(ProducerStates::from_snapshot("end x\n").is_none());
+    }
+
+    #[test]
+    fn idle_producers_expire_and_may_then_start_anywhere() {
+        let mut s = ProducerStates {
+            expiration_ms: 1000,
+            ..Default::default()
+        };
+        accept(&mut s, &header(5, 0, 0, 1), 0);
+        s.expire(now_ms() + 500);
+        assert_eq!(s.len(), 1, "not idle long enough");
+        s.expire(now_ms() + 5_000);
+        assert!(s.is_empty());
+        accept(&mut s, &header(5, 0, 77, 1), 1);
     }
 }

@@ -296,3 +296,27 @@ fn a_frame_above_socket_request_max_bytes_is_refused_without_reading_it() {
     still_serving(&server);
     server.shutdown().unwrap();
 }
+
+#[test]
+fn metrics_are_served_as_prometheus_text() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[("metrics.listener", "127.0.0.1:0")]);
+    let mut w = Wire::connect(server.local_addr());
+    w.send_raw(&frame(&[0x27, 0x0f, 0, 0, 0, 0, 0, 1]));
+    assert!(w.closed_by_broker());
+    still_serving(&server);
+    let mut http = std::net::TcpStream::connect(server.metrics_addr().unwrap()).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(text.contains("keel_broker_unknown_api_keys 1"), "{text}");
+    assert!(
+        text.contains("keel_broker_requests{api=\"ApiVersions\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("keel_engine_fsyncs"), "{text}");
+    server.shutdown().unwrap();
+}
