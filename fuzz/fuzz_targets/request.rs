@@ -62,8 +62,9 @@ fuzz_target!(|data: &[u8]| {
     let broker = broker().clone();
     let runtime = compio::runtime::Runtime::new().expect("a compio runtime");
     let response = runtime.block_on(async move { broker.submit(request).await.await });
-    if let Some(body) = response {
-        protocol::encode_response(key, version, correlation, &body)
+    if let Some(reply) = response {
+        reply
+            .encode(key, version, correlation)
             .unwrap_or_else(|e| panic!("{key:?} v{version} response does not encode: {e:#}"));
     }
 });

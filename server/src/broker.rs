@@ -20,7 +20,42 @@ use crate::protocol::{self, Request};
 /// A response still being produced. Futures are lazy: the connection polls them one after the
 /// other, so a request's work starts once the previous response is out (Kafka's per-connection
 /// order), except Produce, whose appends are queued in order before its future is handed over.
-pub type ResponseFuture = Pin<Box<dyn Future<Output = Option<ResponseKind>>>>;
+pub type ResponseFuture = Pin<Box<dyn Future<Output = Option<Reply>>>>;
+
+/// A response ready to be written.
+#[derive(Debug)]
+pub enum Reply {
+    Message(ResponseKind),
+    /// A Fetch response and its record bytes, kept apart so they are written as the engine
+    /// returned them (`records[topic][partition]` = chunks), without being copied into a buffer.
+    Fetch {
+        response: kafka_protocol::messages::FetchResponse,
+        records: Vec<Vec<Vec<bytes::Bytes>>>,
+    },
+}
+
+impl Reply {
+    /// The frame(s) to write for this reply to request (`key`, `version`, `correlation_id`).
+    pub fn encode(
+        &self,
+        key: kafka_protocol::messages::ApiKey,
+        version: i16,
+        correlation_id: i32,
+    ) -> anyhow::Result<Vec<bytes::Bytes>> {
+        match self {
+            Reply::Message(body) => Ok(vec![protocol::encode_response(
+                key,
+                version,
+                correlation_id,
+                body,
+            )?
+            .freeze()]),
+            Reply::Fetch { response, records } => {
+                protocol::encode_fetch_response(version, correlation_id, response, records)
+            }
+        }
+    }
+}
 
 /// Bytes of log read per call while rebuilding producer state.
 const rebuild_read_bytes: usize = 8 * 1024 * 1024;
@@ -264,18 +299,22 @@ impl Broker {
         }
     }
 
-    async fn handle(self: Arc<Self>, body: RequestKind, version: i16) -> ResponseKind {
-        match body {
+    async fn handle(self: Arc<Self>, body: RequestKind, version: i16) -> Reply {
+        if let RequestKind::Fetch(r) = body {
+            let (response, records) = self.fetch(r, version).await;
+            return Reply::Fetch { response, records };
+        }
+        let message: ResponseKind = match body {
             RequestKind::ApiVersions(_) => protocol::api_versions_response(0).into(),
             RequestKind::Metadata(r) => self.metadata(r, version).await.into(),
-            RequestKind::Fetch(r) => self.fetch(r, version).await.into(),
             RequestKind::ListOffsets(r) => self.list_offsets(r, version).await.into(),
             RequestKind::CreateTopics(r) => self.create_topics(r).await.into(),
             RequestKind::DeleteTopics(r) => self.delete_topics(r).await.into(),
             RequestKind::DescribeConfigs(r) => self.describe_configs(r).into(),
             RequestKind::InitProducerId(r) => self.init_producer_id(r).await.into(),
             other => unreachable!("decode_request admits only supported APIs: {other:?}"),
-        }
+        };
+        Reply::Message(message)
     }
 
     /// Finish: write producer snapshots, then make everything durable and stop the engine

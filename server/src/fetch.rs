@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::{join_all, select, select_all};
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::{FetchRequest, FetchResponse};
 use kafka_protocol::ResponseError;
-use keel_engine::{ReadOptions, ReadResult};
+use keel_engine::ReadOptions;
 
 use crate::broker::Broker;
 use crate::error::error_code;
@@ -36,13 +36,13 @@ impl Broker {
         self: Arc<Self>,
         request: FetchRequest,
         version: i16,
-    ) -> FetchResponse {
+    ) -> (FetchResponse, Vec<Vec<Vec<Bytes>>>) {
         let mut response = FetchResponse::default();
         // Keel does not keep fetch sessions (KIP-227): it answers with session 0, which tells the
         // client to send full requests. A client asking for an existing session gets told it has none.
         if request.session_id != 0 || request.session_epoch > 0 {
             response.error_code = self.code(ResponseError::FetchSessionIdNotFound);
-            return response;
+            return (response, Vec::new());
         }
         let mut wanted = Vec::new();
         let mut names = Vec::new();
@@ -81,31 +81,31 @@ impl Broker {
             let reads = join_all(
                 wanted
                     .iter()
-                    .map(|list| join_all(list.iter().map(|w| self.read_partition(w)))),
+                    .map(|list| join_all(list.iter().map(|w| self.read_partition(w, version)))),
             )
             .await;
             let mut total = 0usize;
             let mut failed = false;
             let mut lagging = false;
             let mut topics = Vec::new();
+            let mut records = Vec::new();
             for (name, results) in names.iter().zip(reads) {
                 let mut partitions = Vec::new();
-                for (mut data, records, hidden) in results {
+                let mut topic_records = Vec::new();
+                for (data, chunks, hidden) in results {
                     failed |= data.error_code != 0;
                     lagging |= hidden;
-                    if let Some(records) = records {
-                        if total > 0 && total + records.len() > max_bytes {
-                            // Over the request's limit: this partition's data waits for the next fetch.
-                        } else {
-                            total += records.len();
-                            data.records = Some(records);
-                        }
-                    }
-                    if data.records.is_none() {
-                        data.records = Some(Bytes::new());
+                    let size: usize = chunks.iter().map(Bytes::len).sum();
+                    if total > 0 && total + size > max_bytes {
+                        // Over the request's limit: this partition's data waits for the next fetch.
+                        topic_records.push(Vec::new());
+                    } else {
+                        total += size;
+                        topic_records.push(chunks);
                     }
                     partitions.push(data);
                 }
+                records.push(topic_records);
                 topics.push(
                     FetchableTopicResponse::default()
                         .with_topic(name.clone())
@@ -121,7 +121,7 @@ impl Broker {
                         t.topic_id = req.topic_id;
                     }
                 }
-                return response;
+                return (response, records);
             }
             let mut wait = deadline - now;
             if lagging {
@@ -131,9 +131,9 @@ impl Broker {
         }
     }
 
-    /// One partition: its response entry, its records (if any) and whether batches exist above
-    /// the high watermark that will soon become visible.
-    async fn read_partition(&self, w: &Wanted) -> (PartitionData, Option<Bytes>, bool) {
+    /// One partition: its response entry, its record chunks (as the engine returned them) and
+    /// whether batches exist above the high watermark that will soon become visible.
+    async fn read_partition(&self, w: &Wanted, version: i16) -> (PartitionData, Vec<Bytes>, bool) {
         let mut data = PartitionData::default()
             .with_partition_index(w.index)
             .with_high_watermark(-1)
@@ -141,15 +141,15 @@ impl Broker {
             .with_log_start_offset(-1);
         let (Some(topic), Some(p)) = (&w.topic, &w.partition) else {
             data.error_code = self.code(ResponseError::UnknownTopicOrPartition);
-            return (data, None, false);
+            return (data, Vec::new(), false);
         };
         if let Err(e) = self.check_leader_epoch(p, w.leader_epoch) {
             data.error_code = self.code(e);
-            return (data, None, false);
+            return (data, Vec::new(), false);
         }
         let Ok(offset) = u64::try_from(w.offset) else {
             data.error_code = self.code(ResponseError::OffsetOutOfRange);
-            return (data, None, false);
+            return (data, Vec::new(), false);
         };
         let options = ReadOptions {
             max_bytes: w.max_bytes,
@@ -160,10 +160,11 @@ impl Broker {
                 let hw = Broker::high_watermark(topic, read.durable_offset, read.written_offset);
                 data.high_watermark = hw as i64;
                 data.last_stable_offset = hw as i64;
-                data.log_start_offset = read.log_start_offset as i64;
+                if version >= 5 {
+                    data.log_start_offset = read.log_start_offset as i64;
+                }
                 let hidden = read.log_end_offset > hw;
-                let records = (!read.is_empty()).then(|| join_chunks(read));
-                (data, records, hidden)
+                (data, read.chunks, hidden)
             }
             Err(e) => {
                 let code = error_code(&e);
@@ -175,23 +176,12 @@ impl Broker {
                     let hw = Broker::high_watermark(topic, state.durable.0, state.written.0);
                     data.high_watermark = hw as i64;
                     data.last_stable_offset = hw as i64;
-                    data.log_start_offset = state.log_start_offset as i64;
+                    if version >= 5 {
+                        data.log_start_offset = state.log_start_offset as i64;
+                    }
                 }
-                (data, None, false)
+                (data, Vec::new(), false)
             }
         }
     }
-}
-
-/// The read's batches as one buffer: free when the engine returned one contiguous chunk, one
-/// copy otherwise (see ARCHITECTURE.md, "Fetch copies").
-fn join_chunks(read: ReadResult) -> Bytes {
-    if read.chunks.len() == 1 {
-        return read.chunks.into_iter().next().expect("one chunk");
-    }
-    let mut out = BytesMut::with_capacity(read.total_bytes());
-    for c in &read.chunks {
-        out.extend_from_slice(c);
-    }
-    out.freeze()
 }

@@ -144,15 +144,14 @@ async fn serve_connection(
     let writer_broker = broker.clone();
     let writer_task = compio::runtime::spawn(async move {
         while let Ok(out) = rx.recv_async().await {
-            let frame = match out {
-                Outgoing::Raw(frame) => frame,
+            let frames: Vec<bytes::Bytes> = match out {
+                Outgoing::Raw(frame) => vec![frame.freeze()],
                 Outgoing::Response(job) => {
-                    let Some(body) = job.response.await else {
+                    let Some(reply) = job.response.await else {
                         continue;
                     };
-                    match protocol::encode_response(job.key, job.version, job.correlation_id, &body)
-                    {
-                        Ok(frame) => frame,
+                    match reply.encode(job.key, job.version, job.correlation_id) {
+                        Ok(frames) => frames,
                         Err(e) => {
                             tracing::error!(api = ?job.key, version = job.version, error = %e, "cannot encode a response; closing");
                             break;
@@ -160,8 +159,14 @@ async fn serve_connection(
                     }
                 }
             };
-            let len = frame.len() as u64;
-            let BufResult(result, _) = writer.write_all(frame).await;
+            let len: u64 = frames.iter().map(|f| f.len() as u64).sum();
+            let result = if frames.len() == 1 {
+                let frame = frames.into_iter().next().expect("one frame");
+                writer.write_all(frame).await.0
+            } else {
+                // Record bytes go from the engine's buffers to the socket in one writev.
+                writer.write_vectored_all(frames).await.0
+            };
             if result.is_err() {
                 break;
             }

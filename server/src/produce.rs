@@ -17,7 +17,7 @@ use kafka_protocol::ResponseError;
 use keel_engine::batch::BatchHeader;
 use keel_engine::{Durability, FlushPolicy};
 
-use crate::broker::{Broker, ResponseFuture};
+use crate::broker::{Broker, Reply, ResponseFuture};
 use crate::error::error_code;
 use crate::metadata::{Partition, Topic};
 use crate::metrics::Metrics;
@@ -141,7 +141,7 @@ impl Broker {
                 );
             }
             // acks=0: the client expects no response at all.
-            (acks != 0).then(|| response.into())
+            (acks != 0).then(|| Reply::Message(response.into()))
         })
     }
 
