@@ -79,6 +79,7 @@ impl Broker {
         let mut engine_config = EngineConfig::new(&config.data_dir);
         engine_config.shards = config.shards;
         engine_config.recovery = config.recovery;
+        engine_config.backend = config.backend.clone();
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| Error::io("create", config.data_dir.display(), e))?;
         let registry = Registry::load(&config.data_dir, &config.topic_defaults, config.node_id)?;

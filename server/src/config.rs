@@ -99,6 +99,9 @@ pub struct BrokerConfig {
     pub producer_id_expiration_ms: u64,
     /// `cluster.id`
     pub cluster_id: String,
+    /// The engine's storage backend: the real disk, or (tests, embedders) the fault-injecting
+    /// simulator. Not a property.
+    pub backend: keel_engine::io::Backend,
 }
 
 impl Default for BrokerConfig {
@@ -121,6 +124,7 @@ impl Default for BrokerConfig {
             shutdown_timeout_ms: 30_000,
             producer_id_expiration_ms: 86_400_000,
             cluster_id: "keel-cluster".into(),
+            backend: keel_engine::io::Backend::Uring,
         }
     }
 }

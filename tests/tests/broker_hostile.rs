@@ -320,3 +320,57 @@ fn metrics_are_served_as_prometheus_text() {
     assert!(text.contains("keel_engine_fsyncs"), "{text}");
     server.shutdown().unwrap();
 }
+
+#[test]
+fn a_full_disk_is_kafka_storage_error_and_nothing_is_lost() {
+    use keel_engine::io::sim::{FaultConfig, SimFs};
+    let dir = tempfile::tempdir().unwrap();
+    // The partitions live on the simulator with a 3 MiB disk; metadata on the real one.
+    let fs = SimFs::new(FaultConfig {
+        capacity_bytes: Some(3 * 1024 * 1024),
+        ..Default::default()
+    });
+    let mut c = config(dir.path(), &[("log.segment.bytes", "1048576")]);
+    c.backend = keel_engine::io::Backend::Sim(fs.clone());
+    let server = Server::start(c).unwrap();
+    let mut w = Wire::connect(server.local_addr());
+    create(&mut w, "filling", "1048588");
+    let value = [5u8; 60_000];
+    let (mut stored, mut full) = (0, 0);
+    for _ in 0..200 {
+        match produce_code(
+            &mut w,
+            &produce("filling", 0, kafka_batch(&[&value], None), -1),
+        ) {
+            0 => stored += 1,
+            code if code == ResponseError::KafkaStorageError.code() => {
+                full += 1;
+                if full == 3 {
+                    break;
+                }
+            }
+            other => panic!("unexpected error code {other}"),
+        }
+    }
+    assert!(stored > 0 && full == 3, "stored {stored}, full {full}");
+    assert!(
+        server
+            .broker()
+            .metrics
+            .error_count(ResponseError::KafkaStorageError.code())
+            >= 3
+    );
+    assert!(server.broker().engine.metrics().disk_full_errors > 0);
+    // Still serving, and everything acknowledged is there.
+    still_serving(&server);
+    assert_eq!(log_end(&mut w, "filling"), stored);
+    // Space comes back: appends continue right after the last acknowledged one.
+    fs.set_faults(FaultConfig::default());
+    let r = w.call(
+        9,
+        &produce("filling", 0, kafka_batch(&[b"again"], None), -1),
+    );
+    let p = &r.responses[0].partition_responses[0];
+    assert_eq!((p.error_code, p.base_offset), (0, stored));
+    server.shutdown().unwrap();
+}
