@@ -61,7 +61,7 @@ fuzz_target!(|data: &[u8]| {
     );
     let broker = broker().clone();
     let runtime = compio::runtime::Runtime::new().expect("a compio runtime");
-    let response = runtime.block_on(async move { broker.submit(request).await.await });
+    let response = runtime.block_on(async move { broker.submit(request, None).await.await });
     if let Some(reply) = response {
         reply
             .encode(key, version, correlation)

@@ -128,6 +128,9 @@ impl Broker {
                 self.topic_metadata(&topic)
             } else if !valid_topic_name(name.as_str()) {
                 unknown(ResponseError::InvalidTopicException)
+            } else if name.as_str() == crate::offsets::offsets_topic {
+                // Internal: not served to clients, never auto-created.
+                unknown(ResponseError::UnknownTopicOrPartition)
             } else if may_create {
                 let defaults = self.config.topic_defaults.clone();
                 match self
@@ -265,6 +268,12 @@ impl Broker {
         validate_only: bool,
     ) -> Result<(uuid::Uuid, TopicConfig, i32, i16), (ResponseError, String)> {
         let name = t.name.as_str();
+        if name == crate::offsets::offsets_topic {
+            return Err((
+                ResponseError::TopicAlreadyExists,
+                format!("{name} is Keel's internal topic"),
+            ));
+        }
         if !valid_topic_name(name) {
             return Err((
                 ResponseError::InvalidTopicException,

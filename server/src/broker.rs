@@ -60,12 +60,21 @@ impl Reply {
 /// Bytes of log read per call while rebuilding producer state.
 const rebuild_read_bytes: usize = 8 * 1024 * 1024;
 
+/// Who sent a request (JoinGroup reports it in DescribeGroups).
+#[derive(Clone, Debug, Default)]
+pub struct ClientInfo {
+    pub client_id: String,
+    pub peer: Option<std::net::SocketAddr>,
+}
+
 #[derive(Debug)]
 pub struct Broker {
     pub config: BrokerConfig,
     pub engine: Engine,
     pub registry: Registry,
     pub metrics: Metrics,
+    pub groups: Arc<crate::groups::Coordinator>,
+    pub offsets: crate::offsets::OffsetStore,
     /// Host and port given to clients in Metadata (set once the listener is bound).
     pub advertised: std::sync::OnceLock<(String, u16)>,
 }
@@ -84,11 +93,19 @@ impl Broker {
             .map_err(|e| Error::io("create", config.data_dir.display(), e))?;
         let registry = Registry::load(&config.data_dir, &config.topic_defaults, config.node_id)?;
         let engine = Engine::open(engine_config)?;
+        let offsets = keel_engine::block_on(crate::offsets::OffsetStore::open(
+            engine.clone(),
+            &config.data_dir,
+            config.offsets_topic_num_partitions,
+        ))?;
+        let groups = crate::groups::Coordinator::start(config.groups.clone());
         let broker = Arc::new(Broker {
             config,
             engine,
             registry,
             metrics: Metrics::default(),
+            groups,
+            offsets,
             advertised: std::sync::OnceLock::new(),
         });
         keel_engine::block_on(broker.reconcile())?;
@@ -99,6 +116,9 @@ impl Broker {
         let topics = self.registry.snapshot();
         let existing = self.engine.partitions().await?;
         for id in &existing {
+            if crate::offsets::OffsetStore::is_internal(id) {
+                continue;
+            }
             let known = topics
                 .get(&*id.topic)
                 .is_some_and(|t| (id.partition as usize) < t.partitions.len());
@@ -288,19 +308,31 @@ impl Broker {
 
     /// Start serving one request. Produce queues its appends before returning (so one
     /// connection's appends keep their order); everything else runs when the future is polled.
-    pub async fn submit(self: &Arc<Self>, request: Request) -> ResponseFuture {
+    pub async fn submit(
+        self: &Arc<Self>,
+        request: Request,
+        peer: Option<std::net::SocketAddr>,
+    ) -> ResponseFuture {
         self.metrics.request(request.key as i16);
         let version = request.header.request_api_version;
+        let client = ClientInfo {
+            client_id: request
+                .header
+                .client_id
+                .as_ref()
+                .map_or_else(String::new, |c| c.to_string()),
+            peer,
+        };
         match request.body {
             RequestKind::Produce(r) => self.produce(r, version).await,
             body => {
                 let broker = self.clone();
-                Box::pin(async move { Some(broker.handle(body, version).await) })
+                Box::pin(async move { Some(broker.handle(body, version, client).await) })
             }
         }
     }
 
-    async fn handle(self: Arc<Self>, body: RequestKind, version: i16) -> Reply {
+    async fn handle(self: Arc<Self>, body: RequestKind, version: i16, client: ClientInfo) -> Reply {
         if let RequestKind::Fetch(r) = body {
             let (response, records) = self.fetch(r, version).await;
             return Reply::Fetch { response, records };
@@ -313,6 +345,16 @@ impl Broker {
             RequestKind::DeleteTopics(r) => self.delete_topics(r).await.into(),
             RequestKind::DescribeConfigs(r) => self.describe_configs(r).into(),
             RequestKind::InitProducerId(r) => self.init_producer_id(r).await.into(),
+            RequestKind::FindCoordinator(r) => self.find_coordinator(r, version).into(),
+            RequestKind::JoinGroup(r) => self.join_group(r, version, &client).await.into(),
+            RequestKind::SyncGroup(r) => self.sync_group(r).await.into(),
+            RequestKind::Heartbeat(r) => self.heartbeat(r).into(),
+            RequestKind::LeaveGroup(r) => self.leave_group(r, version).into(),
+            RequestKind::OffsetCommit(r) => self.offset_commit(r).await.into(),
+            RequestKind::OffsetFetch(r) => self.offset_fetch(r, version).await.into(),
+            RequestKind::ListGroups(r) => self.list_groups(r, version).into(),
+            RequestKind::DescribeGroups(r) => self.describe_groups(r).into(),
+            RequestKind::DeleteGroups(r) => self.delete_groups(r).await.into(),
             other => unreachable!("decode_request admits only supported APIs: {other:?}"),
         };
         Reply::Message(message)
@@ -322,6 +364,7 @@ impl Broker {
     /// (which writes the clean-shutdown markers).
     pub async fn shutdown(&self) -> Result<(), Error> {
         self.snapshot_producers().await;
+        self.offsets.snapshot_all().await;
         self.engine.shutdown().await?;
         Ok(())
     }

@@ -99,6 +99,13 @@ pub struct BrokerConfig {
     pub producer_id_expiration_ms: u64,
     /// `cluster.id`
     pub cluster_id: String,
+    /// Group coordinator settings: `group.min.session.timeout.ms`, `group.max.session.timeout.ms`,
+    /// `group.initial.rebalance.delay.ms`, `group.max.size`.
+    pub groups: crate::groups::GroupConfig,
+    /// `offsets.topic.num.partitions`: partitions of `__consumer_offsets` (fixed at first start).
+    pub offsets_topic_num_partitions: u32,
+    /// `offset.metadata.max.bytes`
+    pub offset_metadata_max_bytes: usize,
     /// The engine's storage backend: the real disk, or (tests, embedders) the fault-injecting
     /// simulator. Not a property.
     pub backend: keel_engine::io::Backend,
@@ -124,6 +131,9 @@ impl Default for BrokerConfig {
             shutdown_timeout_ms: 30_000,
             producer_id_expiration_ms: 86_400_000,
             cluster_id: "keel-cluster".into(),
+            groups: crate::groups::GroupConfig::default(),
+            offsets_topic_num_partitions: 8,
+            offset_metadata_max_bytes: 4096,
             backend: keel_engine::io::Backend::Uring,
         }
     }
@@ -196,6 +206,26 @@ impl BrokerConfig {
             "shutdown.timeout.ms" => self.shutdown_timeout_ms = number(key, value)?,
             "producer.id.expiration.ms" => self.producer_id_expiration_ms = number(key, value)?,
             "cluster.id" => self.cluster_id = value.to_string(),
+            "group.min.session.timeout.ms" => {
+                self.groups.min_session_timeout =
+                    std::time::Duration::from_millis(number(key, value)?)
+            }
+            "group.max.session.timeout.ms" => {
+                self.groups.max_session_timeout =
+                    std::time::Duration::from_millis(number(key, value)?)
+            }
+            "group.initial.rebalance.delay.ms" => {
+                self.groups.initial_rebalance_delay =
+                    std::time::Duration::from_millis(number(key, value)?)
+            }
+            "group.max.size" => self.groups.max_size = number(key, value)?,
+            "offsets.topic.num.partitions" => {
+                self.offsets_topic_num_partitions = number(key, value)?;
+                if self.offsets_topic_num_partitions == 0 {
+                    return Err(bad("must be at least 1"));
+                }
+            }
+            "offset.metadata.max.bytes" => self.offset_metadata_max_bytes = number(key, value)?,
             _ => match key.strip_prefix("log.") {
                 // Broker-wide topic defaults carry a `log.` prefix in Kafka.
                 Some(topic_key) if TopicConfig::knows(&broker_to_topic_key(topic_key)) => {

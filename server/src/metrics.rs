@@ -66,6 +66,8 @@ counters!(
     topics_created,
     topics_deleted,
     producer_ids_allocated,
+    /// OffsetCommit requests made durable.
+    offset_commits,
 );
 
 impl Metrics {

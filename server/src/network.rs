@@ -216,7 +216,7 @@ async fn serve_connection(
             request.header.request_api_version,
             request.header.correlation_id,
         );
-        let response = broker.submit(request).await;
+        let response = broker.submit(request, Some(peer)).await;
         let job = Job {
             key,
             version,
