@@ -1,0 +1,428 @@
+//! Consumer groups with librdkafka: partitions split between members and move when members join
+//! or die; a killed member's partitions are taken over from the last committed offset; offsets
+//! survive broker restarts; and the two commit patterns, shown by crashing a consumer between
+//! commit and processing.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::executor::block_on;
+use kafka_protocol::messages::offset_commit_request::{
+    OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+};
+use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
+use kafka_protocol::messages::{GroupId, OffsetCommitRequest, OffsetFetchRequest, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::producer::FutureRecord;
+use rdkafka::Message;
+
+const CHILD: &str = "KEEL_GROUP_CHILD";
+const GROUP_SETTINGS: &[(&str, &str)] = &[("group.initial.rebalance.delay.ms", "200")];
+
+fn create_topic(addr: SocketAddr, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", addr.to_string())
+        .create()
+        .unwrap();
+    for r in block_on(admin.create_topics(
+        &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+        &AdminOptions::new(),
+    ))
+    .unwrap()
+    {
+        r.unwrap();
+    }
+}
+
+fn produce_n(addr: SocketAddr, topic: &str, partitions: i32, from: usize, n: usize) {
+    let p = producer(addr, &[("acks", "all")]);
+    let deliveries: Vec<_> = (from..from + n)
+        .map(|i| {
+            p.send_result(
+                FutureRecord::to(topic)
+                    .partition((i % partitions as usize) as i32)
+                    .key("k")
+                    .payload(&format!("m{i}")),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap()
+        })
+        .collect();
+    for d in deliveries {
+        block_on(d).unwrap().unwrap();
+    }
+}
+
+fn group_consumer(addr: SocketAddr, group: &str, extra: &[(&str, &str)]) -> BaseConsumer {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", addr.to_string())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .set("fetch.wait.max.ms", "100")
+        .set("log_level", "3");
+    for (k, v) in extra {
+        c.set(*k, *v);
+    }
+    c.create().unwrap()
+}
+
+/// The child: a group member that prints `assigned <p,p,..>` on every change, and for each
+/// message either commits then processes, or processes then commits (`got <partition> <value>`
+/// is the processing). With a crash point it aborts between the two steps at that value.
+fn child(spec: &str) {
+    let f: Vec<&str> = spec.split(' ').collect();
+    let [addr, topic, group, mode, crash_at] = f.as_slice() else {
+        panic!("bad spec {spec}")
+    };
+    let c = group_consumer(addr.parse().unwrap(), group, &[]);
+    c.subscribe(&[topic]).unwrap();
+    let mut last_assignment = String::new();
+    loop {
+        let assignment: Vec<String> = c
+            .assignment()
+            .map(|t| {
+                t.elements()
+                    .iter()
+                    .map(|e| e.partition().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let joined = assignment.join(",");
+        if joined != last_assignment {
+            println!("assigned {joined}");
+            last_assignment = joined;
+        }
+        let Some(Ok(m)) = c.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let value = String::from_utf8_lossy(m.payload().unwrap_or_default()).to_string();
+        let crash = *crash_at == value;
+        match *mode {
+            "commit-first" => {
+                c.commit_message(&m, CommitMode::Sync).unwrap();
+                if crash {
+                    std::process::abort();
+                }
+                println!("got {} {value}", m.partition());
+            }
+            _ => {
+                println!("got {} {value}", m.partition());
+                if crash {
+                    std::process::abort();
+                }
+                c.commit_message(&m, CommitMode::Sync).unwrap();
+            }
+        }
+    }
+}
+
+struct Member {
+    child: Child,
+    events: mpsc::Receiver<String>,
+}
+
+fn spawn_member(
+    test: &str,
+    addr: SocketAddr,
+    topic: &str,
+    group: &str,
+    mode: &str,
+    crash_at: &str,
+) -> Member {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD, format!("{addr} {topic} {group} {mode} {crash_at}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            // libtest prints "test name ... " before the child's first line.
+            for word in ["assigned ", "got "] {
+                if let Some(at) = line.find(word) {
+                    let _ = tx.send(line[at..].to_string());
+                }
+            }
+        }
+    });
+    Member { child, events: rx }
+}
+
+/// Drain events: the latest assignment of each member, and every processed value.
+fn drain(members: &mut [&mut Member], assignments: &mut [BTreeSet<i32>], got: &mut Vec<String>) {
+    for (i, m) in members.iter_mut().enumerate() {
+        for e in m.events.try_iter() {
+            if let Some(list) = e.strip_prefix("assigned ") {
+                assignments[i] = list
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|p| p.parse().unwrap())
+                    .collect();
+            } else if let Some(rest) = e.strip_prefix("got ") {
+                got.push(rest.split_once(' ').unwrap().1.to_string());
+            }
+        }
+    }
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn split_exactly(assignments: &[BTreeSet<i32>], partitions: i32) -> bool {
+    let mut all = BTreeSet::new();
+    for a in assignments {
+        if a.is_empty() {
+            return false;
+        }
+        for p in a {
+            if !all.insert(*p) {
+                return false;
+            }
+        }
+    }
+    all.len() == partitions as usize
+}
+
+const REBALANCE_TEST: &str = "members_split_partitions_and_a_killed_members_work_is_taken_over";
+
+#[test]
+fn members_split_partitions_and_a_killed_members_work_is_taken_over() {
+    if let Ok(spec) = std::env::var(CHILD) {
+        child(&spec);
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), GROUP_SETTINGS);
+    let addr = server.local_addr();
+    create_topic(addr, "work", 6);
+    produce_n(addr, "work", 6, 0, 300);
+    let mut a = spawn_member(REBALANCE_TEST, addr, "work", "g", "commit-after", "-");
+    let mut b = spawn_member(REBALANCE_TEST, addr, "work", "g", "commit-after", "-");
+    let mut assignments = vec![BTreeSet::new(); 3];
+    let mut got = Vec::new();
+    wait_for("two members to split six partitions", || {
+        drain(&mut [&mut a, &mut b], &mut assignments[..2], &mut got);
+        split_exactly(&assignments[..2], 6)
+    });
+    let mut c = spawn_member(REBALANCE_TEST, addr, "work", "g", "commit-after", "-");
+    wait_for("a third member to get partitions", || {
+        drain(&mut [&mut a, &mut b, &mut c], &mut assignments, &mut got);
+        split_exactly(&assignments, 6)
+    });
+    let described = server.broker().groups.describe("g").unwrap();
+    assert_eq!(described.members.len(), 3);
+    // b dies without leaving the group: its session expires and a and c take its partitions over.
+    let b_partitions = assignments[1].clone();
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    let mut ac = vec![assignments[0].clone(), assignments[2].clone()];
+    wait_for("a and c to take over b's partitions", || {
+        drain(&mut [&mut a, &mut c], &mut ac, &mut got);
+        split_exactly(&ac, 6)
+    });
+    produce_n(addr, "work", 6, 300, 300);
+    let expected: BTreeSet<String> = (0..600).map(|i| format!("m{i}")).collect();
+    wait_for("every message to be processed", || {
+        drain(&mut [&mut a, &mut c], &mut ac, &mut got);
+        expected.iter().all(|m| got.contains(m))
+    });
+    let mut counts: HashMap<&String, usize> = HashMap::new();
+    for m in &got {
+        *counts.entry(m).or_default() += 1;
+    }
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    // Commit after each message: b can have processed at most one message per partition it owned
+    // without committing it.
+    assert!(
+        duplicates <= b_partitions.len(),
+        "{duplicates} duplicates for {} partitions",
+        b_partitions.len()
+    );
+    for mut m in [a, c] {
+        m.child.kill().unwrap();
+        m.child.wait().unwrap();
+    }
+    server.shutdown().unwrap();
+}
+
+const PATTERNS_TEST: &str =
+    "commit_before_processing_loses_a_message_on_crash_commit_after_does_not";
+
+#[test]
+fn commit_before_processing_loses_a_message_on_crash_commit_after_does_not() {
+    if let Ok(spec) = std::env::var(CHILD) {
+        child(&spec);
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), GROUP_SETTINGS);
+    let addr = server.local_addr();
+    create_topic(addr, "jobs", 1);
+    produce_n(addr, "jobs", 1, 0, 20);
+    let mut outcome = BTreeMap::new();
+    for (mode, group) in [("commit-first", "before"), ("commit-after", "after")] {
+        // The first consumer crashes at m10, between the two steps; a second one takes over.
+        let mut first = spawn_member(PATTERNS_TEST, addr, "jobs", group, mode, "m10");
+        let status = first.child.wait().unwrap();
+        assert!(!status.success(), "the first consumer crashed");
+        let mut got = Vec::new();
+        drain(&mut [&mut first], &mut [BTreeSet::new()], &mut got);
+        let mut second = spawn_member(PATTERNS_TEST, addr, "jobs", group, mode, "-");
+        wait_for("the second consumer to reach the end", || {
+            drain(&mut [&mut second], &mut [BTreeSet::new()], &mut got);
+            got.contains(&"m19".to_string())
+        });
+        second.child.kill().unwrap();
+        second.child.wait().unwrap();
+        outcome.insert(group, got);
+    }
+    let before = &outcome["before"];
+    assert!(
+        !before.contains(&"m10".to_string()),
+        "commit-before-processing lost m10: {before:?}"
+    );
+    assert_eq!(before.len(), 19);
+    let after = &outcome["after"];
+    assert_eq!(
+        after.iter().filter(|m| *m == "m10").count(),
+        2,
+        "m10 processed again, not lost: {after:?}"
+    );
+    assert!((0..20).all(|i| after.contains(&format!("m{i}"))));
+    server.shutdown().unwrap();
+}
+
+fn commit(w: &mut Wire, group: &'static str, offsets: &[(i32, i64)]) {
+    let r = w.call(
+        8,
+        &OffsetCommitRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str(group)))
+            .with_generation_id_or_member_epoch(-1)
+            .with_topics(vec![OffsetCommitRequestTopic::default()
+                .with_name(TopicName(StrBytes::from_static_str("kept")))
+                .with_partitions(
+                    offsets
+                        .iter()
+                        .map(|&(p, o)| {
+                            OffsetCommitRequestPartition::default()
+                                .with_partition_index(p)
+                                .with_committed_offset(o)
+                                .with_committed_metadata(Some(StrBytes::from_static_str("meta")))
+                        })
+                        .collect(),
+                )]),
+    );
+    for p in &r.topics[0].partitions {
+        assert_eq!(p.error_code, 0);
+    }
+}
+
+fn fetch_committed(w: &mut Wire, group: &'static str) -> Vec<i64> {
+    let r = w.call(
+        7,
+        &OffsetFetchRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str(group)))
+            .with_topics(Some(vec![OffsetFetchRequestTopic::default()
+                .with_name(TopicName(StrBytes::from_static_str("kept")))
+                .with_partition_indexes(vec![0, 1])])),
+    );
+    r.topics[0]
+        .partitions
+        .iter()
+        .map(|p| p.committed_offset)
+        .collect()
+}
+
+const RESTART_TEST: &str = "committed_offsets_survive_restarts_clean_and_sigkill";
+
+#[test]
+fn committed_offsets_survive_restarts_clean_and_sigkill() {
+    if let Ok(dir) = std::env::var("KEEL_GROUP_BROKER_DIR") {
+        let server = start(std::path::Path::new(&dir), &[]);
+        let mut w = Wire::connect(server.local_addr());
+        // Many commits, so the log holds more than one snapshot's worth.
+        for i in 0..1500 {
+            commit(&mut w, "killed", &[(0, i), (1, 2 * i)]);
+        }
+        println!("committed");
+        loop {
+            std::thread::park();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let mut w = Wire::connect(server.local_addr());
+    create_topic(server.local_addr(), "kept", 2);
+    commit(&mut w, "clean", &[(0, 5), (1, 7)]);
+    assert_eq!(fetch_committed(&mut w, "clean"), [5, 7]);
+    server.shutdown().unwrap();
+    let server = start(dir.path(), &[]);
+    let mut w = Wire::connect(server.local_addr());
+    assert_eq!(
+        fetch_committed(&mut w, "clean"),
+        [5, 7],
+        "after a clean restart"
+    );
+    // An rdkafka consumer in that group resumes at the committed offset.
+    let c = group_consumer(server.local_addr(), "clean", &[]);
+    let committed = c
+        .committed_offsets(
+            {
+                let mut t = rdkafka::TopicPartitionList::new();
+                t.add_partition("kept", 0);
+                t
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert_eq!(committed.elements()[0].offset(), rdkafka::Offset::Offset(5));
+    drop(c);
+    server.shutdown().unwrap();
+
+    // A broker killed with SIGKILL after its commits were acknowledged.
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", RESTART_TEST, "--nocapture", "--test-threads=1"])
+        .env("KEEL_GROUP_BROKER_DIR", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(
+        lines.any(|l| l.is_ok_and(|l| l.contains("committed"))),
+        "the child committed"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let server = start(dir.path(), &[]);
+    let mut w = Wire::connect(server.local_addr());
+    assert_eq!(
+        fetch_committed(&mut w, "killed"),
+        [1499, 2998],
+        "after SIGKILL"
+    );
+    assert_eq!(fetch_committed(&mut w, "clean"), [5, 7]);
+    server.shutdown().unwrap();
+}
