@@ -21,6 +21,7 @@ fn broker() -> &'static Arc<Broker> {
             ("log.dirs", dir.to_str().unwrap()),
             ("num.shards", "1"),
             ("log.segment.bytes", "1048576"),
+            ("group.initial.rebalance.delay.ms", "0"),
         ] {
             config.set(k, v).unwrap();
         }
@@ -61,8 +62,13 @@ fuzz_target!(|data: &[u8]| {
     );
     let broker = broker().clone();
     let runtime = compio::runtime::Runtime::new().expect("a compio runtime");
-    let response = runtime.block_on(async move { broker.submit(request, None).await.await });
-    if let Some(reply) = response {
+    // Some requests wait on others by design (a SyncGroup for the leader's assignment): give each
+    // a short while, then move on.
+    let response = runtime.block_on(async move {
+        let pending = broker.submit(request, None).await;
+        compio::time::timeout(std::time::Duration::from_millis(200), pending).await
+    });
+    if let Ok(Some(reply)) = response {
         reply
             .encode(key, version, correlation)
             .unwrap_or_else(|e| panic!("{key:?} v{version} response does not encode: {e:#}"));
