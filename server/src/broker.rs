@@ -205,6 +205,34 @@ impl Broker {
         }
     }
 
+    /// Prometheus gauges of consumer lag: for every committed offset, the partition's high
+    /// watermark minus the committed offset (the messages the group has yet to process).
+    pub async fn lag_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::from("# TYPE keel_group_lag gauge\n");
+        for (group, offsets) in self.offsets.all().await {
+            for ((topic, partition), committed) in offsets {
+                let Some(t) = self.registry.topic(&topic) else {
+                    continue;
+                };
+                let Some(p) = t.partition(partition) else {
+                    continue;
+                };
+                let Ok(state) = self.engine.partition_state(&p.id).await else {
+                    continue;
+                };
+                let hw = Broker::high_watermark(&t, state.durable.0, state.written.0) as i64;
+                let _ = writeln!(
+                    out,
+                    "keel_group_lag{{group=\"{}\",topic=\"{topic}\",partition=\"{partition}\"}} {}",
+                    group.replace('\\', "\\\\").replace('"', "\\\""),
+                    (hw - committed.offset).max(0)
+                );
+            }
+        }
+        out
+    }
+
     /// Count and return an error code.
     pub fn code(&self, e: ResponseError) -> i16 {
         self.metrics.error(e.code());

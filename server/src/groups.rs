@@ -871,6 +871,81 @@ mod tests {
     }
 
     #[test]
+    fn a_static_member_coming_back_keeps_its_assignment_without_a_rebalance() {
+        let c = Coordinator::start(config());
+        let with_instance = |i: &str| JoinRequest {
+            instance_id: Some(i.into()),
+            ..join_req("g", "")
+        };
+        let ja = now(c.join(with_instance("a"))).unwrap();
+        assert_eq!(
+            ja.error, 0,
+            "static members need no MEMBER_ID_REQUIRED round"
+        );
+        let rb = c.join(with_instance("b"));
+        let ja = now(c.join(JoinRequest {
+            member_id: ja.member_id.clone(),
+            ..with_instance("a")
+        }))
+        .unwrap();
+        let jb = now(rb).unwrap();
+        let (leader, follower) = if ja.leader == ja.member_id {
+            (ja, jb)
+        } else {
+            (jb, ja)
+        };
+        let assignments = vec![
+            (leader.member_id.clone(), Bytes::from_static(b"L")),
+            (follower.member_id.clone(), Bytes::from_static(b"F")),
+        ];
+        let instance_of = |id: &str| {
+            c.describe("g")
+                .unwrap()
+                .members
+                .into_iter()
+                .find(|m| m.0 == id)
+                .unwrap()
+                .1
+                .unwrap()
+        };
+        let leader_instance = instance_of(&leader.member_id);
+        let follower_instance = instance_of(&follower.member_id);
+        assert!(now(c.sync(
+            "g",
+            &leader.member_id,
+            Some(&leader_instance),
+            leader.generation,
+            assignments
+        ))
+        .unwrap()
+        .is_ok());
+        // The follower restarts (new process, no member id): same generation, no rebalance.
+        let back = now(c.join(with_instance(&follower_instance))).unwrap();
+        assert_eq!((back.error, back.generation), (0, leader.generation));
+        assert_ne!(back.member_id, follower.member_id);
+        assert_eq!(c.describe("g").unwrap().state, GroupState::Stable);
+        let got = now(c.sync(
+            "g",
+            &back.member_id,
+            Some(&follower_instance),
+            back.generation,
+            vec![],
+        ))
+        .unwrap();
+        assert_eq!(got.unwrap().0, Bytes::from_static(b"F"));
+        // The old incarnation is fenced.
+        assert_eq!(
+            c.heartbeat(
+                "g",
+                &follower.member_id,
+                Some(&follower_instance),
+                back.generation
+            ),
+            Err(ResponseError::FencedInstanceId)
+        );
+    }
+
+    #[test]
     fn commits_are_checked_against_membership() {
         let c = Coordinator::start(config());
         assert!(

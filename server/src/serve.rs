@@ -130,7 +130,10 @@ fn serve_metrics(addr: SocketAddr, broker: Arc<Broker>) -> Result<SocketAddr, Er
                 let n = stream.read(&mut request).unwrap_or(0);
                 let ok = request[..n].starts_with(b"GET /metrics");
                 let (status, body) = if ok {
-                    ("200 OK", broker.metrics.render(&broker.engine.metrics()))
+                    // Lag needs the engine's offsets: fine from this plain thread.
+                    let mut text = broker.metrics.render(&broker.engine.metrics());
+                    text.push_str(&keel_engine::block_on(broker.lag_metrics()));
+                    ("200 OK", text)
                 } else {
                     ("404 Not Found", "try GET /metrics\n".to_string())
                 };

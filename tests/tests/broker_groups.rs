@@ -426,3 +426,96 @@ fn committed_offsets_survive_restarts_clean_and_sigkill() {
     assert_eq!(fetch_committed(&mut w, "clean"), [5, 7]);
     server.shutdown().unwrap();
 }
+
+#[test]
+fn lag_is_reported_per_group_and_partition() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[("metrics.listener", "127.0.0.1:0")]);
+    create_topic(server.local_addr(), "kept", 2);
+    produce_n(server.local_addr(), "kept", 2, 0, 40);
+    let mut w = Wire::connect(server.local_addr());
+    commit(&mut w, "slow", &[(0, 5), (1, 20)]);
+    let mut http = std::net::TcpStream::connect(server.metrics_addr().unwrap()).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).unwrap();
+    assert!(
+        text.contains("keel_group_lag{group=\"slow\",topic=\"kept\",partition=\"0\"} 15"),
+        "{text}"
+    );
+    assert!(
+        text.contains("keel_group_lag{group=\"slow\",topic=\"kept\",partition=\"1\"} 0"),
+        "{text}"
+    );
+    assert!(text.contains("keel_broker_offset_commits 1"), "{text}");
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn auto_offset_reset_earliest_latest_and_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), GROUP_SETTINGS);
+    let addr = server.local_addr();
+    create_topic(addr, "reset", 1);
+    produce_n(addr, "reset", 1, 0, 10);
+    let read = |group: &str, reset: &str, want: usize| -> Result<Vec<String>, String> {
+        let c = group_consumer(addr, group, &[("auto.offset.reset", reset)]);
+        c.subscribe(&["reset"]).unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while out.len() < want && Instant::now() < deadline {
+            match c.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => out.push(String::from_utf8_lossy(m.payload().unwrap()).to_string()),
+                Some(Err(e)) => return Err(e.to_string()),
+                None => {}
+            }
+        }
+        Ok(out)
+    };
+    // earliest: from the start.
+    assert_eq!(read("e", "earliest", 10).unwrap().len(), 10);
+    // none: no committed offset is an error for the client.
+    let err = read("n", "error", 1).unwrap_err();
+    assert!(err.to_lowercase().contains("offset"), "{err}");
+    // latest: only what arrives after the member is positioned (at the end: offset 10). It is
+    // positioned once the broker answered its ListOffsets; a Fetch after that proves the client
+    // has the answer.
+    let requests = |key: kafka_protocol::messages::ApiKey| {
+        server.broker().metrics.requests[key as usize].load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let (list_before, fetch_before) = (
+        requests(kafka_protocol::messages::ApiKey::ListOffsets),
+        requests(kafka_protocol::messages::ApiKey::Fetch),
+    );
+    let c = group_consumer(addr, "l", &[("auto.offset.reset", "latest")]);
+    c.subscribe(&["reset"]).unwrap();
+    let mut early = Vec::new();
+    let mut fetches_after_list = None;
+    wait_for("the latest consumer to be positioned", || {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            early.push(m.offset());
+        }
+        if fetches_after_list.is_none()
+            && requests(kafka_protocol::messages::ApiKey::ListOffsets) > list_before
+        {
+            fetches_after_list =
+                Some(requests(kafka_protocol::messages::ApiKey::Fetch).max(fetch_before));
+        }
+        fetches_after_list.is_some_and(|f| requests(kafka_protocol::messages::ApiKey::Fetch) > f)
+    });
+    assert!(early.is_empty(), "nothing before the end: {early:?}");
+    produce_n(addr, "reset", 1, 10, 5);
+    let mut latest = Vec::new();
+    wait_for("the new messages", || {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            latest.push(String::from_utf8_lossy(m.payload().unwrap()).to_string());
+        }
+        latest.len() == 5
+    });
+    assert_eq!(
+        latest,
+        (10..15).map(|i| format!("m{i}")).collect::<Vec<_>>()
+    );
+    server.shutdown().unwrap();
+}
