@@ -380,8 +380,8 @@ impl Broker {
             RequestKind::LeaveGroup(r) => self.leave_group(r, version).into(),
             RequestKind::OffsetCommit(r) => self.offset_commit(r).await.into(),
             RequestKind::OffsetFetch(r) => self.offset_fetch(r, version).await.into(),
-            RequestKind::ListGroups(r) => self.list_groups(r, version).into(),
-            RequestKind::DescribeGroups(r) => self.describe_groups(r).into(),
+            RequestKind::ListGroups(r) => self.list_groups(r, version).await.into(),
+            RequestKind::DescribeGroups(r) => self.describe_groups(r).await.into(),
             RequestKind::DeleteGroups(r) => self.delete_groups(r).await.into(),
             other => unreachable!("decode_request admits only supported APIs: {other:?}"),
         };

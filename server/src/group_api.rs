@@ -29,7 +29,7 @@ use kafka_protocol::ResponseError;
 
 use crate::broker::{Broker, ClientInfo};
 use crate::error::error_code;
-use crate::groups::JoinRequest;
+use crate::groups::{GroupState, JoinRequest};
 use crate::metrics::Metrics;
 use crate::offsets::Committed;
 
@@ -355,21 +355,34 @@ impl Broker {
         OffsetFetchResponse::default().with_topics(topics)
     }
 
-    pub(crate) fn list_groups(&self, r: ListGroupsRequest, version: i16) -> ListGroupsResponse {
-        let groups = self
+    pub(crate) async fn list_groups(
+        &self,
+        r: ListGroupsRequest,
+        version: i16,
+    ) -> ListGroupsResponse {
+        // Groups the coordinator knows, and groups that only have committed offsets (Empty), as
+        // Kafka lists them.
+        let mut all: std::collections::BTreeMap<String, (String, &'static str)> = self
             .groups
             .list()
             .into_iter()
-            .filter(|(_, _, state)| {
-                r.states_filter.is_empty()
-                    || r.states_filter.iter().any(|f| f.as_str() == state.name())
+            .map(|(id, protocol_type, state)| (id, (protocol_type, state.name())))
+            .collect();
+        for (group, _) in self.offsets.all().await {
+            all.entry(group)
+                .or_insert_with(|| (String::new(), GroupState::Empty.name()));
+        }
+        let groups = all
+            .into_iter()
+            .filter(|(_, (_, state))| {
+                r.states_filter.is_empty() || r.states_filter.iter().any(|f| f.as_str() == *state)
             })
-            .map(|(id, protocol_type, state)| {
+            .map(|(id, (protocol_type, state))| {
                 let mut g = ListedGroup::default()
                     .with_group_id(GroupId(s(id)))
                     .with_protocol_type(s(protocol_type));
                 if version >= 4 {
-                    g.group_state = s(state.name());
+                    g.group_state = s(state);
                 }
                 g
             })
@@ -377,11 +390,17 @@ impl Broker {
         ListGroupsResponse::default().with_groups(groups)
     }
 
-    pub(crate) fn describe_groups(&self, r: DescribeGroupsRequest) -> DescribeGroupsResponse {
-        let groups = r
-            .groups
-            .into_iter()
-            .map(|id| match self.groups.describe(id.0.as_str()) {
+    pub(crate) async fn describe_groups(&self, r: DescribeGroupsRequest) -> DescribeGroupsResponse {
+        let mut groups = Vec::new();
+        for id in r.groups {
+            let described = self.groups.describe(id.0.as_str());
+            let entry = match described {
+                // Known only by its committed offsets: Empty, as Kafka reports it.
+                None if !self.offsets.fetch(id.0.as_str()).await.is_empty() => {
+                    DescribedGroup::default()
+                        .with_group_id(id)
+                        .with_group_state(s(GroupState::Empty.name()))
+                }
                 None => DescribedGroup::default()
                     .with_group_id(id)
                     .with_group_state(s("Dead")),
@@ -404,8 +423,9 @@ impl Broker {
                             })
                             .collect(),
                     ),
-            })
-            .collect();
+            };
+            groups.push(entry);
+        }
         DescribeGroupsResponse::default().with_groups(groups)
     }
 

@@ -85,10 +85,14 @@ fn group_consumer(addr: SocketAddr, group: &str, extra: &[(&str, &str)]) -> Base
 /// is the processing). With a crash point it aborts between the two steps at that value.
 fn child(spec: &str) {
     let f: Vec<&str> = spec.split(' ').collect();
-    let [addr, topic, group, mode, crash_at] = f.as_slice() else {
+    let [addr, topic, group, mode, crash_at, assignor] = f.as_slice() else {
         panic!("bad spec {spec}")
     };
-    let c = group_consumer(addr.parse().unwrap(), group, &[]);
+    let c = group_consumer(
+        addr.parse().unwrap(),
+        group,
+        &[("partition.assignment.strategy", assignor)],
+    );
     c.subscribe(&[topic]).unwrap();
     let mut last_assignment = String::new();
     loop {
@@ -143,9 +147,24 @@ fn spawn_member(
     mode: &str,
     crash_at: &str,
 ) -> Member {
+    spawn_member_with(test, addr, topic, group, mode, crash_at, "range,roundrobin")
+}
+
+fn spawn_member_with(
+    test: &str,
+    addr: SocketAddr,
+    topic: &str,
+    group: &str,
+    mode: &str,
+    crash_at: &str,
+    assignor: &str,
+) -> Member {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env(CHILD, format!("{addr} {topic} {group} {mode} {crash_at}"))
+        .env(
+            CHILD,
+            format!("{addr} {topic} {group} {mode} {crash_at} {assignor}"),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -206,6 +225,7 @@ fn split_exactly(assignments: &[BTreeSet<i32>], partitions: i32) -> bool {
 }
 
 const REBALANCE_TEST: &str = "members_split_partitions_and_a_killed_members_work_is_taken_over";
+const COOPERATIVE_TEST: &str = "the_same_with_the_cooperative_sticky_assignor";
 
 #[test]
 fn members_split_partitions_and_a_killed_members_work_is_taken_over() {
@@ -213,20 +233,33 @@ fn members_split_partitions_and_a_killed_members_work_is_taken_over() {
         child(&spec);
         return;
     }
+    rebalance_scenario(REBALANCE_TEST, "range,roundrobin");
+}
+
+#[test]
+fn the_same_with_the_cooperative_sticky_assignor() {
+    if let Ok(spec) = std::env::var(CHILD) {
+        child(&spec);
+        return;
+    }
+    rebalance_scenario(COOPERATIVE_TEST, "cooperative-sticky");
+}
+
+fn rebalance_scenario(test: &str, assignor: &str) {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), GROUP_SETTINGS);
     let addr = server.local_addr();
     create_topic(addr, "work", 6);
     produce_n(addr, "work", 6, 0, 300);
-    let mut a = spawn_member(REBALANCE_TEST, addr, "work", "g", "commit-after", "-");
-    let mut b = spawn_member(REBALANCE_TEST, addr, "work", "g", "commit-after", "-");
+    let mut a = spawn_member_with(test, addr, "work", "g", "commit-after", "-", assignor);
+    let mut b = spawn_member_with(test, addr, "work", "g", "commit-after", "-", assignor);
     let mut assignments = vec![BTreeSet::new(); 3];
     let mut got = Vec::new();
     wait_for("two members to split six partitions", || {
         drain(&mut [&mut a, &mut b], &mut assignments[..2], &mut got);
         split_exactly(&assignments[..2], 6)
     });
-    let mut c = spawn_member(REBALANCE_TEST, addr, "work", "g", "commit-after", "-");
+    let mut c = spawn_member_with(test, addr, "work", "g", "commit-after", "-", assignor);
     wait_for("a third member to get partitions", || {
         drain(&mut [&mut a, &mut b, &mut c], &mut assignments, &mut got);
         split_exactly(&assignments, 6)
@@ -517,5 +550,81 @@ fn auto_offset_reset_earliest_latest_and_none() {
         latest,
         (10..15).map(|i| format!("m{i}")).collect::<Vec<_>>()
     );
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn groups_are_listed_described_and_deleted() {
+    use kafka_protocol::messages::{DeleteGroupsRequest, DescribeGroupsRequest, ListGroupsRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), GROUP_SETTINGS);
+    let addr = server.local_addr();
+    create_topic(addr, "kept", 2);
+    let mut w = Wire::connect(addr);
+    commit(&mut w, "offsets-only", &[(0, 3)]);
+    // An active member in another group.
+    let c = group_consumer(addr, "active", &[]);
+    c.subscribe(&["kept"]).unwrap();
+    wait_for("the member to get partitions", || {
+        let _ = c.poll(Duration::from_millis(50));
+        c.assignment().is_ok_and(|a| a.count() == 2)
+    });
+    let listed = w.call(4, &ListGroupsRequest::default());
+    let mut names: Vec<(String, String)> = listed
+        .groups
+        .iter()
+        .map(|g| (g.group_id.0.to_string(), g.group_state.to_string()))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            ("active".to_string(), "Stable".to_string()),
+            ("offsets-only".to_string(), "Empty".to_string())
+        ]
+    );
+    let group = |name: &'static str| GroupId(StrBytes::from_static_str(name));
+    let described = w.call(
+        5,
+        &DescribeGroupsRequest::default().with_groups(vec![
+            group("active"),
+            group("offsets-only"),
+            group("nobody"),
+        ]),
+    );
+    let states: Vec<&str> = described
+        .groups
+        .iter()
+        .map(|g| g.group_state.as_str())
+        .collect();
+    assert_eq!(states, ["Stable", "Empty", "Dead"]);
+    assert_eq!(described.groups[0].members.len(), 1);
+    assert_eq!(described.groups[0].protocol_type.as_str(), "consumer");
+    assert!(!described.groups[0].members[0].member_assignment.is_empty());
+    let deleted = w.call(
+        2,
+        &DeleteGroupsRequest::default().with_groups_names(vec![
+            group("active"),
+            group("offsets-only"),
+            group("nobody"),
+        ]),
+    );
+    let codes: Vec<i16> = deleted.results.iter().map(|r| r.error_code).collect();
+    use kafka_protocol::ResponseError as E;
+    assert_eq!(
+        codes,
+        [E::NonEmptyGroup.code(), 0, E::GroupIdNotFound.code()]
+    );
+    assert_eq!(
+        fetch_committed(&mut w, "offsets-only"),
+        [-1, -1],
+        "a deleted group's offsets are gone"
+    );
+    drop(c);
+    server.shutdown().unwrap();
+    // ... also after a restart (the deletion is durable).
+    let server = start(dir.path(), &[]);
+    let mut w = Wire::connect(server.local_addr());
+    assert_eq!(fetch_committed(&mut w, "offsets-only"), [-1, -1]);
     server.shutdown().unwrap();
 }
