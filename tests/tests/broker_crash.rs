@@ -36,7 +36,17 @@ fn child(dir: &str, port: &str) {
     }
 }
 
-fn spawn_broker(dir: &std::path::Path, port: u16) -> Child {
+/// The broker child, killed when dropped (a failing assertion must not leave it running).
+struct Broker(Child);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_broker(dir: &std::path::Path, port: u16) -> Broker {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
         .env(CHILD_DIR, dir)
@@ -54,8 +64,9 @@ fn spawn_broker(dir: &std::path::Path, port: u16) -> Child {
             }
         }
     });
+    let broker = Broker(child);
     rx.recv_timeout(patience).expect("the broker child starts");
-    child
+    broker
 }
 
 #[test]
@@ -132,8 +143,8 @@ fn sigkill_during_acks_all_produce_loses_no_acknowledged_message() {
             }
         }
         assert!(seen > 0, "round {round}: nothing acknowledged");
-        broker.kill().unwrap(); // SIGKILL
-        broker.wait().unwrap();
+        broker.0.kill().unwrap(); // SIGKILL
+        broker.0.wait().unwrap();
         sender.join().unwrap();
         for (payload, partition, offset) in rx.try_iter() {
             acked.insert(payload, (partition, offset));

@@ -139,6 +139,14 @@ struct Member {
     events: mpsc::Receiver<String>,
 }
 
+impl Drop for Member {
+    /// A failing test must not leave consumer processes behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn spawn_member(
     test: &str,
     addr: SocketAddr,
