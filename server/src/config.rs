@@ -83,6 +83,8 @@ pub struct BrokerConfig {
     pub socket_request_max_bytes: usize,
     /// `max.connections`
     pub max_connections: usize,
+    /// `fetch.max.bytes`: the most one Fetch response carries (the first batch excepted, KIP-74).
+    pub fetch_max_bytes: usize,
     /// Topic defaults: `log.segment.bytes`, `log.segment.ms`, `log.retention.ms`,
     /// `log.retention.bytes`, `log.flush.policy`/`log.flush.interval.ms`/`log.flush.interval.bytes`,
     /// `compression.type`.
@@ -124,6 +126,7 @@ impl Default for BrokerConfig {
             message_max_bytes: 1_048_588,
             socket_request_max_bytes: 100 * 1024 * 1024,
             max_connections: 10_000,
+            fetch_max_bytes: 57_671_680,
             topic_defaults: TopicConfig::default(),
             shards: 0,
             recovery: RecoveryMode::Strict,
@@ -189,6 +192,12 @@ impl BrokerConfig {
             }
             "socket.request.max.bytes" => self.socket_request_max_bytes = number(key, value)?,
             "max.connections" => self.max_connections = number(key, value)?,
+            "fetch.max.bytes" => {
+                self.fetch_max_bytes = number(key, value)?;
+                if self.fetch_max_bytes == 0 {
+                    return Err(bad("must be at least 1"));
+                }
+            }
             "num.shards" => self.shards = number(key, value)?,
             "log.recovery.mode" => {
                 self.recovery = match value {
@@ -525,6 +534,9 @@ mod tests {
             Err(ConfigError::Unknown(_))
         ));
         assert!(c.set("num.partitions", "0").is_err());
+        assert!(c.set("fetch.max.bytes", "0").is_err());
+        c.set("fetch.max.bytes", "1048576").unwrap();
+        assert_eq!(c.fetch_max_bytes, 1 << 20);
         assert!(c.set("listeners", "SSL://x:1").is_err());
     }
 

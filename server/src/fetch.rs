@@ -61,14 +61,16 @@ impl Broker {
                     topic: topic.clone(),
                     index: fp.partition,
                     offset: fp.fetch_offset,
-                    max_bytes: fp.partition_max_bytes.max(0) as usize,
+                    max_bytes: (fp.partition_max_bytes.max(0) as usize)
+                        .min(self.config.fetch_max_bytes),
                     leader_epoch: fp.current_leader_epoch,
                 });
             }
             names.push(t.topic.clone());
             wanted.push(list);
         }
-        let max_bytes = request.max_bytes.max(0) as usize;
+        // `fetch.max.bytes` caps what one response may carry, whatever the client asks.
+        let max_bytes = (request.max_bytes.max(0) as usize).min(self.config.fetch_max_bytes);
         let min_bytes = request.min_bytes.max(0) as usize;
         let deadline = Instant::now() + Duration::from_millis(request.max_wait_ms.max(0) as u64);
         loop {

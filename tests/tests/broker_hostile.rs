@@ -374,3 +374,35 @@ fn a_full_disk_is_kafka_storage_error_and_nothing_is_lost() {
     assert_eq!((p.error_code, p.base_offset), (0, stored));
     server.shutdown().unwrap();
 }
+
+#[test]
+fn fetch_max_bytes_caps_a_greedy_fetch() {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[("fetch.max.bytes", "100000")]);
+    let mut w = Wire::connect(server.local_addr());
+    create(&mut w, "big", "1048588");
+    for _ in 0..10 {
+        let batch = kafka_batch(&[&[1u8; 30_000]], None);
+        assert_eq!(produce_code(&mut w, &produce("big", 0, batch, -1)), 0);
+    }
+    let r = w.call(
+        11,
+        &FetchRequest::default()
+            .with_replica_id((-1).into())
+            .with_max_wait_ms(0)
+            .with_max_bytes(i32::MAX)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(name("big"))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_fetch_offset(0)
+                    .with_partition_max_bytes(i32::MAX)])]),
+    );
+    let records = r.responses[0].partitions[0].records.as_ref().unwrap();
+    assert!(
+        !records.is_empty() && records.len() <= 100_000,
+        "{} bytes",
+        records.len()
+    );
+    server.shutdown().unwrap();
+}
