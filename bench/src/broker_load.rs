@@ -50,6 +50,11 @@ pub struct BrokerLoadConfig {
     pub warmup: Duration,
     /// Stop after this many messages in all (0: no limit).
     pub max_messages: u64,
+    /// Open loop: offer this many messages per second in all, whatever the latency (0: closed
+    /// loop, each producer sends as soon as it has fewer than `inflight` requests outstanding).
+    /// Latency is then measured from each batch's scheduled send time, so a stall counts in full
+    /// (no coordinated omission).
+    pub rate_messages_per_s: f64,
     /// Topic settings for CreateTopics (e.g. flush.policy).
     pub topic_configs: Vec<(String, String)>,
 }
@@ -282,11 +287,30 @@ fn produce_loop(
         last: Instant::now(),
     };
     let mut pending: std::collections::VecDeque<(Instant, usize)> = Default::default();
+    let interval = (config.rate_messages_per_s > 0.0).then(|| {
+        let per_producer = config.rate_messages_per_s / config.producers.max(1) as f64;
+        Duration::from_secs_f64(config.messages_per_batch as f64 / per_producer)
+    });
+    let mut next_scheduled = Instant::now();
     loop {
         let limit_hit =
             config.max_messages > 0 && sent_messages.load(Ordering::Relaxed) >= config.max_messages;
-        let sending = Instant::now() < end && !limit_hit && !stop.load(Ordering::Relaxed);
-        if sending && pending.len() < config.inflight {
+        let now = Instant::now();
+        let sending = now < end && !limit_hit && !stop.load(Ordering::Relaxed);
+        // Open loop: not yet time for the next batch? Collect a response meanwhile, or wait.
+        let early = interval.is_some() && now < next_scheduled;
+        if sending && pending.len() < config.inflight && (!early || pending.is_empty()) {
+            let scheduled = match interval {
+                Some(every) => {
+                    if early {
+                        std::thread::sleep(next_scheduled - now);
+                    }
+                    let at = next_scheduled;
+                    next_scheduled += every;
+                    Some(at)
+                }
+                None => None,
+            };
             let partition = next_partition % config.partitions as usize;
             next_partition += config.producers.max(1);
             let seq = seqs[partition];
@@ -309,7 +333,7 @@ fn produce_loop(
                     .with_partition_data(vec![PartitionProduceData::default()
                         .with_index(partition as i32)
                         .with_records(Some(Bytes::from(batch)))])]);
-            let sent_at = Instant::now();
+            let sent_at = scheduled.unwrap_or_else(Instant::now);
             if config.consumers > 0 {
                 times
                     .lock()
@@ -469,6 +493,7 @@ mod tests {
             duration: Duration::from_secs(30),
             warmup: Duration::ZERO,
             max_messages: 2_000,
+            rate_messages_per_s: 0.0,
             topic_configs: vec![("flush.policy".into(), "every-batch".into())],
         };
         let r = run(&config).unwrap();

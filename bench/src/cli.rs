@@ -31,6 +31,26 @@ enum Mode {
     /// Producers and consumers over the Kafka protocol against `keel serve`, next to the
     /// engine alone with the same settings and to the baseline.
     Broker(BrokerArgs),
+    /// `broker` over a matrix (message size × partitions × acks), one baseline for all, one
+    /// table out.
+    Sweep(SweepArgs),
+}
+
+#[derive(Args, Debug)]
+struct SweepArgs {
+    /// Every other setting, as for `broker` (its --message-bytes, --partitions, --acks are
+    /// replaced by the lists below).
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// Comma-separated message sizes.
+    #[arg(long, default_value = "1KiB,16KiB", value_delimiter = ',', value_parser = parse_bytes)]
+    sizes: Vec<u64>,
+    /// Comma-separated partition counts.
+    #[arg(long, default_value = "1,4", value_delimiter = ',')]
+    partition_counts: Vec<u32>,
+    /// Comma-separated acks values (all, 1, 0).
+    #[arg(long, default_value = "all,1", value_delimiter = ',', value_enum)]
+    acks_list: Vec<Acks>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -41,6 +61,9 @@ struct Common {
     /// Write the result as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write a Markdown summary table to this file (broker and sweep modes).
+    #[arg(long)]
+    markdown: Option<PathBuf>,
     /// Skip the raw-device baseline (no ratios).
     #[arg(long)]
     no_baseline: bool,
@@ -112,7 +135,7 @@ struct EngineArgs {
     segment_bytes: u64,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 enum Acks {
     All,
     #[value(name = "1")]
@@ -121,7 +144,7 @@ enum Acks {
     Zero,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct BrokerArgs {
     #[command(flatten)]
     common: Common,
@@ -156,6 +179,11 @@ struct BrokerArgs {
     /// Stop after this many messages in all (0: only the duration bounds the run).
     #[arg(long, default_value_t = 0)]
     max_messages: u64,
+    /// Open loop at this many messages per second in all (0: closed loop). Latency is measured
+    /// from each batch's scheduled time. For a latency-at-load curve, run at fractions of the
+    /// closed-loop peak.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
     /// Broker/engine shards (0: one per core).
     #[arg(long, default_value_t = 0)]
     shards: usize,
@@ -213,7 +241,76 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Mode::Engine(args) => engine(args),
         Mode::Broker(args) => broker(args),
+        Mode::Sweep(args) => sweep(args),
     }
+}
+
+fn sweep(args: SweepArgs) -> Result<(), String> {
+    let common = args.broker.common.clone();
+    let base = if common.no_baseline {
+        None
+    } else {
+        Some(baseline(&common, 1 << 20, 4, 0, 4096, false)?)
+    };
+    let mut results = Vec::new();
+    for &size in &args.sizes {
+        for &partitions in &args.partition_counts {
+            for &acks in &args.acks_list {
+                let mut run = args.broker.clone();
+                run.message_bytes = size;
+                run.partitions = partitions;
+                run.acks = acks;
+                println!("== sweep: {size} B messages, {partitions} partition(s), acks={acks:?}");
+                results.push(broker_run(&run, base)?);
+            }
+        }
+    }
+    let value = json!({ "mode": "sweep", "runs": results });
+    write_json(&common, &value)?;
+    write_markdown(&common, &results)?;
+    println!("{}", markdown_table(&results));
+    Ok(())
+}
+
+/// A Markdown table of broker/engine results: one row per run.
+fn markdown_table(results: &[Value]) -> String {
+    let mut out = String::from(
+        "| mode | messages | partitions | producers × in flight | acks | policy | MB/s | msgs/s | × engine | × raw | produce p50 / p99 / p99.9 µs | e2e p99 µs |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let num = |v: &Value| v.as_f64().map_or("–".to_string(), |f| format!("{f:.0}"));
+    let ratio = |v: &Value| v.as_f64().map_or("–".to_string(), |f| format!("{f:.2}"));
+    for r in results {
+        let c = &r["config"];
+        let lat = &r["latency_us"];
+        out.push_str(&format!(
+            "| {} | {} × {} B | {} | {} × {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |\n",
+            r["mode"].as_str().unwrap_or("?"),
+            c["messages_per_batch"],
+            c["message_bytes"],
+            c["partitions"],
+            c["producers"],
+            c["inflight"],
+            c["acks"].as_str().unwrap_or("?"),
+            c["flush_policy"].as_str().unwrap_or("?"),
+            num(&r["throughput_mb_s"]),
+            num(&r["messages_per_s"]),
+            ratio(&r["engine_ratio"]),
+            ratio(&r["ratio"]),
+            num(&lat["p50"]),
+            num(&lat["p99"]),
+            num(&lat["p999"]),
+            num(&r["e2e_latency_us"]["p99"]),
+        ));
+    }
+    out
+}
+
+fn write_markdown(common: &Common, results: &[Value]) -> Result<(), String> {
+    if let Some(path) = &common.markdown {
+        std::fs::write(path, markdown_table(results))
+            .map_err(|e| format!("write {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn baseline(
@@ -327,12 +424,20 @@ fn engine(args: EngineArgs) -> Result<(), String> {
 }
 
 fn broker(args: BrokerArgs) -> Result<(), String> {
-    let common = &args.common;
-    let base = if common.no_baseline {
+    let base = if args.common.no_baseline {
         None
     } else {
-        Some(baseline(common, 1 << 20, 4, 0, 4096, false)?)
+        Some(baseline(&args.common, 1 << 20, 4, 0, 4096, false)?)
     };
+    let result = broker_run(&args, base)?;
+    write_json(&args.common, &result)?;
+    write_markdown(&args.common, std::slice::from_ref(&result))
+}
+
+/// One broker run (and the engine alone with the same settings); `base` is the raw baseline
+/// measured once by the caller.
+fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, String> {
+    let common = &args.common;
     std::fs::create_dir_all(&common.dir)
         .map_err(|e| format!("create {}: {e}", common.dir.display()))?;
     let (policy_name, flush) = match args.policy {
@@ -396,6 +501,7 @@ fn broker(args: BrokerArgs) -> Result<(), String> {
         duration: args.duration,
         warmup: args.warmup,
         max_messages: args.max_messages,
+        rate_messages_per_s: args.rate,
         topic_configs,
     };
     let r = broker_load::run(&load);
@@ -473,6 +579,7 @@ fn broker(args: BrokerArgs) -> Result<(), String> {
             "messages_per_batch": args.messages_per_batch, "batch_bytes": batch_bytes, "acks": acks_name,
             "inflight": args.inflight, "flush_policy": policy_name, "duration_s": args.duration.as_secs_f64(),
             "warmup_s": args.warmup.as_secs_f64(), "max_messages": args.max_messages, "shards": args.shards,
+            "rate_messages_per_s": args.rate,
             "baseline": !common.no_baseline, "engine": !args.no_engine,
         },
         "throughput_mb_s": r.throughput_mb_s,
@@ -487,13 +594,13 @@ fn broker(args: BrokerArgs) -> Result<(), String> {
         "baseline_latency_us": baseline_latency.to_json(),
         "errors": r.errors,
     });
-    write_json(common, &result)
+    Ok(result)
 }
 
 fn print_latency(what: &str, p: &Percentiles) {
     println!(
-        "{what}: p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs ({} samples)",
-        p.p50, p.p90, p.p99, p.p999, p.max, p.count
+        "{what}: p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, p99.99 {:.0} µs, max {:.0} µs ({} samples)",
+        p.p50, p.p90, p.p99, p.p999, p.p9999, p.max, p.count
     );
 }
 

@@ -10,6 +10,7 @@ pub struct Percentiles {
     pub p90: f64,
     pub p99: f64,
     pub p999: f64,
+    pub p9999: f64,
     pub max: f64,
     pub count: u64,
 }
@@ -29,13 +30,14 @@ impl Percentiles {
             p90: h.value_at_quantile(0.90) as f64,
             p99: h.value_at_quantile(0.99) as f64,
             p999: h.value_at_quantile(0.999) as f64,
+            p9999: h.value_at_quantile(0.9999) as f64,
             max: h.max() as f64,
             count: h.len(),
         }
     }
 
     pub fn to_json(self) -> Value {
-        json!({ "p50": self.p50, "p90": self.p90, "p99": self.p99, "p999": self.p999, "max": self.max, "count": self.count })
+        json!({ "p50": self.p50, "p90": self.p90, "p99": self.p99, "p999": self.p999, "p9999": self.p9999, "max": self.max, "count": self.count })
     }
 }
 

@@ -1,0 +1,143 @@
+//! Every `keel-bench` mode, run tiny (well under a second of load each), writes a JSON result
+//! with the fields scripts compare runs by. Checks the fields, never the speed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("keel-bench-modes-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(dir: &Path, args: &[&str]) -> Value {
+    let json = dir.join("result.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_keel-bench"))
+        .args(args)
+        .args([
+            "--dir",
+            dir.join("data").to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .args([
+            "--baseline-bytes",
+            "16MiB",
+            "--baseline-duration",
+            "200ms",
+            "--latency-duration",
+            "200ms",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    value
+}
+
+fn has_percentiles(v: &Value, what: &str) {
+    for p in ["p50", "p99", "p999"] {
+        assert!(v[p].is_number(), "{what}.{p} in {v}");
+    }
+}
+
+fn common_fields(v: &Value, mode: &str) {
+    assert_eq!(v["mode"], mode);
+    assert!(v["config"].is_object(), "config in {v}");
+    for field in ["throughput_mb_s", "baseline_mb_s", "ratio"] {
+        assert!(v[field].is_number(), "{field} in {v}");
+    }
+    assert!(v["throughput_mb_s"].as_f64().unwrap() > 0.0);
+    has_percentiles(&v["latency_us"], "latency_us");
+    has_percentiles(&v["baseline_latency_us"], "baseline_latency_us");
+}
+
+#[test]
+fn raw_mode() {
+    let v = run(&scratch("raw"), &["raw"]);
+    common_fields(&v, "raw");
+}
+
+#[test]
+fn engine_mode() {
+    let v = run(
+        &scratch("engine"),
+        &[
+            "engine",
+            "--duration",
+            "300ms",
+            "--warmup",
+            "0s",
+            "--batch-bytes",
+            "4KiB",
+            "--concurrency",
+            "4",
+            "--segment-bytes",
+            "4MiB",
+        ],
+    );
+    common_fields(&v, "engine");
+    assert_eq!(v["config"]["concurrency"], 4);
+}
+
+#[test]
+fn broker_mode() {
+    let v = run(
+        &scratch("broker"),
+        &[
+            "broker",
+            "--duration",
+            "500ms",
+            "--warmup",
+            "0s",
+            "--message-bytes",
+            "100",
+            "--messages-per-batch",
+            "4",
+            "--partitions",
+            "2",
+        ],
+    );
+    common_fields(&v, "broker");
+    has_percentiles(&v["e2e_latency_us"], "e2e_latency_us");
+    assert!(v["engine_mb_s"].as_f64().unwrap() > 0.0);
+    assert!(v["engine_ratio"].is_number());
+    assert_eq!(v["errors"], 0);
+}
+
+#[test]
+fn sweep_mode() {
+    let v = run(
+        &scratch("sweep"),
+        &[
+            "sweep",
+            "--duration",
+            "300ms",
+            "--warmup",
+            "0s",
+            "--no-engine",
+            "--messages-per-batch",
+            "4",
+            "--sizes",
+            "100,1KiB",
+            "--partition-counts",
+            "1",
+            "--acks-list",
+            "all,1",
+        ],
+    );
+    assert_eq!(v["mode"], "sweep");
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4, "2 sizes x 1 partition count x 2 acks");
+    for r in runs {
+        common_fields(r, "broker");
+    }
+}
