@@ -28,7 +28,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 use keel_engine::batch::{BatchBuilder, BatchHeader};
 
-use crate::report::{histogram, mb_per_s, Percentiles};
+use crate::report::{histogram, mb_per_s, percentile_curve, Percentiles, Timeline};
 
 const produce_version: i16 = 9;
 const fetch_version: i16 = 11;
@@ -69,6 +69,11 @@ pub struct BrokerLoadResult {
     pub messages_per_s: f64,
     pub produce_latency: Percentiles,
     pub e2e_latency: Percentiles,
+    /// Per-second produce throughput and latency (JSON).
+    pub timeline: serde_json::Value,
+    /// Produce and end-to-end latency distributions as `[[percentile, µs], ...]`.
+    pub produce_curve: serde_json::Value,
+    pub e2e_curve: serde_json::Value,
     pub consumed_bytes: u64,
     pub errors: u64,
 }
@@ -203,11 +208,13 @@ pub fn run(config: &BrokerLoadConfig) -> Result<BrokerLoadResult, String> {
     }
     let mut result = BrokerLoadResult::default();
     let mut produce_h = histogram();
+    let mut timeline = Timeline::new(measure_from, Duration::from_secs(1));
     let mut first: Option<Instant> = None;
     let mut last = start;
     for t in producer_threads {
         let p = t.join().map_err(|_| "a producer thread panicked")??;
         produce_h.add(&p.latency).ok();
+        timeline.merge(&p.timeline);
         result.bytes += p.bytes;
         result.messages += p.messages;
         result.batches += p.batches;
@@ -238,11 +245,15 @@ pub fn run(config: &BrokerLoadConfig) -> Result<BrokerLoadResult, String> {
     };
     result.produce_latency = Percentiles::of(&produce_h);
     result.e2e_latency = Percentiles::of(&e2e_h);
+    result.timeline = timeline.to_json();
+    result.produce_curve = percentile_curve(&produce_h);
+    result.e2e_curve = percentile_curve(&e2e_h);
     Ok(result)
 }
 
 struct ProducerResult {
     latency: Histogram<u64>,
+    timeline: Timeline,
     bytes: u64,
     messages: u64,
     batches: u64,
@@ -279,6 +290,7 @@ fn produce_loop(
     let mut next_partition = index;
     let mut out = ProducerResult {
         latency: histogram(),
+        timeline: Timeline::new(measure_from, Duration::from_secs(1)),
         bytes: 0,
         messages: 0,
         batches: 0,
@@ -375,9 +387,9 @@ fn produce_loop(
         if sent_at >= measure_from {
             out.first.get_or_insert(sent_at);
             out.last = now;
-            out.latency
-                .record(now.duration_since(sent_at).as_micros().max(1) as u64)
-                .ok();
+            let us = now.duration_since(sent_at).as_micros().max(1) as u64;
+            out.latency.record(us).ok();
+            out.timeline.record(now, size as u64, us);
             out.bytes += size as u64;
             out.messages += records as u64;
             out.batches += 1;

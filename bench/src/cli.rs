@@ -34,6 +34,16 @@ enum Mode {
     /// `broker` over a matrix (message size × partitions × acks), one baseline for all, one
     /// table out.
     Sweep(SweepArgs),
+    /// SVG charts (latency over time, throughput over time, latency by percentile) from the
+    /// `--json` files of earlier runs.
+    Plot {
+        /// Result files (`broker`, `engine` or `sweep`).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Where to write the charts.
+        #[arg(long, default_value = "keel-bench-plots")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -242,6 +252,12 @@ fn run(cli: Cli) -> Result<(), String> {
         Mode::Engine(args) => engine(args),
         Mode::Broker(args) => broker(args),
         Mode::Sweep(args) => sweep(args),
+        Mode::Plot { files, out } => {
+            for path in crate::plot::plot_files(&files, &out)? {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
     }
 }
 
@@ -418,6 +434,8 @@ fn engine(args: EngineArgs) -> Result<(), String> {
         "latency_ratio": latency_ratio,
         "latency_us": r.latency.to_json(),
         "baseline_latency_us": baseline_latency.to_json(),
+        "timeline": r.timeline,
+        "latency_curve": r.curve,
         "engine": { "writes": r.metrics.writes, "write_bytes": r.metrics.write_bytes, "fsyncs": r.metrics.fsyncs, "appends": r.metrics.appends },
     });
     write_json(common, &result)
@@ -593,6 +611,9 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
         "engine_latency_us": engine.as_ref().map(|e| e.latency.to_json()),
         "baseline_latency_us": baseline_latency.to_json(),
         "errors": r.errors,
+        "timeline": r.timeline,
+        "latency_curve": r.produce_curve,
+        "e2e_latency_curve": r.e2e_curve,
     });
     Ok(result)
 }

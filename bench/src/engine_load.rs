@@ -10,7 +10,7 @@ use keel_engine::batch::BatchBuilder;
 use keel_engine::metrics::MetricsSnapshot;
 use keel_engine::{block_on, Engine, EngineConfig, FlushPolicy, PartitionConfig, PartitionId};
 
-use crate::report::{histogram, mb_per_s, Percentiles};
+use crate::report::{histogram, mb_per_s, percentile_curve, Percentiles, Timeline};
 
 #[derive(Clone, Debug)]
 pub struct EngineLoadConfig {
@@ -34,6 +34,10 @@ pub struct EngineLoadResult {
     pub throughput_mb_s: f64,
     pub batches_per_s: f64,
     pub latency: Percentiles,
+    /// Per-second throughput and latency (JSON, see `Timeline::to_json`).
+    pub timeline: serde_json::Value,
+    /// The latency distribution as `[[percentile, µs], ...]`.
+    pub curve: serde_json::Value,
     pub metrics: MetricsSnapshot,
 }
 
@@ -75,6 +79,7 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
                 .await?;
         }
         let mut h = histogram();
+        let mut timeline = None;
         let mut inflight = FuturesUnordered::new();
         let mut next_partition = 0usize;
         let start = Instant::now();
@@ -104,8 +109,11 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
             last_completion = now;
             if issued >= measure_from {
                 first_in_window.get_or_insert(issued);
-                h.record(now.duration_since(issued).as_micros().max(1) as u64)
-                    .ok();
+                let us = now.duration_since(issued).as_micros().max(1) as u64;
+                h.record(us).ok();
+                timeline
+                    .get_or_insert_with(|| Timeline::new(measure_from, Duration::from_secs(1)))
+                    .record(now, template.len() as u64, us);
                 bytes += template.len() as u64;
                 batches += 1;
             }
@@ -124,6 +132,8 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
                 0.0
             },
             latency: Percentiles::of(&h),
+            timeline: timeline.map_or(serde_json::Value::Array(Vec::new()), |t| t.to_json()),
+            curve: percentile_curve(&h),
             metrics: engine.metrics(),
         })
     });

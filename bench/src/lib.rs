@@ -6,6 +6,7 @@
 pub mod broker_load;
 pub mod cli;
 pub mod engine_load;
+pub mod plot;
 pub mod raw;
 pub mod report;
 

@@ -125,3 +125,109 @@ mod tests {
         assert!(parse_duration("3h").is_err());
     }
 }
+
+/// Per-interval throughput and latency over a run (for latency-over-time charts).
+#[derive(Clone, Debug)]
+pub struct Timeline {
+    start: std::time::Instant,
+    width: std::time::Duration,
+    buckets: Vec<(u64, Histogram<u64>)>,
+}
+
+impl Timeline {
+    pub fn new(start: std::time::Instant, width: std::time::Duration) -> Timeline {
+        Timeline {
+            start,
+            width,
+            buckets: Vec::new(),
+        }
+    }
+
+    /// One completed operation of `bytes` at `at`, which took `latency_us`.
+    pub fn record(&mut self, at: std::time::Instant, bytes: u64, latency_us: u64) {
+        let Some(since) = at.checked_duration_since(self.start) else {
+            return;
+        };
+        let i = (since.as_secs_f64() / self.width.as_secs_f64()) as usize;
+        while self.buckets.len() <= i {
+            self.buckets.push((0, histogram()));
+        }
+        self.buckets[i].0 += bytes;
+        self.buckets[i].1.record(latency_us.max(1)).ok();
+    }
+
+    pub fn merge(&mut self, other: &Timeline) {
+        for (i, (bytes, h)) in other.buckets.iter().enumerate() {
+            while self.buckets.len() <= i {
+                self.buckets.push((0, histogram()));
+            }
+            self.buckets[i].0 += bytes;
+            self.buckets[i].1.add(h).ok();
+        }
+    }
+
+    /// `[{t_s, mb_s, p50, p99, max, count}]`, one entry per interval.
+    pub fn to_json(&self) -> Value {
+        let w = self.width.as_secs_f64();
+        Value::Array(
+            self.buckets
+                .iter()
+                .enumerate()
+                .map(|(i, (bytes, h))| {
+                    let p = Percentiles::of(h);
+                    json!({ "t_s": i as f64 * w, "mb_s": mb_per_s(*bytes, w), "p50": p.p50, "p99": p.p99, "max": p.max, "count": p.count })
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Points of the latency distribution for a percentile chart: `[[percentile, µs], ...]` from p0
+/// to the max, denser in the tail (1 − q halves each step).
+pub fn percentile_curve(h: &Histogram<u64>) -> Value {
+    if h.is_empty() {
+        return Value::Array(Vec::new());
+    }
+    let mut points = Vec::new();
+    let mut q = 0.0f64;
+    while q < 0.99999 {
+        points.push(json!([q * 100.0, h.value_at_quantile(q) as f64]));
+        q = 1.0 - (1.0 - q) / 2.0_f64.sqrt();
+    }
+    points.push(json!([100.0, h.max() as f64]));
+    Value::Array(points)
+}
+
+#[cfg(test)]
+mod timeline_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn timeline_buckets_and_merges() {
+        let start = Instant::now();
+        let mut a = Timeline::new(start, Duration::from_secs(1));
+        let mut b = Timeline::new(start, Duration::from_secs(1));
+        a.record(start + Duration::from_millis(100), 1_000_000, 10);
+        b.record(start + Duration::from_millis(1500), 2_000_000, 30);
+        b.record(start + Duration::from_millis(1600), 2_000_000, 50);
+        a.merge(&b);
+        let j = a.to_json();
+        assert_eq!(j.as_array().unwrap().len(), 2);
+        assert_eq!(j[0]["mb_s"], 1.0);
+        assert_eq!(j[1]["mb_s"], 4.0);
+        assert_eq!(j[1]["count"], 2);
+        assert!((j[1]["max"].as_f64().unwrap() - 50.0).abs() < 1.0);
+        let mut h = histogram();
+        for v in 1..=1000 {
+            h.record(v).unwrap();
+        }
+        let curve = percentile_curve(&h);
+        let pts = curve.as_array().unwrap();
+        assert_eq!(pts.last().unwrap()[0], 100.0);
+        assert!(
+            pts.windows(2).all(|w| w[0][1].as_f64() <= w[1][1].as_f64()),
+            "monotone"
+        );
+    }
+}

@@ -111,6 +111,57 @@ fn broker_mode() {
     assert!(v["engine_mb_s"].as_f64().unwrap() > 0.0);
     assert!(v["engine_ratio"].is_number());
     assert_eq!(v["errors"], 0);
+    assert!(!v["timeline"].as_array().unwrap().is_empty());
+    assert!(!v["latency_curve"].as_array().unwrap().is_empty());
+    assert!(!v["e2e_latency_curve"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn plot_mode() {
+    let dir = scratch("plot");
+    let json = dir.join("run.json");
+    let ok = Command::new(env!("CARGO_BIN_EXE_keel-bench"))
+        .args([
+            "engine",
+            "--no-baseline",
+            "--duration",
+            "300ms",
+            "--warmup",
+            "0s",
+            "--batch-bytes",
+            "4KiB",
+        ])
+        .args(["--concurrency", "4", "--segment-bytes", "4MiB", "--dir"])
+        .arg(dir.join("data"))
+        .arg("--json")
+        .arg(&json)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_keel-bench"))
+        .arg("plot")
+        .arg(&json)
+        .arg("--out")
+        .arg(dir.join("charts"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for chart in [
+        "run-latency-over-time.svg",
+        "run-throughput-over-time.svg",
+        "run-percentiles.svg",
+    ] {
+        let svg = std::fs::read_to_string(dir.join("charts").join(chart)).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("<polyline"),
+            "{chart}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
