@@ -28,7 +28,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 use keel_engine::batch::{BatchBuilder, BatchHeader};
 
-use crate::report::{histogram, mb_per_s, percentile_curve, Percentiles, Timeline};
+use crate::report::{histogram, mb_per_s, percentile_curve, Percentiles, Progress, Timeline};
 
 const produce_version: i16 = 9;
 const fetch_version: i16 = 11;
@@ -187,16 +187,29 @@ pub fn run(config: &BrokerLoadConfig) -> Result<BrokerLoadResult, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let sent_messages = Arc::new(AtomicU64::new(0));
     let send_times: SendTimes = Arc::default();
+    let progress = Progress::start("broker", config.warmup + config.duration);
     let mut producer_threads = Vec::new();
     for i in 0..config.producers {
-        let (config, stop, sent, times) = (
+        let (config, stop, sent, times, done) = (
             config.clone(),
             stop.clone(),
             sent_messages.clone(),
             send_times.clone(),
+            progress.counter(),
         );
         producer_threads.push(std::thread::spawn(move || {
-            produce_loop(i, &config, measure_from, end, &stop, &sent, &times)
+            produce_loop(
+                i,
+                &config,
+                measure_from,
+                end,
+                Shared {
+                    stop: &stop,
+                    sent_messages: &sent,
+                    times: &times,
+                    done_bytes: &done,
+                },
+            )
         }));
     }
     let mut consumer_threads = Vec::new();
@@ -224,6 +237,7 @@ pub fn run(config: &BrokerLoadConfig) -> Result<BrokerLoadResult, String> {
         }
         last = last.max(p.last);
     }
+    progress.finish();
     // Let consumers catch up with what was produced, then stop them.
     let drain_until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < drain_until && !send_times.lock().expect("times").is_empty() {
@@ -262,14 +276,20 @@ struct ProducerResult {
     last: Instant,
 }
 
+/// What the producer threads share.
+struct Shared<'a> {
+    stop: &'a AtomicBool,
+    sent_messages: &'a AtomicU64,
+    times: &'a SendTimes,
+    done_bytes: &'a AtomicU64,
+}
+
 fn produce_loop(
     index: usize,
     config: &BrokerLoadConfig,
     measure_from: Instant,
     end: Instant,
-    stop: &AtomicBool,
-    sent_messages: &AtomicU64,
-    times: &SendTimes,
+    shared: Shared<'_>,
 ) -> Result<ProducerResult, String> {
     let mut conn = Conn::connect(config.bootstrap).map_err(|e| format!("producer {index}: {e}"))?;
     let init = conn
@@ -305,10 +325,10 @@ fn produce_loop(
     });
     let mut next_scheduled = Instant::now();
     loop {
-        let limit_hit =
-            config.max_messages > 0 && sent_messages.load(Ordering::Relaxed) >= config.max_messages;
+        let limit_hit = config.max_messages > 0
+            && shared.sent_messages.load(Ordering::Relaxed) >= config.max_messages;
         let now = Instant::now();
-        let sending = now < end && !limit_hit && !stop.load(Ordering::Relaxed);
+        let sending = now < end && !limit_hit && !shared.stop.load(Ordering::Relaxed);
         // Open loop: not yet time for the next batch? Collect a response meanwhile, or wait.
         let early = interval.is_some() && now < next_scheduled;
         if sending && pending.len() < config.inflight && (!early || pending.is_empty()) {
@@ -347,14 +367,18 @@ fn produce_loop(
                         .with_records(Some(Bytes::from(batch)))])]);
             let sent_at = scheduled.unwrap_or_else(Instant::now);
             if config.consumers > 0 {
-                times
+                shared
+                    .times
                     .lock()
                     .expect("times")
                     .insert((pid, partition as i32, seq), sent_at);
             }
             conn.send(produce_version, &request)
                 .map_err(|e| format!("producer {index}: {e}"))?;
-            sent_messages.fetch_add(records as u64, Ordering::Relaxed);
+            shared
+                .sent_messages
+                .fetch_add(records as u64, Ordering::Relaxed);
+            shared.done_bytes.fetch_add(size as u64, Ordering::Relaxed);
             if config.acks == 0 {
                 if sent_at >= measure_from {
                     out.first.get_or_insert(sent_at);

@@ -10,7 +10,7 @@ use keel_engine::batch::BatchBuilder;
 use keel_engine::metrics::MetricsSnapshot;
 use keel_engine::{block_on, Engine, EngineConfig, FlushPolicy, PartitionConfig, PartitionId};
 
-use crate::report::{histogram, mb_per_s, percentile_curve, Percentiles, Timeline};
+use crate::report::{histogram, mb_per_s, percentile_curve, Percentiles, Progress, Timeline};
 
 #[derive(Clone, Debug)]
 pub struct EngineLoadConfig {
@@ -80,6 +80,8 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
         }
         let mut h = histogram();
         let mut timeline = None;
+        let progress = Progress::start("engine", config.warmup + config.duration);
+        let done_bytes = progress.counter();
         let mut inflight = FuturesUnordered::new();
         let mut next_partition = 0usize;
         let start = Instant::now();
@@ -105,6 +107,7 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
                 break;
             };
             result?;
+            done_bytes.fetch_add(template.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let now = Instant::now();
             last_completion = now;
             if issued >= measure_from {
@@ -118,6 +121,7 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
                 batches += 1;
             }
         }
+        progress.finish();
         let seconds =
             first_in_window.map_or(0.0, |f| last_completion.duration_since(f).as_secs_f64());
         engine.shutdown().await?;

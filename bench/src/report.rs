@@ -231,3 +231,69 @@ mod timeline_tests {
         );
     }
 }
+
+/// A live line on stderr with the current MB/s while a load runs; silent when stderr is not a
+/// terminal (CI logs, redirected output).
+#[derive(Debug)]
+pub struct Progress {
+    bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    pub fn start(label: &str, total: std::time::Duration) -> Progress {
+        use std::io::IsTerminal;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let bytes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::io::stderr().is_terminal().then(|| {
+            let (bytes, stop) = (bytes.clone(), stop.clone());
+            let label = label.to_string();
+            std::thread::spawn(move || {
+                let bar = indicatif::ProgressBar::new(total.as_millis() as u64);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {elapsed} {msg}")
+                        .expect("a valid template")
+                        .progress_chars("=> "),
+                );
+                bar.set_prefix(label);
+                let start = std::time::Instant::now();
+                let (mut last_bytes, mut last_at) = (0u64, start);
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                    let (now, b) = (std::time::Instant::now(), bytes.load(Ordering::Relaxed));
+                    let rate = mb_per_s(b - last_bytes, now.duration_since(last_at).as_secs_f64());
+                    bar.set_position(now.duration_since(start).as_millis() as u64);
+                    bar.set_message(format!("{rate:.0} MB/s"));
+                    (last_bytes, last_at) = (b, now);
+                }
+                bar.finish_and_clear();
+            })
+        });
+        Progress {
+            bytes,
+            stop,
+            thread,
+        }
+    }
+
+    /// Count bytes done (any thread).
+    pub fn counter(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.bytes.clone()
+    }
+
+    pub fn finish(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
