@@ -71,7 +71,7 @@ struct Common {
     /// Write the result as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Write a Markdown summary table to this file (broker and sweep modes).
+    /// Write a Markdown summary table to this file.
     #[arg(long)]
     markdown: Option<PathBuf>,
     /// Skip the raw-device baseline (no ratios).
@@ -247,7 +247,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 base.bandwidth_seconds
             );
             print_latency("raw: 4 KiB write + fdatasync", &base.sync_latency);
-            write_json(&args.common, &result)
+            write_json(&args.common, &result)?;
+            write_markdown(&args.common, std::slice::from_ref(&result))
         }
         Mode::Engine(args) => engine(args),
         Mode::Broker(args) => broker(args),
@@ -288,6 +289,41 @@ fn sweep(args: SweepArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// A Markdown table of raw or engine results: one row per run.
+fn markdown_simple(results: &[Value]) -> String {
+    let mut out = String::from(
+        "| mode | settings | MB/s | × raw | latency p50 / p99 / p99.9 µs | raw 4 KiB write+fdatasync p99 µs |\n|---|---|---|---|---|---|\n",
+    );
+    let num = |v: &Value| v.as_f64().map_or("–".to_string(), |f| format!("{f:.0}"));
+    for r in results {
+        let c = &r["config"];
+        let settings = match r["mode"].as_str() {
+            Some("engine") => format!(
+                "{} B batches, {} partition(s), {} in flight, {}",
+                c["batch_bytes"],
+                c["partitions"],
+                c["concurrency"],
+                c["flush_policy"].as_str().unwrap_or("?")
+            ),
+            _ => format!("{} B writes, QD {}", c["block_bytes"], c["queue_depth"]),
+        };
+        let lat = &r["latency_us"];
+        out.push_str(&format!(
+            "| {} | {settings} | {} | {} | {} / {} / {} | {} |\n",
+            r["mode"].as_str().unwrap_or("?"),
+            num(&r["throughput_mb_s"]),
+            r["ratio"]
+                .as_f64()
+                .map_or("–".to_string(), |f| format!("{f:.3}")),
+            num(&lat["p50"]),
+            num(&lat["p99"]),
+            num(&lat["p999"]),
+            num(&r["baseline_latency_us"]["p99"]),
+        ));
+    }
+    out
+}
+
 /// A Markdown table of broker/engine results: one row per run.
 fn markdown_table(results: &[Value]) -> String {
     let mut out = String::from(
@@ -323,8 +359,13 @@ fn markdown_table(results: &[Value]) -> String {
 
 fn write_markdown(common: &Common, results: &[Value]) -> Result<(), String> {
     if let Some(path) = &common.markdown {
-        std::fs::write(path, markdown_table(results))
-            .map_err(|e| format!("write {}: {e}", path.display()))?;
+        let broker = results.iter().all(|r| r["mode"] == "broker");
+        let table = if broker {
+            markdown_table(results)
+        } else {
+            markdown_simple(results)
+        };
+        std::fs::write(path, table).map_err(|e| format!("write {}: {e}", path.display()))?;
     }
     Ok(())
 }
@@ -438,7 +479,8 @@ fn engine(args: EngineArgs) -> Result<(), String> {
         "latency_curve": r.curve,
         "engine": { "writes": r.metrics.writes, "write_bytes": r.metrics.write_bytes, "fsyncs": r.metrics.fsyncs, "appends": r.metrics.appends },
     });
-    write_json(common, &result)
+    write_json(common, &result)?;
+    write_markdown(common, std::slice::from_ref(&result))
 }
 
 fn broker(args: BrokerArgs) -> Result<(), String> {

@@ -62,8 +62,16 @@ fn common_fields(v: &Value, mode: &str) {
 
 #[test]
 fn raw_mode() {
-    let v = run(&scratch("raw"), &["raw"]);
+    let dir = scratch("raw");
+    let md = std::env::temp_dir().join(format!("keel-bench-modes-{}-raw.md", std::process::id()));
+    let v = run(&dir, &["raw", "--markdown", md.to_str().unwrap()]);
     common_fields(&v, "raw");
+    let table = std::fs::read_to_string(&md).unwrap();
+    let _ = std::fs::remove_file(&md);
+    assert!(
+        table.starts_with("| mode |") && table.contains("| raw |"),
+        "{table}"
+    );
 }
 
 #[test]
