@@ -30,7 +30,8 @@ use keel_engine::batch::{BatchBuilder, BatchHeader};
 
 use crate::report::{histogram, mb_per_s, percentile_curve, Percentiles, Progress, Timeline};
 
-const produce_version: i16 = 9;
+/// Non-flexible, so a request ends with its records (see `produce_prefix`).
+const produce_version: i16 = 8;
 const fetch_version: i16 = 11;
 
 #[derive(Clone, Debug)]
@@ -276,6 +277,37 @@ struct ProducerResult {
     last: Instant,
 }
 
+/// A whole Produce request frame for one partition up to its records' length field: the request
+/// encoded with null records (which Produce v8 writes as a trailing i32 -1, the last field of the
+/// frame) minus that marker. The size and correlation id are patched per request.
+fn produce_prefix(topic: &str, partition: i32, acks: i16) -> Result<Vec<u8>, String> {
+    let request = ProduceRequest::default()
+        .with_acks(acks)
+        .with_timeout_ms(30_000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(topic_name(topic))
+            .with_partition_data(vec![PartitionProduceData::default()
+                .with_index(partition)
+                .with_records(None)])]);
+    let header = RequestHeader::default()
+        .with_request_api_key(ProduceRequest::KEY)
+        .with_request_api_version(produce_version)
+        .with_client_id(Some(StrBytes::from_static_str("keel-bench")));
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&[0; 4]);
+    header
+        .encode(&mut out, ProduceRequest::header_version(produce_version))
+        .map_err(|e| e.to_string())?;
+    request
+        .encode(&mut out, produce_version)
+        .map_err(|e| e.to_string())?;
+    if !out.ends_with(&[0xff; 4]) {
+        return Err("unexpected Produce encoding (records are not the last field)".into());
+    }
+    out.truncate(out.len() - 4);
+    Ok(out.to_vec())
+}
+
 /// What the producer threads share.
 struct Shared<'a> {
     stop: &'a AtomicBool,
@@ -306,6 +338,19 @@ fn produce_loop(
         .map(|i| (i * 31 % 251) as u8)
         .collect();
     let records = config.messages_per_batch as i32;
+    let mut batch = BatchBuilder {
+        records_count: records,
+        timestamp_ms: 1,
+        producer_id: pid,
+        producer_epoch: init.producer_epoch,
+        base_sequence: 0,
+        ..Default::default()
+    }
+    .build(&payload);
+    let prefixes: Vec<Vec<u8>> = (0..config.partitions as i32)
+        .map(|p| produce_prefix(&config.topic, p, config.acks))
+        .collect::<Result<_, _>>()?;
+    let mut frame: Vec<u8> = Vec::with_capacity(prefixes[0].len() + 4 + batch.len());
     let mut seqs = vec![0i32; config.partitions as usize];
     let mut next_partition = index;
     let mut out = ProducerResult {
@@ -347,24 +392,21 @@ fn produce_loop(
             next_partition += config.producers.max(1);
             let seq = seqs[partition];
             seqs[partition] = seq.wrapping_add(records);
-            let batch = BatchBuilder {
-                records_count: records,
-                timestamp_ms: 1,
-                producer_id: pid,
-                producer_epoch: init.producer_epoch,
-                base_sequence: seq,
-                ..Default::default()
-            }
-            .build(&payload);
+            // Patch the batch template (sequence, then CRC) and the frame (size, correlation id):
+            // one CRC and one copy per request, so the generator measures the broker, not itself.
+            batch[53..57].copy_from_slice(&seq.to_be_bytes());
+            let crc = keel_engine::batch::compute_crc(&batch);
+            batch[17..21].copy_from_slice(&crc.to_be_bytes());
             let size = batch.len();
-            let request = ProduceRequest::default()
-                .with_acks(config.acks)
-                .with_timeout_ms(30_000)
-                .with_topic_data(vec![TopicProduceData::default()
-                    .with_name(topic_name(&config.topic))
-                    .with_partition_data(vec![PartitionProduceData::default()
-                        .with_index(partition as i32)
-                        .with_records(Some(Bytes::from(batch)))])]);
+            let prefix = &prefixes[partition];
+            frame.clear();
+            frame.extend_from_slice(prefix);
+            frame.extend_from_slice(&(size as i32).to_be_bytes());
+            frame.extend_from_slice(&batch);
+            let frame_size = (frame.len() - 4) as i32;
+            frame[0..4].copy_from_slice(&frame_size.to_be_bytes());
+            conn.correlation += 1;
+            frame[8..12].copy_from_slice(&conn.correlation.to_be_bytes());
             let sent_at = scheduled.unwrap_or_else(Instant::now);
             if config.consumers > 0 {
                 shared
@@ -373,7 +415,8 @@ fn produce_loop(
                     .expect("times")
                     .insert((pid, partition as i32, seq), sent_at);
             }
-            conn.send(produce_version, &request)
+            conn.stream
+                .write_all(&frame)
                 .map_err(|e| format!("producer {index}: {e}"))?;
             shared
                 .sent_messages
