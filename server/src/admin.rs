@@ -21,7 +21,6 @@ use kafka_protocol::messages::{
     ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, ProducerId,
     TopicName,
 };
-use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
 
 use crate::broker::Broker;
@@ -29,6 +28,7 @@ use crate::config::TopicConfig;
 use crate::error::error_code;
 use crate::metadata::{blocking, valid_topic_name, Topic};
 use crate::metrics::Metrics;
+use crate::protocol::str_bytes;
 
 /// A topic may not have more partitions than this (each is a directory and open files).
 pub const partitions_per_topic_max: i32 = 10_000;
@@ -46,10 +46,6 @@ const source_default: i8 = 5;
 
 /// Name, value, source, type.
 type ConfigEntry = (String, String, i8, i8);
-
-fn str_bytes(s: impl Into<String>) -> StrBytes {
-    StrBytes::from_string(s.into())
-}
 
 impl Broker {
     fn broker_entry(&self) -> MetadataResponseBroker {

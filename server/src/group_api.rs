@@ -32,16 +32,7 @@ use crate::error::error_code;
 use crate::groups::{GroupState, JoinRequest};
 use crate::metrics::Metrics;
 use crate::offsets::Committed;
-
-fn s(v: impl Into<String>) -> StrBytes {
-    StrBytes::from_string(v.into())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use crate::protocol::str_bytes as s;
 
 impl Broker {
     fn coordinator_address(&self) -> (String, u16) {
@@ -220,7 +211,8 @@ impl Broker {
         r: OffsetCommitRequest,
     ) -> OffsetCommitResponse {
         let group = r.group_id.0.to_string();
-        let allowed = if group.is_empty() {
+        // Group ids are stored with a 16-bit length (offsets.rs); Kafka's own strings are shorter.
+        let allowed = if group.is_empty() || group.len() > i16::MAX as usize {
             Err(ResponseError::InvalidGroupId)
         } else {
             self.groups.validate_commit(
@@ -230,7 +222,7 @@ impl Broker {
                 r.generation_id_or_member_epoch,
             )
         };
-        let now = now_ms();
+        let now = crate::now_ms();
         let mut codes: Vec<(TopicName, Vec<(i32, i16)>)> = Vec::new();
         let mut entries = Vec::new();
         for t in &r.topics {

@@ -28,3 +28,10 @@ pub mod tools;
 
 pub use config::BrokerConfig;
 pub use serve::Server;
+
+/// Wall-clock milliseconds since the Unix epoch (Kafka's timestamps).
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -79,12 +79,6 @@ fn internal_config() -> PartitionConfig {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 impl OffsetStore {
     /// Open (creating if needed) the internal partitions and load every committed offset. The
     /// partition count is fixed by the first start: later `wanted` values are ignored.
@@ -302,7 +296,7 @@ fn record(i: usize, key: Bytes, value: Option<Bytes>) -> Record {
         timestamp_type: TimestampType::Creation,
         offset: i as i64,
         sequence: -1,
-        timestamp: now_ms(),
+        timestamp: crate::now_ms(),
         key: Some(key),
         value,
         headers: Default::default(),

@@ -68,12 +68,6 @@ pub struct ProducerStates {
 /// Look for expired producers once every this many checks (cheap, and bounded work per batch).
 const expiry_sweep_every: u64 = 1024;
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 fn next_seq(seq: i32) -> i32 {
     if seq == i32::MAX {
         0
@@ -95,7 +89,7 @@ impl ProducerStates {
     pub fn check(&mut self, header: &BatchHeader) -> Check {
         self.checks += 1;
         if self.checks % expiry_sweep_every == 0 {
-            self.expire(now_ms());
+            self.expire(crate::now_ms());
         }
         let (pid, epoch) = (header.producer_id, header.producer_epoch);
         let (first, last) = (header.base_sequence, last_seq_of(header));
@@ -166,7 +160,7 @@ impl ProducerStates {
         ticket: u64,
     ) {
         let p = self.producers.entry(pid).or_default();
-        p.last_ms = now_ms();
+        p.last_ms = crate::now_ms();
         if epoch != p.epoch {
             p.epoch = epoch;
             p.batches.clear();
@@ -391,9 +385,9 @@ mod tests {
             ..Default::default()
         };
         accept(&mut s, &header(5, 0, 0, 1), 0);
-        s.expire(now_ms() + 500);
+        s.expire(crate::now_ms() + 500);
         assert_eq!(s.len(), 1, "not idle long enough");
-        s.expire(now_ms() + 5_000);
+        s.expire(crate::now_ms() + 5_000);
         assert!(s.is_empty());
         accept(&mut s, &header(5, 0, 77, 1), 1);
     }

@@ -41,6 +41,11 @@ pub fn supported_versions(key: ApiKey) -> Option<(i16, i16)> {
         .map(|&(_, min, max)| (min, max))
 }
 
+/// A string for a response field.
+pub fn str_bytes(s: impl Into<String>) -> kafka_protocol::protocol::StrBytes {
+    kafka_protocol::protocol::StrBytes::from_string(s.into())
+}
+
 /// A frame body is at least api key, version and correlation id.
 pub const frame_header_bytes_min: usize = 8;
 
