@@ -234,7 +234,13 @@ impl BrokerConfig {
                     return Err(bad("must be at least 1"));
                 }
             }
-            "offset.metadata.max.bytes" => self.offset_metadata_max_bytes = number(key, value)?,
+            "offset.metadata.max.bytes" => {
+                self.offset_metadata_max_bytes = number(key, value)?;
+                // Stored with a 16-bit length in the offsets log.
+                if self.offset_metadata_max_bytes > i16::MAX as usize {
+                    return Err(bad("at most 32767"));
+                }
+            }
             _ => match key.strip_prefix("log.") {
                 // Broker-wide topic defaults carry a `log.` prefix in Kafka.
                 Some(topic_key) if TopicConfig::knows(&broker_to_topic_key(topic_key)) => {
