@@ -406,3 +406,77 @@ fn fetch_max_bytes_caps_a_greedy_fetch() {
     );
     server.shutdown().unwrap();
 }
+
+#[test]
+fn admin_requests_on_the_wire() {
+    use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    use kafka_protocol::messages::DescribeConfigsRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[("num.partitions", "3")]);
+    let mut w = Wire::connect(server.local_addr());
+    // validate_only checks and creates nothing.
+    let r = w.call(
+        5,
+        &CreateTopicsRequest::default()
+            .with_validate_only(true)
+            .with_topics(vec![CreatableTopic::default()
+                .with_name(name("checked"))
+                .with_num_partitions(-1)
+                .with_replication_factor(-1)]),
+    );
+    assert_eq!((r.topics[0].error_code, r.topics[0].num_partitions), (0, 3));
+    assert!(server.broker().registry.topic("checked").is_none());
+    // A client that does not allow auto-creation gets UNKNOWN_TOPIC_OR_PARTITION (v4+).
+    let m = w.call(
+        9,
+        &MetadataRequest::default()
+            .with_allow_auto_topic_creation(false)
+            .with_topics(Some(vec![
+                MetadataRequestTopic::default().with_name(Some(name("checked")))
+            ])),
+    );
+    assert_eq!(
+        m.topics[0].error_code,
+        ResponseError::UnknownTopicOrPartition.code()
+    );
+    assert!(server.broker().registry.topic("checked").is_none());
+    // The internal offsets topic is neither listed nor creatable.
+    let m = w.call(9, &MetadataRequest::default().with_topics(None));
+    assert!(m.topics.is_empty(), "{:?}", m.topics);
+    let r = w.call(
+        5,
+        &CreateTopicsRequest::default().with_topics(vec![CreatableTopic::default()
+            .with_name(name("__consumer_offsets"))
+            .with_num_partitions(1)
+            .with_replication_factor(1)]),
+    );
+    assert_eq!(
+        r.topics[0].error_code,
+        ResponseError::TopicAlreadyExists.code()
+    );
+    // DescribeConfigs of the broker: its settings by Kafka name, filtered by key.
+    let r = w.call(
+        4,
+        &DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
+            .with_resource_type(4)
+            .with_resource_name(StrBytes::from_static_str("0"))
+            .with_configuration_keys(Some(vec![
+                StrBytes::from_static_str("num.partitions"),
+                StrBytes::from_static_str("log.retention.ms"),
+            ]))]),
+    );
+    let configs: Vec<(String, String)> = r.results[0]
+        .configs
+        .iter()
+        .map(|c| (c.name.to_string(), c.value.as_ref().unwrap().to_string()))
+        .collect();
+    assert_eq!(
+        configs,
+        [
+            ("num.partitions".to_string(), "3".to_string()),
+            ("log.retention.ms".to_string(), "604800000".to_string())
+        ]
+    );
+    server.shutdown().unwrap();
+}
