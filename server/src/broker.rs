@@ -77,6 +77,8 @@ pub struct Broker {
     pub offsets: crate::offsets::OffsetStore,
     /// Host and port given to clients in Metadata (set once the listener is bound).
     pub advertised: std::sync::OnceLock<(String, u16)>,
+    /// Set when shutdown begins: parked fetches answer at once instead of waiting out max.wait.ms.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Broker {
@@ -107,6 +109,7 @@ impl Broker {
             groups,
             offsets,
             advertised: std::sync::OnceLock::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         });
         keel_engine::block_on(broker.reconcile())?;
         Ok(broker)
@@ -386,6 +389,18 @@ impl Broker {
             other => unreachable!("decode_request admits only supported APIs: {other:?}"),
         };
         Reply::Message(message)
+    }
+
+    /// Shutdown begins: parked fetches answer now (with what they have).
+    pub fn begin_stop(&self) {
+        // The flag first: a fetch that registers after the wake-up below still sees it.
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        for topic in self.registry.snapshot().values() {
+            for p in &topic.partitions {
+                p.waiters.wake_all();
+            }
+        }
     }
 
     /// Finish: write producer snapshots, then make everything durable and stop the engine

@@ -115,7 +115,8 @@ impl Broker {
                 );
             }
             let now = Instant::now();
-            if total >= min_bytes || failed || now >= deadline || waiters.is_empty() {
+            let stopping = self.stopping.load(std::sync::atomic::Ordering::Acquire);
+            if total >= min_bytes || failed || now >= deadline || waiters.is_empty() || stopping {
                 Metrics::add(&self.metrics.fetch_bytes, total as u64);
                 response.responses = topics;
                 if version >= 13 {

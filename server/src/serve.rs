@@ -76,6 +76,7 @@ impl Server {
     /// snapshots, make everything durable and write the clean-shutdown markers.
     pub fn shutdown(self) -> Result<(), Error> {
         self.net.stopping.store(true, Ordering::Release);
+        self.broker.begin_stop();
         for l in &self.listeners {
             // Wakes the accept waiting in each shard's ring (it fails with EINVAL).
             let _ = l.shutdown(std::net::Shutdown::Both);

@@ -480,3 +480,46 @@ fn admin_requests_on_the_wire() {
     );
     server.shutdown().unwrap();
 }
+
+#[test]
+fn shutdown_answers_parked_fetches_instead_of_waiting_them_out() {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[("shutdown.timeout.ms", "60000")]);
+    let mut w = Wire::connect(server.local_addr());
+    create(&mut w, "quiet", "1048588");
+    // A fetch that would wait a minute for data that never comes.
+    w.send(
+        11,
+        &FetchRequest::default()
+            .with_replica_id((-1).into())
+            .with_max_wait_ms(60_000)
+            .with_min_bytes(1)
+            .with_max_bytes(1 << 20)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(name("quiet"))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_fetch_offset(0)
+                    .with_partition_max_bytes(1 << 20)])]),
+    );
+    // Parked: the request is counted in flight.
+    let broker = server.broker().clone();
+    let parked = std::time::Instant::now() + patience;
+    while broker.metrics.requests[1].load(Ordering::Relaxed) == 0 {
+        assert!(
+            std::time::Instant::now() < parked,
+            "the fetch never arrived"
+        );
+        std::thread::yield_now();
+    }
+    let stopper = std::thread::spawn(move || server.shutdown());
+    // The parked fetch is answered (empty) by the shutdown, well before its minute is up (the
+    // Wire read gives up after `patience`, 30 s).
+    let r = w.receive::<FetchRequest>(11);
+    assert_eq!(r.responses[0].partitions[0].error_code, 0);
+    assert!(r.responses[0].partitions[0]
+        .records
+        .as_ref()
+        .is_none_or(|b| b.is_empty()));
+    stopper.join().unwrap().unwrap();
+}
