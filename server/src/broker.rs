@@ -2,6 +2,7 @@
 //! handle, and the request dispatcher. Produce and Fetch live in `produce.rs` and `fetch.rs`, the
 //! admin requests in `admin.rs`.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -116,21 +117,49 @@ impl Broker {
     }
 
     async fn reconcile(&self) -> Result<(), Error> {
-        let topics = self.registry.snapshot();
+        let deleting: std::collections::HashSet<String> =
+            self.registry.pending_deletions().into_iter().collect();
         let existing = self.engine.partitions().await?;
-        for id in &existing {
-            if crate::offsets::OffsetStore::is_internal(id) {
-                continue;
-            }
-            let known = topics
-                .get(&*id.topic)
-                .is_some_and(|t| (id.partition as usize) < t.partitions.len());
-            if !known {
-                tracing::warn!(partition = %id, "deleting a partition whose topic no longer exists");
-                self.engine.delete_partition(id).await?;
-                let _ = std::fs::remove_file(self.registry.producer_snapshot_path(id));
+        let mut orphans: BTreeMap<String, u32> = BTreeMap::new();
+        {
+            let topics = self.registry.snapshot();
+            for id in &existing {
+                if crate::offsets::OffsetStore::is_internal(id) || topics.contains_key(&*id.topic) {
+                    continue;
+                }
+                if deleting.contains(&*id.topic) {
+                    tracing::info!(partition = %id, "finishing the deletion of a topic");
+                    self.engine.delete_partition(id).await?;
+                    let _ = std::fs::remove_file(self.registry.producer_snapshot_path(id));
+                } else {
+                    let count = orphans.entry(id.topic.to_string()).or_default();
+                    *count = (*count).max(id.partition + 1);
+                }
             }
         }
+        for name in &deleting {
+            self.registry.finish_deletion(name);
+        }
+        // Partitions whose topic metadata is missing (lost, or never written): keep the data and
+        // recreate the topic around it, with the broker's defaults.
+        for (name, count) in orphans {
+            if !crate::metadata::valid_topic_name(&name) {
+                tracing::warn!(
+                    topic = name,
+                    "leaving partitions with an invalid topic name alone"
+                );
+                continue;
+            }
+            tracing::warn!(
+                topic = name,
+                partitions = count,
+                "adopting partitions that have no topic metadata"
+            );
+            let mut config = self.config.topic_defaults.clone();
+            config.overrides.clear();
+            self.registry.add_topic(&name, count, config)?;
+        }
+        let topics = self.registry.snapshot();
         for topic in topics.values() {
             let wanted = topic.config.partition_config();
             for p in &topic.partitions {
@@ -324,13 +353,20 @@ impl Broker {
                 format!("unknown topic {name}"),
             ));
         };
+        let mut all_deleted = true;
         for p in &topic.partitions {
             if let Err(e) = self.engine.delete_partition(&p.id).await {
-                // The metadata is gone: the next start deletes the leftover partition.
+                // The tombstone stays: the next start deletes the leftover partition.
                 tracing::warn!(partition = %p.id, error = %e, "partition not deleted now; it will be at the next start");
+                all_deleted = false;
             }
             let _ = std::fs::remove_file(self.registry.producer_snapshot_path(&p.id));
             p.waiters.wake_all();
+        }
+        if all_deleted {
+            let broker = self.clone();
+            let owned = name.to_string();
+            blocking(move || broker.registry.finish_deletion(&owned)).await;
         }
         Metrics::bump(&self.metrics.topics_deleted);
         tracing::info!(topic = name, "deleted topic");

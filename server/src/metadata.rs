@@ -239,6 +239,9 @@ impl Registry {
     /// Forget a topic (its file first: a crash after this leaves orphan partitions that the next
     /// start deletes). Blocking.
     pub fn remove_topic(&self, name: &str) -> Result<Option<Arc<Topic>>, Error> {
+        // A tombstone first: partitions without metadata are deleted at start only if one says
+        // so; any other orphan is adopted, never deleted (lost metadata must not lose data).
+        write_durably(&self.dir.join("deleted").join(name), b"")?;
         let path = self.dir.join("topics").join(format!("{name}.properties"));
         match fs::remove_file(&path) {
             Ok(()) => sync_dir(path.parent().expect("topics dir"))?,
@@ -250,6 +253,23 @@ impl Registry {
         let removed = next.remove(name);
         *topics = Arc::new(next);
         Ok(removed)
+    }
+
+    /// Topics whose deletion started (tombstone written) and may not have finished.
+    pub fn pending_deletions(&self) -> Vec<String> {
+        fs::read_dir(self.dir.join("deleted"))
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| valid_topic_name(n))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The topic's partitions are gone: drop its tombstone.
+    pub fn finish_deletion(&self, name: &str) {
+        let _ = fs::remove_file(self.dir.join("deleted").join(name));
     }
 
     /// A fresh producer id. Ids are reserved on disk a block at a time (blocking when a block is

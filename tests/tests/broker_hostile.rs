@@ -523,3 +523,54 @@ fn shutdown_answers_parked_fetches_instead_of_waiting_them_out() {
         .is_none_or(|b| b.is_empty()));
     stopper.join().unwrap().unwrap();
 }
+
+#[test]
+fn lost_topic_metadata_loses_no_data_and_deletions_finish_after_a_restart() {
+    use kafka_protocol::messages::DeleteTopicsRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let mut w = Wire::connect(server.local_addr());
+    create(&mut w, "kept", "1048588");
+    for _ in 0..3 {
+        assert_eq!(
+            produce_code(&mut w, &produce("kept", 0, kafka_batch(&[b"x"], None), -1)),
+            0
+        );
+    }
+    server.shutdown().unwrap();
+    // The topic's metadata file is lost: the data is adopted, not deleted.
+    std::fs::remove_file(dir.path().join(".keel/topics/kept.properties")).unwrap();
+    let server = start(dir.path(), &[]);
+    let mut w = Wire::connect(server.local_addr());
+    assert_eq!(
+        log_end(&mut w, "kept"),
+        3,
+        "the partition and its batches are still served"
+    );
+    // A real deletion, then a restart: the partition stays gone.
+    let r = w.call(
+        4,
+        &DeleteTopicsRequest::default()
+            .with_topic_names(vec![name("kept")])
+            .with_timeout_ms(10_000),
+    );
+    assert_eq!(r.responses[0].error_code, 0);
+    server.shutdown().unwrap();
+    assert!(!dir.path().join("kept-0").exists());
+    let server = start(dir.path(), &[]);
+    assert!(server.broker().registry.topic("kept").is_none());
+    assert!(server.broker().registry.pending_deletions().is_empty());
+    // A crash in the middle of a deletion (tombstone written, metadata removed, partition still
+    // there): the next start finishes it.
+    let mut w = Wire::connect(server.local_addr());
+    create(&mut w, "gone", "1048588");
+    server.shutdown().unwrap();
+    std::fs::create_dir_all(dir.path().join(".keel/deleted")).unwrap();
+    std::fs::write(dir.path().join(".keel/deleted/gone"), b"").unwrap();
+    std::fs::remove_file(dir.path().join(".keel/topics/gone.properties")).unwrap();
+    let server = start(dir.path(), &[]);
+    assert!(server.broker().registry.topic("gone").is_none());
+    assert!(!dir.path().join("gone-0").exists());
+    assert!(server.broker().registry.pending_deletions().is_empty());
+    server.shutdown().unwrap();
+}
