@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 keel="${1:-target/debug/keel}"
-python3 -c 'import kafka' 2>/dev/null || python3 -m pip install --quiet 'kafka-python>=2.0.2'
+# A Debian-managed Python may refuse plain pip installs (PEP 668): fall back to the user site.
+python3 -c 'import kafka' 2>/dev/null \
+  || python3 -m pip install --quiet 'kafka-python>=2.0.2' \
+  || python3 -m pip install --quiet --user --break-system-packages 'kafka-python>=2.0.2'
 dir="$(mktemp -d)"
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 log="$dir/keel.log"
