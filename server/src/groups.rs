@@ -105,6 +105,17 @@ struct Member {
     last_seen: Instant,
 }
 
+impl Member {
+    /// This member's subscription metadata for `protocol` (empty if it does not speak it).
+    fn metadata_for(&self, protocol: Option<&String>) -> Bytes {
+        self.protocols
+            .iter()
+            .find(|(n, _)| Some(n) == protocol)
+            .map(|(_, md)| md.clone())
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Debug)]
 struct Group {
     state: GroupState,
@@ -445,12 +456,7 @@ impl Coordinator {
             .members
             .values()
             .map(|m| {
-                let metadata = m
-                    .protocols
-                    .iter()
-                    .find(|(n, _)| Some(n) == protocol.as_ref())
-                    .map(|(_, md)| md.clone())
-                    .unwrap_or_default();
+                let metadata = m.metadata_for(protocol.as_ref());
                 (m.id.clone(), m.instance_id.clone(), metadata)
             })
             .collect();
@@ -721,12 +727,7 @@ impl Coordinator {
                 .members
                 .values()
                 .map(|m| {
-                    let metadata = m
-                        .protocols
-                        .iter()
-                        .find(|(n, _)| Some(n) == g.protocol.as_ref())
-                        .map(|(_, md)| md.clone())
-                        .unwrap_or_default();
+                    let metadata = m.metadata_for(g.protocol.as_ref());
                     (
                         m.id.clone(),
                         m.instance_id.clone(),
