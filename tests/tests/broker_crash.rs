@@ -6,9 +6,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -36,36 +34,15 @@ fn child(dir: &str, port: &str) {
     }
 }
 
-/// The broker child, killed when dropped (a failing assertion must not leave it running).
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_broker(dir: &std::path::Path, port: u16) -> Broker {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
-        .env(CHILD_DIR, dir)
-        .env(CHILD_PORT, port.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains("ready 127.0.0.1:") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let broker = Broker(child);
-    rx.recv_timeout(patience).expect("the broker child starts");
+fn spawn_broker(dir: &std::path::Path, port: u16) -> ChildTest {
+    let broker = ChildTest::spawn(
+        TEST_NAME,
+        &[
+            (CHILD_DIR, dir.display().to_string()),
+            (CHILD_PORT, port.to_string()),
+        ],
+    );
+    broker.wait_for_line("ready 127.0.0.1:");
     broker
 }
 
@@ -143,8 +120,8 @@ fn sigkill_during_acks_all_produce_loses_no_acknowledged_message() {
             }
         }
         assert!(seen > 0, "round {round}: nothing acknowledged");
-        broker.0.kill().unwrap(); // SIGKILL
-        broker.0.wait().unwrap();
+        broker.child.kill().unwrap(); // SIGKILL
+        broker.child.wait().unwrap();
         sender.join().unwrap();
         for (payload, partition, offset) in rx.try_iter() {
             acked.insert(payload, (partition, offset));

@@ -6,10 +6,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -134,19 +131,6 @@ fn child(spec: &str) {
     }
 }
 
-struct Member {
-    child: Child,
-    events: mpsc::Receiver<String>,
-}
-
-impl Drop for Member {
-    /// A failing test must not leave consumer processes behind.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn spawn_member(
     test: &str,
     addr: SocketAddr,
@@ -154,7 +138,7 @@ fn spawn_member(
     group: &str,
     mode: &str,
     crash_at: &str,
-) -> Member {
+) -> ChildTest {
     spawn_member_with(test, addr, topic, group, mode, crash_at, "range,roundrobin")
 }
 
@@ -166,36 +150,20 @@ fn spawn_member_with(
     mode: &str,
     crash_at: &str,
     assignor: &str,
-) -> Member {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env(
-            CHILD,
-            format!("{addr} {topic} {group} {mode} {crash_at} {assignor}"),
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            // libtest prints "test name ... " before the child's first line.
-            for word in ["assigned ", "got "] {
-                if let Some(at) = line.find(word) {
-                    let _ = tx.send(line[at..].to_string());
-                }
-            }
-        }
-    });
-    Member { child, events: rx }
+) -> ChildTest {
+    let spec = format!("{addr} {topic} {group} {mode} {crash_at} {assignor}");
+    ChildTest::spawn(test, &[(CHILD, spec)])
 }
 
 /// Drain events: the latest assignment of each member, and every processed value.
-fn drain(members: &mut [&mut Member], assignments: &mut [BTreeSet<i32>], got: &mut Vec<String>) {
+fn drain(members: &mut [&mut ChildTest], assignments: &mut [BTreeSet<i32>], got: &mut Vec<String>) {
     for (i, m) in members.iter_mut().enumerate() {
-        for e in m.events.try_iter() {
+        for line in m.lines.try_iter() {
+            // Lines may carry libtest's "test name ... " prefix: start at the event's word.
+            let Some(at) = ["assigned ", "got "].iter().find_map(|w| line.find(w)) else {
+                continue;
+            };
+            let e = &line[at..];
             if let Some(list) = e.strip_prefix("assigned ") {
                 assignments[i] = list
                     .split(',')
@@ -443,20 +411,13 @@ fn committed_offsets_survive_restarts_clean_and_sigkill() {
     server.shutdown().unwrap();
 
     // A broker killed with SIGKILL after its commits were acknowledged.
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", RESTART_TEST, "--nocapture", "--test-threads=1"])
-        .env("KEEL_GROUP_BROKER_DIR", dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(
-        lines.any(|l| l.is_ok_and(|l| l.contains("committed"))),
-        "the child committed"
+    let mut child = ChildTest::spawn(
+        RESTART_TEST,
+        &[("KEEL_GROUP_BROKER_DIR", dir.path().display().to_string())],
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.wait_for_line("committed");
+    child.child.kill().unwrap();
+    child.child.wait().unwrap();
     let server = start(dir.path(), &[]);
     let mut w = Wire::connect(server.local_addr());
     assert_eq!(

@@ -235,3 +235,56 @@ pub fn skip(mut b: Bytes, n: usize) -> Bytes {
     b.advance(n);
     b
 }
+
+/// This test binary run again as a child process that runs only `test` with `env` set: how a test
+/// gets a broker or a consumer it can SIGKILL. The child's stdout lines arrive on `lines` (the
+/// first carries libtest's "test name ... " prefix: search lines, do not match their start). The
+/// child is killed when this is dropped, so a failing assertion leaves no process behind.
+pub struct ChildTest {
+    pub child: std::process::Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl ChildTest {
+    pub fn spawn(test: &str, env: &[(&str, String)]) -> ChildTest {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        ChildTest { child, lines }
+    }
+
+    /// Wait (at most `patience`) for a line containing `needle`.
+    pub fn wait_for_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + patience;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no line with {needle:?} from the child: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for ChildTest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
