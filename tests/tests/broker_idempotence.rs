@@ -162,9 +162,18 @@ fn duplicates_gaps_epochs_and_restart() {
     server.shutdown().unwrap();
 }
 
-/// A TCP proxy that cuts the client's connection right after forwarding every `every`-th
-/// produce request (at most `max_cuts` times), so the broker appends the batch but the client
-/// never sees the answer.
+/// Read one Kafka frame (size and body) from `from`.
+fn read_frame(from: &mut TcpStream) -> Option<([u8; 4], Vec<u8>)> {
+    let mut size = [0u8; 4];
+    from.read_exact(&mut size).ok()?;
+    let mut body = vec![0u8; i32::from_be_bytes(size).max(0) as usize];
+    from.read_exact(&mut body).ok()?;
+    Some((size, body))
+}
+
+/// A TCP proxy that, for every `every`-th produce request (at most `max_cuts` times), lets the
+/// broker answer and then closes the client's connection instead of forwarding that answer: the
+/// batch is in the log, but the client never hears so and must retry.
 fn cutting_proxy(
     listener: TcpListener,
     target: Arc<std::sync::OnceLock<SocketAddr>>,
@@ -180,42 +189,44 @@ fn cutting_proxy(
             let Ok(mut broker) = TcpStream::connect(addr) else {
                 continue;
             };
+            // Correlation ids of the requests whose answers are to be dropped.
+            let doomed = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
             let (mut client_back, mut broker_in) =
                 (client.try_clone().unwrap(), broker.try_clone().unwrap());
+            let (doomed_back, cuts) = (doomed.clone(), cuts.clone());
             std::thread::spawn(move || {
-                let _ = std::io::copy(&mut broker_in, &mut client_back);
+                while let Some((size, body)) = read_frame(&mut broker_in) {
+                    let correlation = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    if doomed_back.lock().unwrap().contains(&correlation) {
+                        cuts.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    if client_back.write_all(&size).is_err()
+                        || client_back.write_all(&body).is_err()
+                    {
+                        break;
+                    }
+                }
                 let _ = client_back.shutdown(std::net::Shutdown::Both);
+                let _ = broker_in.shutdown(std::net::Shutdown::Both);
             });
-            let (produced, cuts) = (produced.clone(), cuts.clone());
-            std::thread::spawn(move || loop {
-                let mut size = [0u8; 4];
-                if client.read_exact(&mut size).is_err() {
-                    let _ = broker.shutdown(std::net::Shutdown::Both);
-                    return;
+            let produced = produced.clone();
+            std::thread::spawn(move || {
+                while let Some((size, body)) = read_frame(&mut client) {
+                    let is_produce = body[0..2] == [0, 0];
+                    if is_produce {
+                        let nth = produced.fetch_add(1, Ordering::Relaxed);
+                        if nth % every == every - 1 && nth / every < max_cuts {
+                            let correlation =
+                                i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                            doomed.lock().unwrap().insert(correlation);
+                        }
+                    }
+                    if broker.write_all(&size).is_err() || broker.write_all(&body).is_err() {
+                        break;
+                    }
                 }
-                let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
-                if client.read_exact(&mut body).is_err()
-                    || broker.write_all(&size).is_err()
-                    || broker.write_all(&body).is_err()
-                {
-                    let _ = broker.shutdown(std::net::Shutdown::Both);
-                    return;
-                }
-                let is_produce = body[0..2] == [0, 0];
-                let nth = if is_produce {
-                    produced.fetch_add(1, Ordering::Relaxed)
-                } else {
-                    0
-                };
-                if is_produce && nth % every == every - 1 && cuts.load(Ordering::Relaxed) < max_cuts
-                {
-                    cuts.fetch_add(1, Ordering::Relaxed);
-                    let _ = client.shutdown(std::net::Shutdown::Both);
-                    // Let the broker read the whole request before its side goes too.
-                    std::thread::sleep(Duration::from_millis(50));
-                    let _ = broker.shutdown(std::net::Shutdown::Both);
-                    return;
-                }
+                let _ = broker.shutdown(std::net::Shutdown::Both);
             });
         }
     });
