@@ -157,8 +157,19 @@ fn a_waiting_consumer_is_woken_by_a_produce() {
         .unwrap();
     c.assign(&tpl).unwrap();
     let p = producer(addr, &[("acks", "1")]);
+    // Produce only once the consumer's first fetch has reached the broker and found nothing (it
+    // is then parked), not after a guessed delay.
+    let broker = server.broker().clone();
     let producer_thread = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
+        let fetches = || broker.metrics.requests[1].load(std::sync::atomic::Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + patience;
+        while fetches() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the consumer never fetched"
+            );
+            std::thread::yield_now();
+        }
         send(&p, "wake", 0, "k", "late", None)
     });
     let got = consume(&c, "wake", 0, Offset::Beginning, 1, Duration::from_secs(10));
