@@ -239,8 +239,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 "baseline_latency_us": base.sync_latency.to_json(),
             });
             println!(
-                "raw: sequential O_DIRECT {} MiB writes, QD {}: {:.0} MB/s ({} bytes in {:.2} s)",
-                args.block_bytes >> 20,
+                "raw: sequential O_DIRECT {} KiB writes, QD {}: {:.0} MB/s ({} bytes in {:.2} s)",
+                args.block_bytes >> 10,
                 args.queue_depth,
                 base.bandwidth_mb_s,
                 base.bandwidth_bytes,

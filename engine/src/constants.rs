@@ -59,6 +59,27 @@ pub const torn_tail_window_bytes: u64 = 32 * 1024 * 1024;
 /// freshly allocated blocks commits the file system's journal), no added latency when idle.
 pub const sync_group_bytes: u64 = 8 * 1024 * 1024;
 
+/// With `every-batch`, a lightly loaded partition keeps up to this much of its preallocated file
+/// ahead of the write head written with zeros (the "runway"), so its small appends overwrite
+/// blocks the file system has already laid out and an fdatasync does not commit an extent
+/// conversion for each of them (see ARCHITECTURE.md, decisions).
+pub const runway_bytes: u64 = 1024 * 1024;
+
+/// The runway starts this far past the write head, so a small append's write (which may spill
+/// into the next block) never waits for a zero write in flight.
+pub const runway_gap_bytes: u64 = 64 * 1024;
+
+/// The runway grows by one zero write of this size at a time.
+pub const runway_step_bytes: usize = 512 * 1024;
+
+/// The runway is kept only while a partition's group commits are smaller than this: larger groups
+/// already share one extent conversion among many appends, and zeroing would cost bandwidth.
+pub const runway_group_bytes_max: u64 = 64 * 1024;
+
+/// Zero writes in flight per shard at most, so laying out runways never holds the write buffers
+/// that appends need.
+pub const shard_runway_writes_max: usize = 4;
+
 /// How often a shard checks interval flushes, segment age and retention.
 pub const shard_tick_ms: u64 = 10;
 
@@ -75,6 +96,11 @@ const _: () = assert!(block_bytes.is_power_of_two());
 const _: () = assert!(read_bytes_min <= read_bytes_max);
 const _: () = assert!(torn_tail_window_bytes >= 2 * write_bytes_max as u64);
 const _: () = assert!(sync_group_bytes < torn_tail_window_bytes);
+const _: () = assert!(runway_step_bytes <= write_bytes_max);
+const _: () = assert!(runway_bytes % block_bytes as u64 == 0);
+const _: () =
+    assert!(runway_gap_bytes % block_bytes as u64 == 0 && runway_gap_bytes < runway_bytes);
+const _: () = assert!(shard_runway_writes_max < shard_writes_inflight_max);
 const _: () = assert!(write_bytes_max % block_bytes == 0);
 const _: () = assert!(write_bytes_max >= 2 * block_bytes);
 const _: () = assert!(batch_header_bytes < block_bytes);

@@ -40,6 +40,9 @@ counters!(
     reads_from_memory,
     segments_rolled,
     segments_deleted,
+    /// Zero writes that laid out a partition's file ahead of its write head (the runway).
+    runway_writes,
+    runway_bytes,
 );
 
 pub(crate) fn bump(counter: &AtomicU64, by: u64) {

@@ -66,6 +66,11 @@ pub(crate) enum Event {
     Synced {
         result: io::Result<()>,
     },
+    /// A zero write that extended the runway (see [`Partition::schedule_runway`]) finished.
+    RunwayWritten {
+        result: io::Result<()>,
+        buf: AlignedBuf,
+    },
     Control(Result<ControlDone>),
     /// One syncfs made every member's written data durable (the shard hands each a `Synced`).
     GroupSynced {
@@ -107,6 +112,8 @@ pub(crate) struct IoCtx<'a> {
     pub inflight: &'a mut Inflight,
     pub buffers: &'a mut Vec<AlignedBuf>,
     pub writes_inflight: &'a mut usize,
+    /// Zero writes in flight on the shard (a subset of `writes_inflight`).
+    pub runways_inflight: &'a mut usize,
     pub metrics: &'a Metrics,
     pub max_batch_bytes: usize,
 }
@@ -161,6 +168,9 @@ struct InflightWrite {
     end_position: u64,
     /// The offset after the last batch this write completes.
     end_offset: u64,
+    /// More than one block: counts against `partition_writes_inflight_max` (the carried block and
+    /// a partial last block go out as small writes of their own, see `start_write`).
+    large: bool,
     done: bool,
     failed: bool,
 }
@@ -231,6 +241,15 @@ pub(crate) struct Partition {
     cut_pending: bool,
     last_sync: Instant,
     bytes_since_sync: u64,
+    /// Position in the write segment up to which every block is known to be written (data or the
+    /// runway's zeros): writes below it overwrite laid-out blocks.
+    zeroed_end: u64,
+    /// The range a zero write in flight covers; data writes stay below its start.
+    runway_inflight: Option<(u64, u64)>,
+    /// A zero write failed on this segment: no more runway until the next one.
+    runway_off: bool,
+    /// Bytes the last completed sync made durable (the size of the last group commit).
+    last_group_bytes: u64,
     pub deleted: bool,
 }
 
@@ -286,6 +305,12 @@ impl Partition {
             cut_pending: false,
             last_sync: Instant::now(),
             bytes_since_sync: 0,
+            // Past the log's end the file holds zeros, but whether as written blocks or as
+            // unwritten extents is not known: assume the latter.
+            zeroed_end: align_up(size),
+            runway_inflight: None,
+            runway_off: false,
+            last_group_bytes: 0,
             deleted: false,
         }
     }
@@ -312,7 +337,10 @@ impl Partition {
 
     /// True when no I/O of this partition is in flight.
     pub fn is_idle(&self) -> bool {
-        self.writes.iter().all(|w| w.done) && self.sync_inflight.is_none() && !self.control_busy
+        self.writes.iter().all(|w| w.done)
+            && self.sync_inflight.is_none()
+            && !self.control_busy
+            && self.runway_inflight.is_none()
     }
 
     /// Everything appended is durable and nothing is in flight.
@@ -579,6 +607,7 @@ impl Partition {
         if self.control_busy {
             return false;
         }
+        self.schedule_runway(io);
         if !self.control_busy && self.epochs_dirty && self.sync_inflight.is_none() {
             self.persist_epochs(io);
         }
@@ -614,11 +643,20 @@ impl Partition {
                 self.start_allocate(io, want_end);
                 return false;
             }
-            if self.writes.len() >= partition_writes_inflight_max {
+            if self
+                .runway_inflight
+                .is_some_and(|(from, _)| want_end > from)
+            {
+                return false; // the zero write in flight covers blocks this write may use
+            }
+            let large_inflight = self.writes.iter().filter(|w| w.large && !w.done).count();
+            if large_inflight >= partition_writes_inflight_max
+                || self.writes.len() >= 3 * partition_writes_inflight_max
+            {
                 return false;
             }
-            // The block the next write starts in is covered by the last in-flight write.
-            if self.carry_len > 0 && !self.writes.is_empty() {
+            // The block the next write starts in is being written by the last write issued.
+            if self.carry_len > 0 && self.writes.back().is_some_and(|w| !w.done) {
                 return false;
             }
             if self.config.flush == FlushPolicy::EveryBatch
@@ -636,63 +674,179 @@ impl Partition {
         }
     }
 
-    /// Copy the next bytes into an aligned buffer and submit the write. Returns false if there was
-    /// not a whole block to write while other writes are in flight.
+    /// Copy the next bytes into aligned buffers and submit them. Returns false if there was not a
+    /// whole block to write while other writes are in flight.
+    ///
+    /// One write of the log goes out as up to three, each starting on a block boundary: the
+    /// carried block (rewritten with the bytes that complete it), the whole blocks after it, and
+    /// a partial last block. Each then lies within one extent (the carried block is already
+    /// written; what follows usually is not yet), which ext4 writes without blocking: a write
+    /// spanning both kinds is refused to io_uring's non-blocking attempt and punted to an io-wq
+    /// worker, which runs one file's writes one at a time. And the next write, which has to
+    /// rewrite the partial last block, waits only for that small write, not for the large one.
     fn start_write(&mut self, io: &mut IoCtx<'_>) -> bool {
         let segment_size = self.segments[&self.write_segment].size;
         let pending = (segment_size - self.next_write_position) as usize;
         let start_position = align_down(self.next_write_position);
-        let mut buf = io.buffers.pop().expect("caller checked the pool");
-        let mut total = (self.carry_len + pending).min(buf.capacity());
+        let mut total = (self.carry_len + pending).min(write_bytes_max);
         if !self.writes.is_empty() {
             // Leave the partial last block for a write that starts once the others are done.
             total = align_down(total as u64) as usize;
             if total <= self.carry_len {
-                io.buffers.push(buf);
                 return false;
             }
         }
-        buf.extend_from_slice(&self.carry[..self.carry_len]);
-        let mut to_copy = total - self.carry_len;
-        while to_copy > 0 {
+        let head = if self.carry_len > 0 && total > block_bytes {
+            block_bytes
+        } else {
+            0
+        };
+        let last_block = align_down(total as u64) as usize;
+        let tail = if last_block > head && last_block < total {
+            total - last_block
+        } else {
+            0
+        };
+        let file = self.write_file();
+        let mut from = 0;
+        for to in [head, total - tail, total] {
+            if to <= from {
+                continue;
+            }
+            let large = to - from > block_bytes;
+            let mut buf = if large {
+                io.buffers.pop().expect("caller checked the pool")
+            } else {
+                AlignedBuf::new(block_bytes)
+            };
+            if from == 0 {
+                buf.extend_from_slice(&self.carry[..self.carry_len]);
+            }
+            let need = to - from - buf.len();
+            self.copy_into(&mut buf, need);
+            if to == total {
+                let tail_start = align_down(buf.len() as u64) as usize;
+                self.carry_len = buf.len() - tail_start;
+                self.carry[..self.carry_len].copy_from_slice(&buf.as_slice()[tail_start..]);
+            }
+            self.submit_write(io, &file, start_position + from as u64, buf, large);
+            from = to;
+        }
+        self.next_write_position = start_position + total as u64;
+        true
+    }
+
+    /// Copy the next `n` bytes of the tail into `buf`, advancing the copy cursor.
+    fn copy_into(&mut self, buf: &mut AlignedBuf, mut n: usize) {
+        while n > 0 {
             let batch = &self.tail[self.copy_index];
             let piece = &batch.bytes[self.copy_offset..];
-            let n = buf.extend_from_slice(&piece[..piece.len().min(to_copy)]);
-            to_copy -= n;
-            self.copy_offset += n;
+            let taken = buf.extend_from_slice(&piece[..piece.len().min(n)]);
+            n -= taken;
+            self.copy_offset += taken;
             if self.copy_offset == batch.bytes.len() {
                 self.copied_offset = batch.next_offset;
                 self.copy_index += 1;
                 self.copy_offset = 0;
             }
         }
-        let end = start_position + buf.len() as u64;
-        let tail_start = align_down(buf.len() as u64) as usize;
-        self.carry_len = buf.len() - tail_start;
-        self.carry[..self.carry_len].copy_from_slice(&buf.as_slice()[tail_start..]);
-        self.next_write_position = end;
+    }
+
+    fn submit_write(
+        &mut self,
+        io: &mut IoCtx<'_>,
+        file: &Rc<dyn StorageFile>,
+        position: u64,
+        buf: AlignedBuf,
+        large: bool,
+    ) {
         self.write_serial += 1;
         let serial = self.write_serial;
         self.writes.push_back(InflightWrite {
             serial,
-            end_position: end,
+            end_position: position + buf.len() as u64,
             end_offset: self.copied_offset,
+            large,
             done: false,
             failed: false,
         });
         *io.writes_inflight += 1;
         bump(&io.metrics.writes, 1);
         bump(&io.metrics.write_bytes, buf.padded_len() as u64);
-        let file = self.write_file();
+        let file = file.clone();
         io.submit(&self.id, async move {
-            let (result, buf) = file.write_at(start_position, buf).await;
+            let (result, buf) = file.write_at(position, buf).await;
             Event::Written {
                 serial,
                 result,
                 buf,
             }
         });
-        true
+    }
+
+    /// Lay out the next stretch of the write segment with zeros while the partition is lightly
+    /// loaded (small group commits, no data write in flight), up to [`runway_bytes`] ahead of the
+    /// write head and within the preallocated length. Appends then overwrite blocks the file
+    /// system has already laid out, and their fdatasync commits no extent conversion. A zero write
+    /// never touches a block a data write has used or may use while it runs: it starts at least
+    /// [`runway_gap_bytes`] past the write head, and data writes that would reach it wait for it.
+    fn schedule_runway(&mut self, io: &mut IoCtx<'_>) {
+        if self.config.flush != FlushPolicy::EveryBatch
+            || self.runway_off
+            || self.runway_inflight.is_some()
+            || !self.writes.is_empty()
+            || self.failure.is_some()
+            || self.truncate.is_some()
+            || self.cut_pending
+            || self.control_busy
+            || self.last_group_bytes >= runway_group_bytes_max
+        {
+            return;
+        }
+        let segment = &self.segments[&self.write_segment];
+        if segment.file.is_none() {
+            return;
+        }
+        let head = align_up(self.next_write_position);
+        let from = self.zeroed_end.max(head + runway_gap_bytes);
+        let to = (from + runway_step_bytes as u64).min(align_down(segment.allocated));
+        if from >= head + runway_bytes || to <= from {
+            return;
+        }
+        if io.buffers.is_empty()
+            || *io.writes_inflight >= shard_writes_inflight_max
+            || *io.runways_inflight >= shard_runway_writes_max
+        {
+            return;
+        }
+        let mut buf = io.buffers.pop().expect("checked");
+        buf.fill_zeros((to - from) as usize);
+        self.runway_inflight = Some((from, to));
+        *io.writes_inflight += 1;
+        *io.runways_inflight += 1;
+        bump(&io.metrics.runway_writes, 1);
+        bump(&io.metrics.runway_bytes, to - from);
+        let file = self.write_file();
+        io.submit(&self.id, async move {
+            let (result, buf) = file.write_at(from, buf).await;
+            Event::RunwayWritten { result, buf }
+        });
+    }
+
+    fn on_runway_written(&mut self, result: io::Result<()>, metrics: &Metrics) {
+        let (_, to) = self
+            .runway_inflight
+            .take()
+            .expect("a zero write was in flight");
+        match result {
+            Ok(()) => self.zeroed_end = self.zeroed_end.max(to),
+            Err(error) => {
+                // Only an optimisation failed; the data path reports its own errors.
+                self.runway_off = true;
+                bump(&metrics.io_errors, 1);
+                tracing::warn!(partition = %self.id, %error, "zero write ahead of the log failed; no runway for this segment");
+            }
+        }
     }
 
     fn write_file(&self) -> Rc<dyn StorageFile> {
@@ -875,14 +1029,19 @@ impl Partition {
             Event::Written {
                 serial,
                 result,
-                mut buf,
+                buf,
             } => {
-                buf.clear();
-                io.buffers.push(buf);
+                recycle(io.buffers, buf);
                 *io.writes_inflight -= 1;
                 self.on_written(serial, result, io);
             }
             Event::Synced { result } => self.on_synced(result, io),
+            Event::RunwayWritten { result, buf } => {
+                recycle(io.buffers, buf);
+                *io.writes_inflight -= 1;
+                *io.runways_inflight -= 1;
+                self.on_runway_written(result, io.metrics);
+            }
             Event::Control(result) => {
                 self.control_busy = false;
                 match result {
@@ -925,6 +1084,7 @@ impl Partition {
         match result {
             Ok(()) => {
                 self.offsets.advance_durable(Durable(target));
+                self.last_group_bytes = position.saturating_sub(self.durable_position);
                 self.durable_position = position;
             }
             Err(e) => {
@@ -958,6 +1118,8 @@ impl Partition {
                 self.durable_position = 0;
                 self.carry_len = 0;
                 self.carry_state = CarryState::Ready;
+                self.zeroed_end = 0;
+                self.runway_off = false;
             }
             ControlDone::Allocated { len } => {
                 self.segments
@@ -1168,6 +1330,8 @@ impl Partition {
         self.next_write_position = position;
         self.written_position = position;
         self.durable_position = position;
+        // The cut drops the file past `position`: what lies there is no longer laid out.
+        self.zeroed_end = self.zeroed_end.min(align_down(position));
         self.carry_len = 0;
         self.carry_state = if position % block_bytes as u64 == 0 {
             CarryState::Ready
@@ -1474,6 +1638,15 @@ impl RecoveryPoint {
 }
 
 /// Take ownership of the caller's bytes for in-place header rewrites; copies only when shared.
+/// Give a write buffer back to the shard's pool; the small buffers of single-block writes are
+/// dropped instead (the pool holds only full-size buffers).
+pub(crate) fn recycle(buffers: &mut Vec<AlignedBuf>, mut buf: AlignedBuf) {
+    if buf.capacity() >= write_bytes_max {
+        buf.clear();
+        buffers.push(buf);
+    }
+}
+
 fn into_mut(bytes: Bytes) -> BytesMut {
     bytes
         .try_into_mut()

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::io::{AlignedBuf, Storage};
 use crate::metrics::{bump, Metrics};
 use crate::offsets::Durability;
-use crate::partition::{AppendKind, Event, Inflight, IoCtx, Partition, Reply, Validated};
+use crate::partition::{recycle, AppendKind, Event, Inflight, IoCtx, Partition, Reply, Validated};
 use crate::read;
 use crate::recovery::{open_partition, OpenRequest};
 use crate::segment::path;
@@ -123,6 +123,7 @@ pub(crate) fn run(
             .map(|_| AlignedBuf::new(write_bytes_max))
             .collect(),
         writes_inflight: 0,
+        runways_inflight: 0,
         dirty: HashSet::new(),
         sync_inflight: false,
         sync_waiting: HashSet::new(),
@@ -144,6 +145,7 @@ struct Shard {
     inflight: Inflight,
     buffers: Vec<AlignedBuf>,
     writes_inflight: usize,
+    runways_inflight: usize,
     dirty: HashSet<PartitionId>,
     /// A shard-level sync (fdatasync of one partition, or syncfs for several) is in flight.
     sync_inflight: bool,
@@ -189,6 +191,7 @@ impl Shard {
             inflight,
             buffers,
             writes_inflight,
+            runways_inflight,
             dirty,
             metrics,
             sync_inflight,
@@ -200,6 +203,7 @@ impl Shard {
             inflight,
             buffers,
             writes_inflight,
+            runways_inflight,
             metrics,
             max_batch_bytes: 0,
         };
@@ -272,6 +276,7 @@ impl Shard {
             inflight,
             buffers,
             writes_inflight,
+            runways_inflight,
             dirty,
             metrics,
             ..
@@ -283,6 +288,7 @@ impl Shard {
                     inflight,
                     buffers,
                     writes_inflight,
+                    runways_inflight,
                     metrics,
                     max_batch_bytes: p.config.max_message_bytes,
                 };
@@ -291,10 +297,17 @@ impl Shard {
             }
             None => {
                 // The partition was deleted while this was in flight: only give resources back.
-                if let Event::Written { mut buf, .. } = event {
-                    buf.clear();
-                    buffers.push(buf);
-                    *writes_inflight -= 1;
+                match event {
+                    Event::Written { buf, .. } => {
+                        recycle(buffers, buf);
+                        *writes_inflight -= 1;
+                    }
+                    Event::RunwayWritten { buf, .. } => {
+                        recycle(buffers, buf);
+                        *writes_inflight -= 1;
+                        *runways_inflight -= 1;
+                    }
+                    _ => {}
                 }
             }
         }

@@ -147,6 +147,8 @@ impl Metrics {
             ("reads_from_memory", engine.reads_from_memory),
             ("segments_rolled", engine.segments_rolled),
             ("segments_deleted", engine.segments_deleted),
+            ("runway_writes", engine.runway_writes),
+            ("runway_bytes", engine.runway_bytes),
         ];
         for (name, value) in engine_values {
             let _ = writeln!(out, "# TYPE keel_engine_{name} counter");

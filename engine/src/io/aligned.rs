@@ -104,6 +104,12 @@ impl AlignedBuf {
         self.full_mut()[from..len].fill(0);
     }
 
+    /// Make the buffer `len` zero bytes (a write that lays out file space ahead of the log).
+    pub fn fill_zeros(&mut self, len: usize) {
+        self.set_len(len);
+        self.full_mut()[..len].fill(0);
+    }
+
     /// Make the first `len` bytes meaningful (used after a read, and to cover padding for a write).
     pub fn set_len(&mut self, len: usize) {
         assert!(

@@ -25,6 +25,9 @@ pub struct FaultConfig {
     pub capacity_bytes: Option<u64>,
     /// Every data operation takes this long (a brown-out disk).
     pub latency: Duration,
+    /// Plus a random extra of up to this much, so operations complete out of order as on a real
+    /// device (writes land when they complete).
+    pub latency_jitter: Duration,
 }
 
 /// How a crash treats data that was written but not synced.
@@ -262,7 +265,14 @@ impl SimFs {
     }
 
     fn delay(&self) -> Duration {
-        lock(&self.state).faults.latency
+        let mut state = lock(&self.state);
+        let jitter = state.faults.latency_jitter.as_nanos() as u64;
+        let extra = if jitter == 0 {
+            0
+        } else {
+            state.next_u64() % (jitter + 1)
+        };
+        state.faults.latency + Duration::from_nanos(extra)
     }
 }
 
