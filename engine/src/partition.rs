@@ -38,7 +38,7 @@ use crate::constants::*;
 use crate::epochs::LeaderEpochCache;
 use crate::error::{Error, Result};
 use crate::io::aligned::{align_down, align_up};
-use crate::io::{AlignedBuf, IoFuture, Storage, StorageFile};
+use crate::io::{AlignedBuf, BufferPool, IoFuture, Storage, StorageFile};
 use crate::metrics::{bump, Metrics};
 use crate::offsets::{Appended, Durability, Durable, OffsetTracker, Written};
 use crate::read::{self, DiskRead};
@@ -110,7 +110,7 @@ pub(crate) enum ControlDone {
 pub(crate) struct IoCtx<'a> {
     pub storage: &'a Rc<dyn Storage>,
     pub inflight: &'a mut Inflight,
-    pub buffers: &'a mut Vec<AlignedBuf>,
+    pub buffers: &'a mut BufferPool,
     pub writes_inflight: &'a mut usize,
     /// Zero writes in flight on the shard (a subset of `writes_inflight`).
     pub runways_inflight: &'a mut usize,
@@ -665,7 +665,7 @@ impl Partition {
             {
                 return false; // the fdatasync in flight (or about to be issued) frees room
             }
-            if io.buffers.is_empty() || *io.writes_inflight >= shard_writes_inflight_max {
+            if !io.buffers.has_large() || *io.writes_inflight >= shard_writes_inflight_max {
                 return true;
             }
             if !self.start_write(io) {
@@ -715,9 +715,9 @@ impl Partition {
             }
             let large = to - from > block_bytes;
             let mut buf = if large {
-                io.buffers.pop().expect("caller checked the pool")
+                io.buffers.take_large().expect("caller checked the pool")
             } else {
-                AlignedBuf::new(block_bytes)
+                io.buffers.take_small()
             };
             if from == 0 {
                 buf.extend_from_slice(&self.carry[..self.carry_len]);
@@ -813,13 +813,13 @@ impl Partition {
         if from >= head + runway_bytes || to <= from {
             return;
         }
-        if io.buffers.is_empty()
+        if !io.buffers.has_large()
             || *io.writes_inflight >= shard_writes_inflight_max
             || *io.runways_inflight >= shard_runway_writes_max
         {
             return;
         }
-        let mut buf = io.buffers.pop().expect("checked");
+        let mut buf = io.buffers.take_large().expect("checked");
         buf.fill_zeros((to - from) as usize);
         self.runway_inflight = Some((from, to));
         *io.writes_inflight += 1;
@@ -1031,13 +1031,13 @@ impl Partition {
                 result,
                 buf,
             } => {
-                recycle(io.buffers, buf);
+                io.buffers.give_back(buf);
                 *io.writes_inflight -= 1;
                 self.on_written(serial, result, io);
             }
             Event::Synced { result } => self.on_synced(result, io),
             Event::RunwayWritten { result, buf } => {
-                recycle(io.buffers, buf);
+                io.buffers.give_back(buf);
                 *io.writes_inflight -= 1;
                 *io.runways_inflight -= 1;
                 self.on_runway_written(result, io.metrics);
@@ -1638,15 +1638,6 @@ impl RecoveryPoint {
 }
 
 /// Take ownership of the caller's bytes for in-place header rewrites; copies only when shared.
-/// Give a write buffer back to the shard's pool; the small buffers of single-block writes are
-/// dropped instead (the pool holds only full-size buffers).
-pub(crate) fn recycle(buffers: &mut Vec<AlignedBuf>, mut buf: AlignedBuf) {
-    if buf.capacity() >= write_bytes_max {
-        buf.clear();
-        buffers.push(buf);
-    }
-}
-
 fn into_mut(bytes: Bytes) -> BytesMut {
     bytes
         .try_into_mut()

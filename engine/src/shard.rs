@@ -14,12 +14,12 @@ use futures::{FutureExt, StreamExt};
 
 use crate::batch::BatchHeader;
 use crate::config::{EngineConfig, PartitionConfig};
-use crate::constants::{shard_tick_ms, shard_write_buffers_count, write_bytes_max};
+use crate::constants::{shard_tick_ms, shard_write_buffers_count};
 use crate::error::{Error, Result};
-use crate::io::{AlignedBuf, Storage};
+use crate::io::{BufferPool, Storage};
 use crate::metrics::{bump, Metrics};
 use crate::offsets::Durability;
-use crate::partition::{recycle, AppendKind, Event, Inflight, IoCtx, Partition, Reply, Validated};
+use crate::partition::{AppendKind, Event, Inflight, IoCtx, Partition, Reply, Validated};
 use crate::read;
 use crate::recovery::{open_partition, OpenRequest};
 use crate::segment::path;
@@ -119,9 +119,7 @@ pub(crate) fn run(
         storage,
         partitions: HashMap::new(),
         inflight: Inflight::new(),
-        buffers: (0..shard_write_buffers_count)
-            .map(|_| AlignedBuf::new(write_bytes_max))
-            .collect(),
+        buffers: BufferPool::new(shard_write_buffers_count),
         writes_inflight: 0,
         runways_inflight: 0,
         dirty: HashSet::new(),
@@ -143,7 +141,7 @@ struct Shard {
     storage: Rc<dyn Storage>,
     partitions: HashMap<PartitionId, Partition>,
     inflight: Inflight,
-    buffers: Vec<AlignedBuf>,
+    buffers: BufferPool,
     writes_inflight: usize,
     runways_inflight: usize,
     dirty: HashSet<PartitionId>,
@@ -299,11 +297,11 @@ impl Shard {
                 // The partition was deleted while this was in flight: only give resources back.
                 match event {
                     Event::Written { buf, .. } => {
-                        recycle(buffers, buf);
+                        buffers.give_back(buf);
                         *writes_inflight -= 1;
                     }
                     Event::RunwayWritten { buf, .. } => {
-                        recycle(buffers, buf);
+                        buffers.give_back(buf);
                         *writes_inflight -= 1;
                         *runways_inflight -= 1;
                     }

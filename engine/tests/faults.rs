@@ -55,6 +55,39 @@ async fn append_many(
     }
 }
 
+/// A disk whose operations complete in random order: each takes 20 µs plus up to `jitter_ms`
+/// (the runtime's timers tick in milliseconds: more jitter, more reordering).
+fn out_of_order_disk(seed: u64, jitter_ms: u64) -> SimFs {
+    SimFs::new(FaultConfig {
+        seed,
+        latency: Duration::from_micros(20),
+        latency_jitter: Duration::from_millis(jitter_ms),
+        ..Default::default()
+    })
+}
+
+/// The log holds exactly `acked`: read live, then from disk after each of `crashes`.
+fn assert_log_is(
+    engine: Engine,
+    fs: &SimFs,
+    p: &PartitionId,
+    acked: &BTreeMap<u64, u64>,
+    crashes: &[CrashKind],
+    seed: u64,
+) {
+    assert_eq!(&log_contents(&engine, p), acked, "seed {seed}: live");
+    let images: Vec<_> = crashes.iter().map(|&k| (k, fs.crash_image(k))).collect();
+    drop(engine);
+    for (kind, image) in images {
+        let engine = Engine::open(sim_config(&image, 1)).unwrap();
+        assert_eq!(
+            &log_contents(&engine, p),
+            acked,
+            "seed {seed}: from disk after a {kind:?} crash"
+        );
+    }
+}
+
 #[test]
 fn failed_writes_and_fdatasyncs_roll_back_and_the_log_carries_on() {
     for (what, inject) in [("write", 0), ("fdatasync", 1)] {
@@ -130,12 +163,7 @@ fn random_io_errors_never_lose_or_invent_an_acknowledged_append() {
 #[test]
 fn writes_completing_out_of_order_never_mix_up_a_block() {
     for seed in 0..4u64 {
-        let fs = SimFs::new(FaultConfig {
-            seed,
-            latency: Duration::from_micros(20),
-            latency_jitter: Duration::from_micros(1500),
-            ..Default::default()
-        });
+        let fs = out_of_order_disk(seed, 2);
         let p = PartitionId::new("jitter", 0);
         let engine = Engine::open(sim_config(&fs, 1)).unwrap();
         let (acked, failed) = block_on(async {
@@ -143,31 +171,18 @@ fn writes_completing_out_of_order_never_mix_up_a_block() {
             append_many(&engine, &p, 0..800, 64).await
         });
         assert_eq!((acked.len(), failed), (800, 0), "seed {seed}");
-        assert_eq!(log_contents(&engine, &p), acked, "seed {seed}: live");
-        let image = fs.crash_image(CrashKind::Process);
-        drop(engine);
-        let engine = Engine::open(sim_config(&image, 1)).unwrap();
-        assert_eq!(
-            log_contents(&engine, &p),
-            acked,
-            "seed {seed}: from disk after a crash"
-        );
+        assert_log_is(engine, &fs, &p, &acked, &[CrashKind::Process], seed);
     }
 }
 
 /// A lightly loaded `every-batch` partition writes zeros ahead of its log (the runway). Those
 /// zero writes must never land on a block that holds, or is about to hold, log data, whatever
 /// order writes complete in. Single appends (small groups: the runway extends after each)
-/// alternate with bursts whose writes reach into the stretch being zeroed.
+/// alternate with appends of over 1 MiB whose first write reaches into the stretch being zeroed.
 #[test]
 fn the_runway_of_zeros_never_overwrites_the_log() {
     for seed in 0..3u64 {
-        let fs = SimFs::new(FaultConfig {
-            seed,
-            latency: Duration::from_micros(20),
-            latency_jitter: Duration::from_micros(1500),
-            ..Default::default()
-        });
+        let fs = out_of_order_disk(seed, 5);
         let p = PartitionId::new("runway", 0);
         let engine = Engine::open(sim_config(&fs, 1)).unwrap();
         let config = PartitionConfig {
@@ -179,7 +194,7 @@ fn the_runway_of_zeros_never_overwrites_the_log() {
         let acked = block_on(async {
             engine.create_partition(&p, config).await.unwrap();
             let mut acked = BTreeMap::new();
-            for tag in 0..160u64 {
+            for tag in 0..80u64 {
                 // One append alone: a small group, after which the runway extends...
                 let size = 20_000 + (tag as usize * 104_729) % 40_000;
                 let out = engine.append(&p, batch(tag, 1, size, 0), 0).await.unwrap();
@@ -187,16 +202,21 @@ fn the_runway_of_zeros_never_overwrites_the_log() {
                 if tag % 2 == 0 {
                     continue;
                 }
-                // ...and at once a burst whose writes reach into the stretch being zeroed.
-                let mut burst = FuturesUnordered::new();
-                for t in 0..10u64 {
-                    let tag = 10_000 + tag * 100 + t;
-                    let size = 100_000 + (tag as usize * 7919) % 80_000;
-                    let (e, p) = (&engine, &p);
-                    burst.push(async move { (tag, e.append(p, batch(tag, 1, size, 0), 0).await) });
+                // ...and at once over 1 MiB in one append: its first write (1 MiB from the
+                // head) reaches into the stretch being zeroed.
+                let tags: Vec<u64> = (0..8).map(|t| 10_000 + tag * 100 + t).collect();
+                let mut bytes = bytes::BytesMut::new();
+                for &t in &tags {
+                    bytes.extend_from_slice(&batch(
+                        t,
+                        1,
+                        140_000 + (t as usize * 7919) % 40_000,
+                        0,
+                    ));
                 }
-                while let Some((tag, r)) = burst.next().await {
-                    acked.insert(r.unwrap().base_offset, tag);
+                let out = engine.append(&p, bytes.freeze(), 0).await.unwrap();
+                for (i, t) in tags.into_iter().enumerate() {
+                    acked.insert(out.base_offset + i as u64, t);
                 }
             }
             acked
@@ -205,18 +225,8 @@ fn the_runway_of_zeros_never_overwrites_the_log() {
             engine.metrics().runway_writes > 0,
             "seed {seed}: the runway should have run"
         );
-        assert_eq!(log_contents(&engine, &p), acked, "seed {seed}: live");
-        let kill = fs.crash_image(CrashKind::Process);
-        let power = fs.crash_image(CrashKind::PowerCut);
-        drop(engine);
-        for (what, image) in [("kill", kill), ("power cut", power)] {
-            let engine = Engine::open(sim_config(&image, 1)).unwrap();
-            assert_eq!(
-                log_contents(&engine, &p),
-                acked,
-                "seed {seed}: from disk after a {what}"
-            );
-        }
+        let crashes = [CrashKind::Process, CrashKind::PowerCut];
+        assert_log_is(engine, &fs, &p, &acked, &crashes, seed);
     }
 }
 

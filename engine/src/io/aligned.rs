@@ -7,7 +7,7 @@ use std::ptr::NonNull;
 
 use compio::buf::{IoBuf, IoBufMut, SetBufInit};
 
-use crate::constants::block_bytes;
+use crate::constants::{block_bytes, shard_writes_inflight_max, write_bytes_max};
 
 /// A zero-initialised buffer whose address and capacity are multiples of [`block_bytes`]. `len` is the
 /// number of meaningful bytes; the whole capacity is always initialised memory.
@@ -179,6 +179,49 @@ unsafe impl IoBufMut for AlignedBuf {
                 self.ptr.as_ptr().add(len).cast::<MaybeUninit<u8>>(),
                 capacity - len,
             )
+        }
+    }
+}
+
+/// A shard's write buffers: full-size ones (`write_bytes_max`), all made at start-up, and
+/// single-block ones for a write's carried block and partial last block, made on first need and
+/// kept for reuse, so the write path does not allocate.
+pub(crate) struct BufferPool {
+    large: Vec<AlignedBuf>,
+    small: Vec<AlignedBuf>,
+}
+
+impl BufferPool {
+    pub fn new(large: usize) -> BufferPool {
+        BufferPool {
+            large: (0..large)
+                .map(|_| AlignedBuf::new(write_bytes_max))
+                .collect(),
+            small: Vec::new(),
+        }
+    }
+
+    pub fn has_large(&self) -> bool {
+        !self.large.is_empty()
+    }
+
+    pub fn take_large(&mut self) -> Option<AlignedBuf> {
+        self.large.pop()
+    }
+
+    pub fn take_small(&mut self) -> AlignedBuf {
+        self.small
+            .pop()
+            .unwrap_or_else(|| AlignedBuf::new(block_bytes))
+    }
+
+    /// Take a buffer back after its write completed.
+    pub fn give_back(&mut self, mut buf: AlignedBuf) {
+        buf.clear();
+        if buf.capacity() >= write_bytes_max {
+            self.large.push(buf);
+        } else if self.small.len() < 2 * shard_writes_inflight_max {
+            self.small.push(buf);
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod sim;
 pub mod uring;
 
 pub use aligned::AlignedBuf;
+pub(crate) use aligned::BufferPool;
 
 /// A boxed, single-threaded future: one allocation per I/O operation, never per batch.
 pub type IoFuture<T> = Pin<Box<dyn Future<Output = T>>>;
