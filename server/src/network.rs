@@ -7,10 +7,11 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use compio::buf::{BufResult, IntoInner, IoBuf};
-use compio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use compio::io::{AsyncRead, AsyncWriteExt};
 use compio::net::{TcpListener, TcpStream};
 use kafka_protocol::messages::ApiKey;
 use socket2::{Domain, Socket, Type};
@@ -26,6 +27,10 @@ const connection_pipeline_depth: usize = 32;
 /// A request body is read into a buffer grown by at most this much at a time, so a client that
 /// announces a large frame and sends nothing does not pin that much memory.
 const read_step_bytes: usize = 1024 * 1024;
+/// Frames gathered into one socket write at most (the kernel takes up to 1024 iovecs).
+const write_frames_max: usize = 256;
+/// A connection's read buffer: one read takes up to this much of what the socket holds.
+const read_buffer_bytes: usize = 128 * 1024;
 
 /// What the shards share about the listeners and the connections they serve.
 #[derive(Debug, Default)]
@@ -143,39 +148,80 @@ async fn serve_connection(
     let (tx, rx) = flume::bounded::<Outgoing>(connection_pipeline_depth);
     let writer_broker = broker.clone();
     let writer_task = compio::runtime::spawn(async move {
-        while let Ok(out) = rx.recv_async().await {
-            let frames: Vec<bytes::Bytes> = match out {
-                Outgoing::Raw(frame) => vec![frame.freeze()],
-                Outgoing::Response(job) => {
-                    let Some(reply) = job.response.await else {
-                        continue;
-                    };
+        let mut next: Option<Outgoing> = None;
+        loop {
+            let first = match next.take() {
+                Some(out) => out,
+                None => match rx.recv_async().await {
+                    Ok(out) => out,
+                    Err(_) => break,
+                },
+            };
+            // Wait for the oldest response, then take every later one that is already done:
+            // they go out in one write, so a client with several requests in flight gets the
+            // answers of one group commit together rather than one socket write apart.
+            let mut frames: Vec<Bytes> = Vec::new();
+            let mut closing = false;
+            let mut out = Some(first);
+            while let Some(o) = out.take() {
+                let reply = match o {
+                    Outgoing::Raw(frame) => {
+                        frames.push(frame.freeze());
+                        closing = true;
+                        break;
+                    }
+                    Outgoing::Response(mut job) => {
+                        let reply = if frames.is_empty() {
+                            (&mut job.response).await
+                        } else {
+                            match futures::poll!(&mut job.response) {
+                                Poll::Ready(reply) => reply,
+                                Poll::Pending => {
+                                    next = Some(Outgoing::Response(job));
+                                    break;
+                                }
+                            }
+                        };
+                        reply.map(|r| (r, job))
+                    }
+                };
+                if let Some((reply, job)) = reply {
                     match reply.encode(job.key, job.version, job.correlation_id) {
-                        Ok(frames) => frames,
+                        Ok(encoded) => frames.extend(encoded),
                         Err(e) => {
                             tracing::error!(api = ?job.key, version = job.version, error = %e, "cannot encode a response; closing");
+                            closing = true;
                             break;
                         }
                     }
                 }
-            };
-            let len: u64 = frames.iter().map(|f| f.len() as u64).sum();
-            let result = if frames.len() == 1 {
-                let frame = frames.into_iter().next().expect("one frame");
-                writer.write_all(frame).await.0
-            } else {
-                // Record bytes go from the engine's buffers to the socket in one writev.
-                writer.write_vectored_all(frames).await.0
-            };
-            if result.is_err() {
+                if frames.len() < write_frames_max {
+                    out = rx.try_recv().ok();
+                }
+            }
+            if !frames.is_empty() {
+                let len: u64 = frames.iter().map(|f| f.len() as u64).sum();
+                let result = if frames.len() == 1 {
+                    let frame = frames.pop().expect("one frame");
+                    writer.write_all(frame).await.0
+                } else {
+                    // Record bytes go from the engine's buffers to the socket in one writev.
+                    writer.write_vectored_all(frames).await.0
+                };
+                if result.is_err() {
+                    break;
+                }
+                Metrics::add(&writer_broker.metrics.bytes_sent, len);
+            }
+            if closing {
                 break;
             }
-            Metrics::add(&writer_broker.metrics.bytes_sent, len);
         }
     });
     let max = broker.config.socket_request_max_bytes;
+    let mut frames = FrameReader::new(max);
     loop {
-        let frame = match read_frame(&mut reader, max).await {
+        let frame = match frames.next(&mut reader).await {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(ReadError::Io(e)) => {
@@ -238,35 +284,162 @@ enum ReadError {
     Size(i64),
 }
 
-/// One frame body, or `None` at a clean end of stream.
-async fn read_frame<R: AsyncRead>(reader: &mut R, max: usize) -> Result<Option<Bytes>, ReadError> {
-    let BufResult(result, size) = reader.read_exact(Vec::with_capacity(4).slice(0..4)).await;
-    match result {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(ReadError::Io(e)),
-    }
-    let size = size.into_inner();
-    let size = i32::from_be_bytes([size[0], size[1], size[2], size[3]]);
-    if size < 0 || size as usize > max {
-        return Err(ReadError::Size(size as i64));
-    }
-    let n = size as usize;
-    let mut body: Vec<u8> = Vec::with_capacity(n.min(read_step_bytes));
-    while body.len() < n {
-        if body.len() == body.capacity() {
-            body.reserve((n - body.len()).min(read_step_bytes));
+/// Reads a connection's request frames through one buffer: a read takes whatever the socket
+/// holds (several pipelined requests arrive in one read), and each frame is split off the buffer
+/// without a copy.
+struct FrameReader {
+    buf: BytesMut,
+    max: usize,
+}
+
+impl FrameReader {
+    fn new(max: usize) -> FrameReader {
+        FrameReader {
+            buf: BytesMut::with_capacity(read_buffer_bytes),
+            max,
         }
-        let (start, end) = (body.len(), body.capacity().min(n));
-        let BufResult(result, slice) = reader.read(body.slice(start..end)).await;
-        body = slice.into_inner();
-        match result {
-            Ok(0) => {
-                return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
+
+    /// The next frame body, or `None` at a clean end of stream (between frames).
+    async fn next<R: AsyncRead>(&mut self, reader: &mut R) -> Result<Option<Bytes>, ReadError> {
+        loop {
+            let needed = match self.buffered_frame()? {
+                Ok(frame) => return Ok(Some(frame)),
+                Err(needed) => needed,
+            };
+            // Room for the rest of this frame, grown by at most `read_step_bytes` or what has
+            // arrived (whichever is more) at a time: a client that announces a large frame and
+            // sends nothing pins little memory, and a large frame is not copied once per step.
+            let want = needed
+                .min(read_step_bytes.max(self.buf.len()))
+                .max(read_buffer_bytes / 4);
+            if self.buf.capacity() - self.buf.len() < want {
+                self.buf.reserve(want.max(read_buffer_bytes));
             }
-            Ok(_) => {}
-            Err(e) => return Err(ReadError::Io(e)),
+            let (start, end) = (self.buf.len(), self.buf.capacity());
+            let buf = std::mem::take(&mut self.buf);
+            let BufResult(result, slice) = reader.read(buf.slice(start..end)).await;
+            self.buf = slice.into_inner();
+            match result {
+                Ok(0) if self.buf.is_empty() => return Ok(None),
+                Ok(0) => return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {}
+                Err(e) => return Err(ReadError::Io(e)),
+            }
         }
     }
-    Ok(Some(Bytes::from(body)))
+
+    /// A complete frame split off the buffer, or how many more bytes the next frame needs.
+    fn buffered_frame(&mut self) -> Result<Result<Bytes, usize>, ReadError> {
+        if self.buf.len() < 4 {
+            return Ok(Err(4 - self.buf.len()));
+        }
+        let size = i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+        if size < 0 || size as usize > self.max {
+            return Err(ReadError::Size(size as i64));
+        }
+        let total = 4 + size as usize;
+        if self.buf.len() < total {
+            return Ok(Err(total - self.buf.len()));
+        }
+        let mut frame = self.buf.split_to(total);
+        let _ = frame.split_to(4);
+        Ok(Ok(frame.freeze()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream that hands out at most `chunk` bytes per read.
+    struct Chunked {
+        data: Vec<u8>,
+        pos: usize,
+        chunk: usize,
+    }
+
+    impl AsyncRead for Chunked {
+        async fn read<B: compio::buf::IoBufMut>(&mut self, buf: B) -> BufResult<usize, B> {
+            let end = self.pos.saturating_add(self.chunk).min(self.data.len());
+            let mut part = &self.data[self.pos..end];
+            let BufResult(result, buf) = part.read(buf).await;
+            if let Ok(n) = result {
+                self.pos += n;
+            }
+            BufResult(result, buf)
+        }
+    }
+
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as i32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    }
+
+    fn read_all(data: Vec<u8>, chunk: usize, max: usize) -> (Vec<Bytes>, Option<ReadError>) {
+        compio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move {
+                let mut stream = Chunked {
+                    data,
+                    pos: 0,
+                    chunk,
+                };
+                let mut reader = FrameReader::new(max);
+                let mut frames = Vec::new();
+                loop {
+                    match reader.next(&mut stream).await {
+                        Ok(Some(f)) => frames.push(f),
+                        Ok(None) => return (frames, None),
+                        Err(e) => return (frames, Some(e)),
+                    }
+                }
+            })
+    }
+
+    #[test]
+    fn frames_are_split_off_whatever_the_reads_deliver() {
+        let bodies: Vec<Vec<u8>> = vec![
+            b"a".to_vec(),
+            Vec::new(),
+            (0..3_000_000u32).map(|i| (i % 251) as u8).collect(),
+            (0..70_000u32).map(|i| (i % 13) as u8).collect(),
+        ];
+        let stream: Vec<u8> = bodies.iter().flat_map(|b| frame(b)).collect();
+        // One read holding several frames, reads cutting frames and length prefixes anywhere,
+        // and one byte at a time (small frames only, to keep it quick).
+        for chunk in [usize::MAX, 1 << 20, 65_537, 4093, 3] {
+            let (frames, error) = read_all(stream.clone(), chunk, 4 << 20);
+            assert!(error.is_none(), "chunk {chunk}");
+            assert_eq!(frames.len(), bodies.len(), "chunk {chunk}");
+            for (f, b) in frames.iter().zip(&bodies) {
+                assert!(f[..] == b[..], "chunk {chunk}: a frame differs");
+            }
+        }
+        let small: Vec<u8> = [frame(b"xy"), frame(b""), frame(b"z")].concat();
+        let (frames, error) = read_all(small, 1, 1024);
+        assert!(error.is_none());
+        assert_eq!(frames, vec![&b"xy"[..], &b""[..], &b"z"[..]]);
+    }
+
+    #[test]
+    fn a_cut_or_oversized_frame_is_an_error_and_earlier_frames_survive() {
+        let mut cut = frame(b"whole");
+        cut.extend_from_slice(&frame(b"truncated")[..7]);
+        let (frames, error) = read_all(cut, 5, 1024);
+        assert_eq!(frames, vec![&b"whole"[..]]);
+        assert!(
+            matches!(error, Some(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof)
+        );
+
+        // The size is refused before any of the body is awaited.
+        let mut big = frame(b"ok");
+        big.extend_from_slice(&2000i32.to_be_bytes());
+        let (frames, error) = read_all(big, usize::MAX, 1024);
+        assert_eq!(frames, vec![&b"ok"[..]]);
+        assert!(matches!(error, Some(ReadError::Size(2000))));
+        let (_, error) = read_all((-1i32).to_be_bytes().to_vec(), usize::MAX, 1024);
+        assert!(matches!(error, Some(ReadError::Size(-1))));
+    }
 }
