@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::broker_load::{self, BrokerLoadConfig};
 use crate::engine_load::{self, EngineLoadConfig};
 use crate::raw::{self, RawConfig, RawResult};
-use crate::report::{parse_bytes, parse_duration, ratio, Percentiles};
+use crate::report::{parse_bytes, parse_duration, ratio, summarize_rounds, Percentiles};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -86,6 +86,12 @@ struct Common {
     /// Time the baseline's write+fdatasync latency test runs.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     latency_duration: Duration,
+    /// Engine and broker modes: repeat the whole measurement (baseline, then the run) this many
+    /// times and report medians; each ratio is the median of the per-round ratios. On a VM or a
+    /// shared disk the device's speed drifts between runs, so a ratio is only as good as the
+    /// nearness in time of its two measurements.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
 }
 
 #[derive(Args, Debug)]
@@ -395,12 +401,62 @@ fn baseline(
 }
 
 fn engine(args: EngineArgs) -> Result<(), String> {
-    let common = &args.common;
-    let base = if common.no_baseline {
-        None
-    } else {
-        Some(baseline(common, 1 << 20, 4, 0, 4096, false)?)
+    let results = in_rounds(&args.common, |base| engine_run(&args, base))?;
+    write_json(&args.common, &results)?;
+    write_markdown(&args.common, std::slice::from_ref(&results))
+}
+
+/// Run `round` `common.rounds` times, each after its own baseline (unless `--no-baseline`);
+/// with more than one round, print and return the medians (`report::summarize_rounds`).
+fn in_rounds(
+    common: &Common,
+    mut round: impl FnMut(Option<RawResult>) -> Result<Value, String>,
+) -> Result<Value, String> {
+    let mut results = Vec::new();
+    for i in 0..common.rounds {
+        if common.rounds > 1 {
+            println!("== round {} of {}", i + 1, common.rounds);
+        }
+        let base = if common.no_baseline {
+            None
+        } else {
+            Some(baseline(common, 1 << 20, 4, 0, 4096, false)?)
+        };
+        results.push(round(base)?);
+    }
+    if results.len() == 1 {
+        let mut result = results.pop().expect("one round");
+        result["config"]["rounds"] = json!(1);
+        return Ok(result);
+    }
+    let mut summary = summarize_rounds(&results).expect("at least one round");
+    summary["config"]["rounds"] = json!(results.len());
+    let list = |key: &str| {
+        results
+            .iter()
+            .map(|r| {
+                r[key]
+                    .as_f64()
+                    .map_or("–".to_string(), |v| format!("{v:.3}"))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     };
+    println!("== medians over {} rounds", results.len());
+    for key in crate::report::round_figures {
+        if common.no_baseline && key == "baseline_mb_s" {
+            continue;
+        }
+        if let Some(m) = summary[key].as_f64() {
+            println!("{key}: median {m:.3} (rounds: {})", list(key));
+        }
+    }
+    Ok(summary)
+}
+
+/// One engine run after `base`, the baseline measured just before it (if any).
+fn engine_run(args: &EngineArgs, base: Option<RawResult>) -> Result<Value, String> {
+    let common = &args.common;
     let flush = match args.policy {
         Policy::EveryBatch => keel_engine::FlushPolicy::EveryBatch,
         Policy::Interval => keel_engine::FlushPolicy::Interval {
@@ -479,17 +535,11 @@ fn engine(args: EngineArgs) -> Result<(), String> {
         "latency_curve": r.curve,
         "engine": { "writes": r.metrics.writes, "write_bytes": r.metrics.write_bytes, "fsyncs": r.metrics.fsyncs, "appends": r.metrics.appends },
     });
-    write_json(common, &result)?;
-    write_markdown(common, std::slice::from_ref(&result))
+    Ok(result)
 }
 
 fn broker(args: BrokerArgs) -> Result<(), String> {
-    let base = if args.common.no_baseline {
-        None
-    } else {
-        Some(baseline(&args.common, 1 << 20, 4, 0, 4096, false)?)
-    };
-    let result = broker_run(&args, base)?;
+    let result = in_rounds(&args.common, |base| broker_run(&args, base))?;
     write_json(&args.common, &result)?;
     write_markdown(&args.common, std::slice::from_ref(&result))
 }

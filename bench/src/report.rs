@@ -46,6 +46,73 @@ pub fn ratio(numerator: f64, denominator: f64) -> Option<f64> {
     (denominator > 0.0 && numerator.is_finite()).then(|| numerator / denominator)
 }
 
+/// The median of `values` (the mean of the middle two for an even count); `None` when empty.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    })
+}
+
+/// The figures of each round that a summary of several rounds reports as medians.
+pub const round_figures: [&str; 6] = [
+    "throughput_mb_s",
+    "baseline_mb_s",
+    "ratio",
+    "latency_ratio",
+    "engine_mb_s",
+    "engine_ratio",
+];
+
+/// One result from several interleaved rounds of the same measurement: each figure in
+/// `round_figures` is the median over the rounds (a ratio is the median of the per-round ratios,
+/// each taken between measurements seconds apart, not a ratio of medians); the latency
+/// distributions and timelines are those of the round whose throughput is the median
+/// (`median_round`); `rounds` lists every round's figures.
+pub fn summarize_rounds(rounds: &[Value]) -> Option<Value> {
+    let throughputs: Vec<f64> = rounds
+        .iter()
+        .map(|r| r["throughput_mb_s"].as_f64().unwrap_or(f64::NAN))
+        .collect();
+    let mid = median(&throughputs)?;
+    // The round closest to the median throughput (the lower of the middle two for an even count).
+    let pick = (0..rounds.len())
+        .min_by(|&a, &b| {
+            (throughputs[a] - mid)
+                .abs()
+                .total_cmp(&(throughputs[b] - mid).abs())
+        })
+        .expect("at least one round");
+    let mut out = rounds[pick].clone();
+    let mut listed = Vec::with_capacity(rounds.len());
+    for r in rounds {
+        let mut figures = serde_json::Map::new();
+        for key in round_figures {
+            if !r[key].is_null() {
+                figures.insert(key.to_string(), r[key].clone());
+            }
+        }
+        figures.insert("latency_p99_us".into(), r["latency_us"]["p99"].clone());
+        listed.push(Value::Object(figures));
+    }
+    for key in round_figures {
+        let values: Vec<f64> = rounds.iter().filter_map(|r| r[key].as_f64()).collect();
+        if let Some(m) = median(&values) {
+            out[key] = json!(m);
+        }
+    }
+    out["median_round"] = json!(pick);
+    out["rounds"] = Value::Array(listed);
+    Some(out)
+}
+
 pub fn mb_per_s(bytes: u64, seconds: f64) -> f64 {
     if seconds <= 0.0 {
         0.0
@@ -112,6 +179,35 @@ mod tests {
         assert_eq!(ratio(1.0, 4.0), Some(0.25));
         assert_eq!(ratio(1.0, 0.0), None);
         assert_eq!(mb_per_s(2_000_000, 2.0), 1.0);
+    }
+
+    #[test]
+    fn rounds_report_medians_of_per_round_ratios() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[f64::NAN]), None);
+        assert_eq!(median(&[]), None);
+        let round = |mb: f64, base: f64, p99: f64| {
+            json!({ "mode": "engine", "throughput_mb_s": mb, "baseline_mb_s": base,
+                    "ratio": mb / base, "latency_us": { "p99": p99 } })
+        };
+        // The baseline drifts: the per-round ratios (0.9, 0.5, 0.8) have median 0.8, while the
+        // ratio of the medians would be 900 / 1000.
+        let rounds = [
+            round(900.0, 1000.0, 10.0),
+            round(1000.0, 2000.0, 20.0),
+            round(400.0, 500.0, 30.0),
+        ];
+        let s = summarize_rounds(&rounds).unwrap();
+        assert_eq!(s["throughput_mb_s"], 900.0);
+        assert_eq!(s["baseline_mb_s"], 1000.0);
+        assert!((s["ratio"].as_f64().unwrap() - 0.8).abs() < 1e-12, "{s}");
+        assert_eq!(s["median_round"], 0);
+        assert_eq!(s["latency_us"]["p99"], 10.0);
+        assert_eq!(s["rounds"].as_array().unwrap().len(), 3);
+        assert_eq!(s["rounds"][2]["latency_p99_us"], 30.0);
+        assert!(s.get("engine_ratio").is_none());
+        assert!(summarize_rounds(&[]).is_none());
     }
 
     #[test]
