@@ -17,11 +17,6 @@ use crate::error::error_code;
 use crate::metadata::{Partition, Topic};
 use crate::metrics::Metrics;
 
-/// While a waiting fetch sees batches that are appended but not yet below the high watermark (an
-/// acks=1 produce answered at write time, its fsync still running), it re-reads this often:
-/// the engine signals append completions, not each fsync.
-const visibility_recheck: Duration = Duration::from_millis(2);
-
 struct Wanted {
     topic: Option<Arc<Topic>>,
     partition: Option<Arc<Partition>>,
@@ -88,15 +83,13 @@ impl Broker {
             .await;
             let mut total = 0usize;
             let mut failed = false;
-            let mut lagging = false;
             let mut topics = Vec::new();
             let mut records = Vec::new();
             for (name, results) in names.iter().zip(reads) {
                 let mut partitions = Vec::new();
                 let mut topic_records = Vec::new();
-                for (data, chunks, hidden) in results {
+                for (data, chunks) in results {
                     failed |= data.error_code != 0;
-                    lagging |= hidden;
                     let size: usize = chunks.iter().map(Bytes::len).sum();
                     if total > 0 && total + size > max_bytes {
                         // Over the request's limit: this partition's data waits for the next fetch.
@@ -126,17 +119,15 @@ impl Broker {
                 }
                 return (response, records);
             }
-            let mut wait = deadline - now;
-            if lagging {
-                wait = wait.min(visibility_recheck);
-            }
+            // Woken when a produce to one of these partitions completes, and again when a batch
+            // answered at write time becomes durable (and so visible): see `produce_partition`.
+            let wait = deadline - now;
             let _ = select(select_all(waiters), Box::pin(compio::time::sleep(wait))).await;
         }
     }
 
-    /// One partition: its response entry, its record chunks (as the engine returned them) and
-    /// whether batches exist above the high watermark that will soon become visible.
-    async fn read_partition(&self, w: &Wanted, version: i16) -> (PartitionData, Vec<Bytes>, bool) {
+    /// One partition: its response entry and its record chunks (as the engine returned them).
+    async fn read_partition(&self, w: &Wanted, version: i16) -> (PartitionData, Vec<Bytes>) {
         let mut data = PartitionData::default()
             .with_partition_index(w.index)
             .with_high_watermark(-1)
@@ -144,15 +135,15 @@ impl Broker {
             .with_log_start_offset(-1);
         let (Some(topic), Some(p)) = (&w.topic, &w.partition) else {
             data.error_code = self.code(ResponseError::UnknownTopicOrPartition);
-            return (data, Vec::new(), false);
+            return (data, Vec::new());
         };
         if let Err(e) = self.check_leader_epoch(p, w.leader_epoch) {
             data.error_code = self.code(e);
-            return (data, Vec::new(), false);
+            return (data, Vec::new());
         }
         let Ok(offset) = u64::try_from(w.offset) else {
             data.error_code = self.code(ResponseError::OffsetOutOfRange);
-            return (data, Vec::new(), false);
+            return (data, Vec::new());
         };
         let options = ReadOptions {
             max_bytes: w.max_bytes,
@@ -166,8 +157,7 @@ impl Broker {
                 if version >= 5 {
                     data.log_start_offset = read.log_start_offset as i64;
                 }
-                let hidden = read.log_end_offset > hw;
-                (data, read.chunks, hidden)
+                (data, read.chunks)
             }
             Err(e) => {
                 let code = error_code(&e);
@@ -183,7 +173,7 @@ impl Broker {
                         data.log_start_offset = state.log_start_offset as i64;
                     }
                 }
-                (data, Vec::new(), false)
+                (data, Vec::new())
             }
         }
     }

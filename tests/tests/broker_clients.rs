@@ -150,7 +150,8 @@ fn a_waiting_consumer_is_woken_by_a_produce() {
     let addr = server.local_addr();
     create_topic(addr, "wake", 1, &[]);
     // Each fetch waits up to 20 s for data: the record can only arrive within the 10 s below if
-    // the produce wakes the parked fetch.
+    // the produce wakes the parked fetch. With acks=1 the producer is answered at write time,
+    // before the batch is durable and visible: the fetch must be woken again when it is.
     let c = consumer_with(addr, &[("fetch.wait.max.ms", "20000")]);
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset("wake", 0, Offset::Beginning)
