@@ -116,7 +116,8 @@ impl PartitionConfig {
         if self.max_message_bytes as u64 > self.segment_bytes {
             return bad("max.message.bytes larger than segment.bytes".into());
         }
-        if self.preallocate_bytes == 0 || self.preallocate_bytes % block_bytes as u64 != 0 {
+        if self.preallocate_bytes == 0 || !self.preallocate_bytes.is_multiple_of(block_bytes as u64)
+        {
             return bad(format!(
                 "preallocate bytes {} must be a positive multiple of {block_bytes}",
                 self.preallocate_bytes

@@ -13,6 +13,7 @@ use crate::batch::BatchHeader;
 use crate::config::{EngineConfig, PartitionConfig};
 use crate::constants::shard_inbox_count_max;
 use crate::error::{Error, Result};
+use crate::io::Backend;
 use crate::metrics::bump;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::offsets::Durability;
@@ -53,6 +54,10 @@ struct Inner {
     threads: Mutex<Vec<JoinHandle<()>>>,
     metrics: Arc<Metrics>,
     config: Arc<EngineConfig>,
+    /// The data directory's lock (`lock_data_dir`), released when the file is closed: once every
+    /// shard has shut down cleanly (`shutdown`), else after the shards have stopped (fields drop
+    /// after `Drop::drop` joins them), or when the process dies.
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 impl Drop for Inner {
@@ -80,6 +85,10 @@ impl Engine {
         storage
             .create_dir_all(&config.data_dir)
             .map_err(|e| Error::io("create", &config.data_dir, e))?;
+        let lock = match config.backend {
+            Backend::Uring => Some(lock_data_dir(&config.data_dir)?),
+            Backend::Sim(_) => None, // the simulator's files are not on the disk
+        };
         let found = storage
             .list_dir(&config.data_dir)
             .map_err(|e| Error::io("list", &config.data_dir, e))?;
@@ -110,6 +119,7 @@ impl Engine {
                 threads: Mutex::new(threads),
                 metrics,
                 config,
+                lock: Mutex::new(lock),
             }),
         };
         let opens: Vec<_> = found
@@ -412,6 +422,37 @@ impl Engine {
                 result = result.and(Err(e));
             }
         }
+        if result.is_ok() {
+            // Every shard has stopped and will not write again: another engine (a restart in
+            // this process) may have the directory now, even while handles to this one live on.
+            drop(
+                self.inner
+                    .lock
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take(),
+            );
+        }
         result
+    }
+}
+
+/// Take the data directory's exclusive lock (`flock` on `<dir>/.lock`, as Kafka guards its log
+/// directories): two engines writing the same partition files would interleave their writes and
+/// each truncate the other's "torn" tail. The kernel drops the lock when the process dies, so a
+/// crash never leaves the directory locked.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    let path = dir.join(crate::segment::path::LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::DirectoryInUse(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
     }
 }

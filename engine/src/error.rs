@@ -51,6 +51,11 @@ pub enum Error {
     InvalidConfig(String),
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// Another engine (in this or another process) has the data directory open.
+    #[error(
+        "data directory {0} is in use by another Keel process (it holds the lock on {0}/.lock)"
+    )]
+    DirectoryInUse(PathBuf),
 }
 
 impl Error {
@@ -110,6 +115,7 @@ impl Error {
             Error::Truncated { offset } => Error::Truncated { offset: *offset },
             Error::InvalidConfig(s) => Error::InvalidConfig(s.clone()),
             Error::ShuttingDown => Error::ShuttingDown,
+            Error::DirectoryInUse(p) => Error::DirectoryInUse(p.clone()),
         }
     }
 }

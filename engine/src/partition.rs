@@ -1333,7 +1333,7 @@ impl Partition {
         // The cut drops the file past `position`: what lies there is no longer laid out.
         self.zeroed_end = self.zeroed_end.min(align_down(position));
         self.carry_len = 0;
-        self.carry_state = if position % block_bytes as u64 == 0 {
+        self.carry_state = if position.is_multiple_of(block_bytes as u64) {
             CarryState::Ready
         } else {
             CarryState::NeedsLoad

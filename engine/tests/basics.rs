@@ -153,3 +153,38 @@ fn dropping_the_engine_without_shutdown_stops_the_shards() {
     let state = block_on(engine.partition_state(&p)).unwrap();
     assert_eq!(state.appended.0, 1);
 }
+
+#[test]
+fn a_data_directory_is_opened_by_one_engine_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = PartitionId::new("locked", 0);
+    let first = Engine::open(uring_config(dir.path(), 1)).unwrap();
+    block_on(first.create_partition(&p, PartitionConfig::default())).unwrap();
+    block_on(first.append(&p, batch(1, 1, 10, 0), 0)).unwrap();
+
+    // A second engine on the same directory (here in the same process; another process gets the
+    // same answer) is refused before it touches a partition.
+    match Engine::open(uring_config(dir.path(), 1)) {
+        Err(Error::DirectoryInUse(path)) => assert_eq!(path, dir.path()),
+        other => panic!(
+            "expected DirectoryInUse, got {:?}",
+            other.map(|_| "an engine")
+        ),
+    }
+    let message = Engine::open(uring_config(dir.path(), 1))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("in use by another Keel process"),
+        "{message}"
+    );
+    // The refused open changed nothing: the first engine still serves its partition.
+    block_on(first.append(&p, batch(2, 1, 10, 0), 0)).unwrap();
+    assert_eq!(block_on(first.partition_state(&p)).unwrap().appended.0, 2);
+
+    // Released when the engine is gone (a killed process releases it too: the kernel drops it).
+    drop(first);
+    let again = Engine::open(uring_config(dir.path(), 1)).unwrap();
+    assert_eq!(block_on(again.partition_state(&p)).unwrap().appended.0, 2);
+}

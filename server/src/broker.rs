@@ -94,8 +94,10 @@ impl Broker {
         engine_config.backend = config.backend.clone();
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| Error::io("create", config.data_dir.display(), e))?;
-        let registry = Registry::load(&config.data_dir, &config.topic_defaults, config.node_id)?;
+        // The engine first: it takes the data directory's lock, so a second broker started on the
+        // same directory stops before it touches anything (loading the registry cleans up files).
         let engine = Engine::open(engine_config)?;
+        let registry = Registry::load(&config.data_dir, &config.topic_defaults, config.node_id)?;
         let offsets = keel_engine::block_on(crate::offsets::OffsetStore::open(
             engine.clone(),
             &config.data_dir,

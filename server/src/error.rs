@@ -73,5 +73,6 @@ pub fn error_code(e: &keel_engine::Error) -> ResponseError {
         E::Truncated { .. } => ResponseError::NotLeaderOrFollower,
         E::InvalidConfig(_) => ResponseError::InvalidConfig,
         E::ShuttingDown => ResponseError::NotLeaderOrFollower,
+        E::DirectoryInUse(_) => ResponseError::KafkaStorageError,
     }
 }

@@ -88,7 +88,7 @@ impl ProducerStates {
     /// forgotten, e.g. after retention) may start anywhere.
     pub fn check(&mut self, header: &BatchHeader) -> Check {
         self.checks += 1;
-        if self.checks % expiry_sweep_every == 0 {
+        if self.checks.is_multiple_of(expiry_sweep_every) {
             self.expire(crate::now_ms());
         }
         let (pid, epoch) = (header.producer_id, header.producer_epoch);

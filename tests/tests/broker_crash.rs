@@ -97,7 +97,7 @@ fn sigkill_during_acks_all_produce_loses_no_acknowledged_message() {
                     Err(_) => break, // the broker is gone and the queue is full: stop
                 }
                 sent += 1;
-                while pending.len() > 64 || (!pending.is_empty() && sent % 8 == 0) {
+                while pending.len() > 64 || (!pending.is_empty() && sent.is_multiple_of(8)) {
                     let (payload, delivery) = pending.pop_front().unwrap();
                     match block_on(delivery) {
                         Ok(Ok(d)) => {

@@ -574,3 +574,35 @@ fn lost_topic_metadata_loses_no_data_and_deletions_finish_after_a_restart() {
     assert!(server.broker().registry.pending_deletions().is_empty());
     server.shutdown().unwrap();
 }
+
+#[test]
+fn a_second_broker_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let mut w = Wire::connect(server.local_addr());
+    create(&mut w, "mine", "1048588");
+    let before = log_end(&mut w, "mine");
+    let topics = || {
+        let mut names: Vec<_> = std::fs::read_dir(dir.path().join(".keel").join("topics"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let files = topics();
+    assert!(!files.is_empty());
+
+    let second = Server::start(config(dir.path(), &[]));
+    let message = second.expect_err("refused").to_string();
+    assert!(
+        message.contains("in use by another Keel process"),
+        "{message}"
+    );
+
+    // The refused start touched nothing: the first broker's metadata and log are as they were.
+    assert_eq!(topics(), files);
+    still_serving(&server);
+    assert_eq!(log_end(&mut w, "mine"), before);
+    server.shutdown().unwrap();
+}

@@ -70,7 +70,7 @@ impl OffsetIndex {
 
     /// Decode entries, trusting only those with positions below `valid_bytes`.
     pub fn decode(bytes: &[u8], valid_bytes: u64) -> Result<OffsetIndex, IndexError> {
-        if bytes.len() % 8 != 0 {
+        if !bytes.len().is_multiple_of(8) {
             return Err(format!(
                 "offset index length {} is not a multiple of 8",
                 bytes.len()
@@ -150,7 +150,7 @@ impl TimeIndex {
 
     /// Decode entries, trusting only those with offsets below `valid_relative_end`.
     pub fn decode(bytes: &[u8], valid_relative_end: u64) -> Result<TimeIndex, IndexError> {
-        if bytes.len() % 12 != 0 {
+        if !bytes.len().is_multiple_of(12) {
             return Err(format!(
                 "time index length {} is not a multiple of 12",
                 bytes.len()

@@ -13,6 +13,8 @@ pub const LEADER_EPOCH_FILE: &str = "leader-epoch-checkpoint";
 pub const RECOVERY_POINT_FILE: &str = "recovery-point";
 pub const CLEAN_SHUTDOWN_FILE: &str = ".clean-shutdown";
 pub const CONFIG_FILE: &str = "partition.properties";
+/// In the data directory: the engine holds an exclusive `flock` on it while open.
+pub const LOCK_FILE: &str = ".lock";
 /// Topic names follow Kafka's rule: at most 249 of `[a-zA-Z0-9._-]`, not "." or "..".
 pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 
