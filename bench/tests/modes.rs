@@ -94,6 +94,45 @@ fn engine_mode() {
     );
     common_fields(&v, "engine");
     assert_eq!(v["config"]["concurrency"], 4);
+    assert_eq!(v["config"]["rounds"], 1);
+    assert!(v.get("rounds").is_none(), "one round has no summary");
+}
+
+#[test]
+fn engine_mode_in_rounds() {
+    let v = run(
+        &scratch("engine-rounds"),
+        &[
+            "engine",
+            "--rounds",
+            "3",
+            "--duration",
+            "200ms",
+            "--warmup",
+            "0s",
+            "--batch-bytes",
+            "4KiB",
+            "--concurrency",
+            "4",
+            "--segment-bytes",
+            "4MiB",
+        ],
+    );
+    common_fields(&v, "engine");
+    assert_eq!(v["config"]["rounds"], 3);
+    let rounds = v["rounds"].as_array().expect("every round's figures");
+    assert_eq!(rounds.len(), 3);
+    // The summary's figures are the medians of the rounds' own.
+    for key in ["throughput_mb_s", "baseline_mb_s", "ratio"] {
+        let mut values: Vec<f64> = rounds.iter().map(|r| r[key].as_f64().unwrap()).collect();
+        values.sort_by(f64::total_cmp);
+        assert_eq!(v[key].as_f64().unwrap(), values[1], "{key} in {v}");
+    }
+    let median_round = v["median_round"].as_u64().unwrap() as usize;
+    assert_eq!(
+        rounds[median_round]["throughput_mb_s"], v["throughput_mb_s"],
+        "the reported latencies come from the median round"
+    );
 }
 
 #[test]
