@@ -59,6 +59,13 @@ pub const torn_tail_window_bytes: u64 = 32 * 1024 * 1024;
 /// freshly allocated blocks commits the file system's journal), no added latency when idle.
 pub const sync_group_bytes: u64 = 8 * 1024 * 1024;
 
+/// ... and unless a `flush` waits for data written at least this long ago: a partition whose
+/// writes never pause (acks=1 producers, answered at write time) still makes its data durable, and
+/// so visible, within about this plus one fdatasync while a consumer waits for it. Appends that
+/// wait for durability themselves do not count: syncing while writes are in flight slowed the
+/// writes of a deep every-batch pipeline by ~15% on the reference disk (ARCHITECTURE.md, 9).
+pub const sync_wait_max: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// With `every-batch`, a lightly loaded partition keeps up to this much of its preallocated file
 /// ahead of the write head written with zeros (the "runway"), so its small appends overwrite
 /// blocks the file system has already laid out and an fdatasync does not commit an extent

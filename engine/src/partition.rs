@@ -179,6 +179,8 @@ struct Waiter {
     end_offset: u64,
     outcome: AppendOutcome,
     reply: Reply<AppendOutcome>,
+    /// A `flush` (someone waits to see the data durable), not an append.
+    flush: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -232,6 +234,8 @@ pub(crate) struct Partition {
     control_busy: bool,
     written_waiters: VecDeque<Waiter>,
     durable_waiters: VecDeque<Waiter>,
+    /// How many of `durable_waiters` are flushes.
+    flush_waiters: usize,
     failure: Option<Failure>,
     truncate: Option<PendingTruncate>,
     /// A truncation that has been applied in memory and waits for its cut on disk.
@@ -241,6 +245,8 @@ pub(crate) struct Partition {
     cut_pending: bool,
     last_sync: Instant,
     bytes_since_sync: u64,
+    /// When written data last started waiting for an fdatasync (none since the last one began).
+    unsynced_since: Option<Instant>,
     /// Position in the write segment up to which every block is known to be written (data or the
     /// runway's zeros): writes below it overwrite laid-out blocks.
     zeroed_end: u64,
@@ -298,6 +304,7 @@ impl Partition {
             control_busy: false,
             written_waiters: VecDeque::new(),
             durable_waiters: VecDeque::new(),
+            flush_waiters: 0,
             failure: None,
             truncate: None,
             truncate_reply: None,
@@ -305,6 +312,7 @@ impl Partition {
             cut_pending: false,
             last_sync: Instant::now(),
             bytes_since_sync: 0,
+            unsynced_since: None,
             // Past the log's end the file holds zeros, but whether as written blocks or as
             // unwritten extents is not known: assume the latter.
             zeroed_end: align_up(size),
@@ -368,6 +376,7 @@ impl Partition {
                     end_offset: outcome.last_offset + 1,
                     outcome,
                     reply,
+                    flush: false,
                 };
                 match wait.unwrap_or_else(|| self.default_wait()) {
                     Durability::Appended => {
@@ -539,6 +548,7 @@ impl Partition {
             .is_some_and(|w| w.end_offset <= durable)
         {
             let w = self.durable_waiters.pop_front().expect("checked");
+            self.flush_waiters -= usize::from(w.flush);
             complete(w, Durability::Durable, log_start);
         }
     }
@@ -548,6 +558,7 @@ impl Partition {
         for queue in [&mut self.written_waiters, &mut self.durable_waiters] {
             while queue.back().is_some_and(|w| w.end_offset > offset) {
                 let w = queue.pop_back().expect("checked");
+                self.flush_waiters -= usize::from(w.flush);
                 let _ = w.reply.send(Err(error.duplicate()));
             }
         }
@@ -566,10 +577,12 @@ impl Partition {
             end_offset: end,
             outcome,
             reply,
+            flush: true,
         };
         if end <= self.offsets.durable().0 {
             complete(waiter, Durability::Durable, self.log_start_offset);
         } else {
+            self.flush_waiters += 1;
             let at = self
                 .durable_waiters
                 .partition_point(|w| w.end_offset <= end);
@@ -881,8 +894,15 @@ impl Partition {
             }
         };
         let writes_in_flight = self.writes.iter().any(|w| !w.done);
+        // Someone flushing (a consumer waiting to see data answered at write time) does not wait
+        // for a pause in the writes either, once the data has waited `sync_wait_max`.
+        let flush_overdue = self.flush_waiters > 0
+            && self
+                .unsynced_since
+                .is_some_and(|t| t.elapsed() >= sync_wait_max);
         due && (!writes_in_flight
-            || self.written_position - self.durable_position >= sync_group_bytes)
+            || self.written_position - self.durable_position >= sync_group_bytes
+            || flush_overdue)
     }
 
     /// Record that a sync covering everything written so far is being issued; returns the file
@@ -890,6 +910,7 @@ impl Partition {
     pub fn begin_sync(&mut self, metrics: &Metrics) -> Rc<dyn StorageFile> {
         self.sync_inflight = Some((self.offsets.written().0, self.written_position));
         self.bytes_since_sync = 0;
+        self.unsynced_since = None;
         self.last_sync = Instant::now();
         bump(&metrics.fsyncs, 1);
         self.write_file()
@@ -1076,6 +1097,9 @@ impl Partition {
             self.written_position = w.end_position;
         }
         self.bytes_since_sync += self.offsets.written().0 - before;
+        if self.unsynced_since.is_none() && self.offsets.written().0 > before {
+            self.unsynced_since = Some(Instant::now());
+        }
         self.evict_cache();
     }
 

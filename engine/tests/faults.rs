@@ -377,3 +377,72 @@ fn a_failed_fdatasync_rolls_back_past_what_memory_still_holds() {
     let engine = Engine::open(sim_config(&fs, 1)).unwrap();
     assert_eq!(log_contents(&engine, &p), expected, "after reopen");
 }
+
+/// A producer answered at write time (acks=1) that never lets the writes pause keeps the
+/// partition's writes in flight without end. A `flush` (a consumer waiting to see that data) must
+/// not wait for a pause, nor for the 8 MiB a sync otherwise waits for while writes are in flight.
+#[test]
+fn a_flush_does_not_wait_for_the_writes_to_pause() {
+    // Every I/O takes 10 ms; a write carries at most 1 MiB, so the log grows ~1 MiB per 10 ms.
+    let fs = SimFs::new(FaultConfig {
+        seed: 7,
+        latency: Duration::from_millis(10),
+        ..Default::default()
+    });
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    let p = PartitionId::new("streaming", 0);
+    let batch_bytes = 16 * 1024;
+    let total = 3072u64; // 48 MiB
+    let flushes = block_on(async {
+        let config = PartitionConfig {
+            segment_bytes: 128 * 1024 * 1024,
+            ..Default::default()
+        };
+        engine.create_partition(&p, config).await.unwrap();
+        let append = |tag: u64| {
+            engine.append_waiting(
+                &p,
+                batch(tag, 1, batch_bytes, 0),
+                0,
+                keel_engine::Durability::Written,
+            )
+        };
+        // 1.5 MiB in flight: more than one write takes, so a write always has data waiting.
+        let mut inflight: FuturesUnordered<_> = (0..96).map(append).collect();
+        let mut tag = 96;
+        let new_flush = || futures::FutureExt::fuse(Box::pin(engine.flush(&p)));
+        let mut flush = new_flush();
+        let mut flushes = 0;
+        while tag < total {
+            futures::select! {
+                done = flush => {
+                    done.unwrap();
+                    flushes += 1;
+                    flush = new_flush();
+                }
+                appended = inflight.select_next_some() => {
+                    appended.unwrap();
+                    inflight.push(append(tag));
+                    tag += 1;
+                }
+            }
+        }
+        while let Some(r) = inflight.next().await {
+            r.unwrap();
+        }
+        drop(flush);
+        engine.flush(&p).await.unwrap();
+        eprintln!("{flushes} flushes completed while 48 MiB were appended");
+        flushes
+    });
+    // Waiting for 8 MiB groups completes 6–8 flushes here (measured with the deadline removed);
+    // syncing once flushed data has waited 2 ms completes 16–18.
+    assert!(
+        flushes >= 12,
+        "{flushes} flushes completed while 48 MiB were appended"
+    );
+    assert_eq!(
+        block_on(engine.partition_state(&p)).unwrap().durable.0,
+        total
+    );
+}

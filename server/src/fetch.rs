@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::future::{join_all, select, select_all};
+use futures::future::{join_all, select_all, LocalBoxFuture};
+use futures::FutureExt;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::{FetchRequest, FetchResponse};
 use kafka_protocol::ResponseError;
-use keel_engine::ReadOptions;
+use keel_engine::{PartitionId, ReadOptions, ReadUpper};
 
 use crate::broker::Broker;
 use crate::error::error_code;
@@ -83,13 +84,15 @@ impl Broker {
             .await;
             let mut total = 0usize;
             let mut failed = false;
+            let mut hidden = Vec::new();
             let mut topics = Vec::new();
             let mut records = Vec::new();
             for (name, results) in names.iter().zip(reads) {
                 let mut partitions = Vec::new();
                 let mut topic_records = Vec::new();
-                for (data, chunks) in results {
+                for (data, chunks, lagging) in results {
                     failed |= data.error_code != 0;
+                    hidden.extend(lagging);
                     let size: usize = chunks.iter().map(Bytes::len).sum();
                     if total > 0 && total + size > max_bytes {
                         // Over the request's limit: this partition's data waits for the next fetch.
@@ -119,15 +122,35 @@ impl Broker {
                 }
                 return (response, records);
             }
-            // Woken when a produce to one of these partitions completes, and again when a batch
-            // answered at write time becomes durable (and so visible): see `produce_partition`.
-            let wait = deadline - now;
-            let _ = select(select_all(waiters), Box::pin(compio::time::sleep(wait))).await;
+            // Woken when a produce to one of these partitions completes, or when batches that are
+            // there but not yet visible (answered at write time, their fdatasync to come) become
+            // durable: the flush tells the engine someone waits for them (it then syncs within
+            // `sync_wait_max` even while writes keep coming) and adds no fdatasync of its own.
+            let mut wakes: Vec<LocalBoxFuture<'_, ()>> = waiters
+                .into_iter()
+                .map(|w| w.map(|_| ()).boxed_local())
+                .collect();
+            for id in hidden {
+                let engine = self.engine.clone();
+                wakes.push(
+                    async move {
+                        let _ = engine.flush(&id).await;
+                    }
+                    .boxed_local(),
+                );
+            }
+            wakes.push(compio::time::sleep(deadline - now).boxed_local());
+            let _ = select_all(wakes).await;
         }
     }
 
-    /// One partition: its response entry and its record chunks (as the engine returned them).
-    async fn read_partition(&self, w: &Wanted, version: i16) -> (PartitionData, Vec<Bytes>) {
+    /// One partition: its response entry, its record chunks (as the engine returned them), and
+    /// its id if it holds batches that become visible once durable.
+    async fn read_partition(
+        &self,
+        w: &Wanted,
+        version: i16,
+    ) -> (PartitionData, Vec<Bytes>, Option<PartitionId>) {
         let mut data = PartitionData::default()
             .with_partition_index(w.index)
             .with_high_watermark(-1)
@@ -135,15 +158,15 @@ impl Broker {
             .with_log_start_offset(-1);
         let (Some(topic), Some(p)) = (&w.topic, &w.partition) else {
             data.error_code = self.code(ResponseError::UnknownTopicOrPartition);
-            return (data, Vec::new());
+            return (data, Vec::new(), None);
         };
         if let Err(e) = self.check_leader_epoch(p, w.leader_epoch) {
             data.error_code = self.code(e);
-            return (data, Vec::new());
+            return (data, Vec::new(), None);
         }
         let Ok(offset) = u64::try_from(w.offset) else {
             data.error_code = self.code(ResponseError::OffsetOutOfRange);
-            return (data, Vec::new());
+            return (data, Vec::new(), None);
         };
         let options = ReadOptions {
             max_bytes: w.max_bytes,
@@ -157,7 +180,9 @@ impl Broker {
                 if version >= 5 {
                     data.log_start_offset = read.log_start_offset as i64;
                 }
-                (data, read.chunks)
+                let hidden =
+                    Broker::visible(topic) == ReadUpper::Durable && read.log_end_offset > hw;
+                (data, read.chunks, hidden.then(|| p.id.clone()))
             }
             Err(e) => {
                 let code = error_code(&e);
@@ -173,7 +198,7 @@ impl Broker {
                         data.log_start_offset = state.log_start_offset as i64;
                     }
                 }
-                (data, Vec::new())
+                (data, Vec::new(), None)
             }
         }
     }

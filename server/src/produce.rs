@@ -287,15 +287,10 @@ impl Broker {
         };
         // The outcome is recorded by a task of its own: producer state and waiting fetches must
         // learn it even if this response is never awaited (the client's connection went away).
-        // Answered at write time (acks=0/1 on an every-batch topic), the batch becomes visible to
-        // consumers only once durable: the task then waits for that too and wakes them again.
-        let watch_durable = wait == Some(Durability::Written);
-        let engine = self.engine.clone();
         let p = p.clone();
         let (tx, rx) = futures::channel::oneshot::channel();
         compio::runtime::spawn(async move {
             let result = pending.await;
-            let appended = result.is_ok();
             let outcome = {
                 let mut producers = p.producers.lock().unwrap_or_else(|e| e.into_inner());
                 match result {
@@ -319,11 +314,6 @@ impl Broker {
             };
             p.waiters.wake_all();
             let _ = tx.send(outcome);
-            if watch_durable && appended {
-                // On an every-batch partition this adds no fdatasync: one follows every write.
-                let _ = engine.flush(&p.id).await;
-                p.waiters.wake_all();
-            }
         })
         .detach();
         async move {
