@@ -74,24 +74,28 @@ fn raw_mode() {
     );
 }
 
+/// A tiny engine run: 4 KiB batches, 4 in flight, for `duration`, plus `extra` flags.
+fn tiny_engine(name: &str, duration: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "engine",
+        "--duration",
+        duration,
+        "--warmup",
+        "0s",
+        "--batch-bytes",
+        "4KiB",
+        "--concurrency",
+        "4",
+        "--segment-bytes",
+        "4MiB",
+    ];
+    args.extend_from_slice(extra);
+    run(&scratch(name), &args)
+}
+
 #[test]
 fn engine_mode() {
-    let v = run(
-        &scratch("engine"),
-        &[
-            "engine",
-            "--duration",
-            "300ms",
-            "--warmup",
-            "0s",
-            "--batch-bytes",
-            "4KiB",
-            "--concurrency",
-            "4",
-            "--segment-bytes",
-            "4MiB",
-        ],
-    );
+    let v = tiny_engine("engine", "300ms", &[]);
     common_fields(&v, "engine");
     assert_eq!(v["config"]["concurrency"], 4);
     assert_eq!(v["config"]["rounds"], 1);
@@ -100,24 +104,7 @@ fn engine_mode() {
 
 #[test]
 fn engine_mode_in_rounds() {
-    let v = run(
-        &scratch("engine-rounds"),
-        &[
-            "engine",
-            "--rounds",
-            "3",
-            "--duration",
-            "200ms",
-            "--warmup",
-            "0s",
-            "--batch-bytes",
-            "4KiB",
-            "--concurrency",
-            "4",
-            "--segment-bytes",
-            "4MiB",
-        ],
-    );
+    let v = tiny_engine("engine-rounds", "200ms", &["--rounds", "3"]);
     common_fields(&v, "engine");
     assert_eq!(v["config"]["rounds"], 3);
     let rounds = v["rounds"].as_array().expect("every round's figures");

@@ -134,7 +134,12 @@ impl Broker {
                 let engine = self.engine.clone();
                 wakes.push(
                     async move {
-                        let _ = engine.flush(&id).await;
+                        // A failed flush (the partition failed or is going away) wakes nobody:
+                        // the fetch would re-read and flush again at once, spinning until its
+                        // deadline. The append's own completion or the deadline wakes it.
+                        if engine.flush(&id).await.is_err() {
+                            futures::future::pending::<()>().await;
+                        }
                     }
                     .boxed_local(),
                 );
