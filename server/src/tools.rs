@@ -159,4 +159,26 @@ mod tests {
             .contains("damaged batch at byte 64"));
         assert!(check(Path::new("/nonexistent/keel"), false, &mut Vec::new()).is_err());
     }
+
+    /// `keel check` runs crash recovery, which cuts what looks like a torn tail: on the data
+    /// directory of a running engine it would cut the live log. It is refused instead.
+    #[test]
+    fn check_refuses_a_data_directory_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = EngineConfig::new(dir.path());
+        config.shards = 1;
+        config.pin_threads = false;
+        let engine = Engine::open(config).unwrap();
+        let p = PartitionId::new("live", 0);
+        let b = BatchBuilder::default().build(b"record");
+        block_on(engine.create_partition(&p, PartitionConfig::default())).unwrap();
+        block_on(engine.append(&p, b.clone().into(), 0)).unwrap();
+        let mut out = Vec::new();
+        let e = check(dir.path(), true, &mut out).unwrap_err();
+        assert!(e.contains("in use by another Keel process"), "{e}");
+        assert!(out.is_empty());
+        // The running engine noticed nothing.
+        block_on(engine.append(&p, b.into(), 0)).unwrap();
+        assert_eq!(block_on(engine.partition_state(&p)).unwrap().appended.0, 2);
+    }
 }
