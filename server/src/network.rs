@@ -29,8 +29,12 @@ const connection_pipeline_depth: usize = 32;
 const read_step_bytes: usize = 1024 * 1024;
 /// Frames gathered into one socket write at most (the kernel takes up to 1024 iovecs).
 const write_frames_max: usize = 256;
-/// A connection's read buffer: one read takes up to this much of what the socket holds.
+/// A connection's read buffer while a large request arrives: one read takes up to this much of
+/// what the socket holds (the rest of the request and those pipelined behind it).
 const read_buffer_bytes: usize = 128 * 1024;
+/// Between requests: what an idle connection's read buffer holds (10,000 idle connections pin
+/// 80 MiB, not 1.25 GiB).
+const idle_read_bytes: usize = 8 * 1024;
 
 /// What the shards share about the listeners and the connections they serve.
 #[derive(Debug, Default)]
@@ -295,7 +299,7 @@ struct FrameReader {
 impl FrameReader {
     fn new(max: usize) -> FrameReader {
         FrameReader {
-            buf: BytesMut::with_capacity(read_buffer_bytes),
+            buf: BytesMut::with_capacity(idle_read_bytes),
             max,
         }
     }
@@ -307,14 +311,24 @@ impl FrameReader {
                 Ok(frame) => return Ok(Some(frame)),
                 Err(needed) => needed,
             };
-            // Room for the rest of this frame, grown by at most `read_step_bytes` or what has
-            // arrived (whichever is more) at a time: a client that announces a large frame and
-            // sends nothing pins little memory, and a large frame is not copied once per step.
-            let want = needed
-                .min(read_step_bytes.max(self.buf.len()))
-                .max(read_buffer_bytes / 4);
+            // Between frames a connection waits with a small buffer (most are idle most of the
+            // time, and there may be thousands). Once a frame's size is known: room for its
+            // rest, grown by at most `read_step_bytes` or what has arrived (whichever is more)
+            // at a time, so a client that announces a large frame and sends nothing pins little
+            // memory and a large frame is not copied once per step; a large frame also gets room
+            // for the requests pipelined behind it.
+            let want = if self.buf.len() < 4 {
+                idle_read_bytes
+            } else {
+                needed.min(read_step_bytes.max(self.buf.len()))
+            };
             if self.buf.capacity() - self.buf.len() < want {
-                self.buf.reserve(want.max(read_buffer_bytes));
+                let room = if want > idle_read_bytes {
+                    want.max(read_buffer_bytes)
+                } else {
+                    want
+                };
+                self.buf.reserve(room);
             }
             let (start, end) = (self.buf.len(), self.buf.capacity());
             let buf = std::mem::take(&mut self.buf);
