@@ -11,7 +11,7 @@ use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
 use compio::buf::{BufResult, IntoInner, IoBuf};
-use compio::io::{AsyncRead, AsyncWriteExt};
+use compio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use compio::net::{TcpListener, TcpStream};
 use kafka_protocol::messages::ApiKey;
 use socket2::{Domain, Socket, Type};
@@ -27,8 +27,10 @@ const connection_pipeline_depth: usize = 32;
 /// A request body is read into a buffer grown by at most this much at a time, so a client that
 /// announces a large frame and sends nothing does not pin that much memory.
 const read_step_bytes: usize = 1024 * 1024;
-/// Frames gathered into one socket write at most (the kernel takes up to 1024 iovecs).
+/// Responses gathered into one socket write at most.
 const write_frames_max: usize = 256;
+/// Pieces per writev at most (Linux's IOV_MAX is 1024).
+const iovecs_max: usize = 1024;
 /// A connection's read buffer while a large request arrives: one read takes up to this much of
 /// what the socket holds (the rest of the request and those pipelined behind it).
 const read_buffer_bytes: usize = 128 * 1024;
@@ -205,14 +207,7 @@ async fn serve_connection(
             }
             if !frames.is_empty() {
                 let len: u64 = frames.iter().map(|f| f.len() as u64).sum();
-                let result = if frames.len() == 1 {
-                    let frame = frames.pop().expect("one frame");
-                    writer.write_all(frame).await.0
-                } else {
-                    // Record bytes go from the engine's buffers to the socket in one writev.
-                    writer.write_vectored_all(frames).await.0
-                };
-                if result.is_err() {
+                if write_frames(&mut writer, frames).await.is_err() {
                     break;
                 }
                 Metrics::add(&writer_broker.metrics.bytes_sent, len);
@@ -281,6 +276,25 @@ async fn serve_connection(
     drop(tx);
     // The writer sends what was already accepted, then the connection closes.
     let _ = writer_task.await;
+}
+
+/// Write `frames` in order: record bytes go from the engine's buffers to the socket by writev,
+/// at most `iovecs_max` pieces per call (the kernel refuses more: a Fetch served from memory is
+/// one piece per batch, and thousands of small batches are common).
+async fn write_frames<W: AsyncWrite>(
+    writer: &mut W,
+    mut frames: Vec<Bytes>,
+) -> std::io::Result<()> {
+    if frames.len() == 1 {
+        let frame = frames.pop().expect("one frame");
+        return writer.write_all(frame).await.0;
+    }
+    while !frames.is_empty() {
+        let rest = frames.split_off(frames.len().min(iovecs_max));
+        writer.write_vectored_all(frames).await.0?;
+        frames = rest;
+    }
+    Ok(())
 }
 
 enum ReadError {

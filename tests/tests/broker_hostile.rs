@@ -606,3 +606,39 @@ fn a_second_broker_on_the_same_data_directory_is_refused() {
     assert_eq!(log_end(&mut w, "mine"), before);
     server.shutdown().unwrap();
 }
+
+#[test]
+fn a_fetch_of_thousands_of_small_batches_is_answered_whole() {
+    // Recent batches are served from memory, one buffer each: a response of 3,000 of them is
+    // more pieces than one writev takes (IOV_MAX = 1024).
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let mut w = Wire::connect(server.local_addr());
+    create(&mut w, "tiny", "1048588");
+    let count = 3000;
+    let mut produced = 0usize;
+    for i in 0..count {
+        let value = format!("v{i}");
+        let b = kafka_batch(&[value.as_bytes()], None);
+        produced += b.len();
+        assert_eq!(produce_code(&mut w, &produce("tiny", 0, b, 1)), 0);
+    }
+    let r = w.call(
+        11,
+        &FetchRequest::default()
+            .with_replica_id((-1).into())
+            .with_max_wait_ms(1000)
+            .with_min_bytes(produced as i32)
+            .with_max_bytes(64 << 20)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(name("tiny"))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_fetch_offset(0)
+                    .with_partition_max_bytes(64 << 20)])]),
+    );
+    let p = &r.responses[0].partitions[0];
+    assert_eq!(p.error_code, 0);
+    assert_eq!(p.records.as_ref().map_or(0, |r| r.len()), produced);
+    still_serving(&server);
+    server.shutdown().unwrap();
+}
