@@ -375,3 +375,54 @@ fn compression_type_rewrites_batches_into_the_topic_codec() {
     );
     server.shutdown().unwrap();
 }
+
+#[test]
+fn a_consumer_reads_thousands_of_one_message_batches_in_order() {
+    // Each message its own batch (no batching on the producer), all recent enough to be served
+    // from memory: large fetch responses of many small pieces.
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let addr = server.local_addr();
+    create_topic(addr, "single", 1, &[]);
+    let p = producer(
+        addr,
+        &[
+            ("acks", "1"),
+            ("linger.ms", "0"),
+            ("batch.num.messages", "1"),
+        ],
+    );
+    let count = 4000;
+    let deliveries: Vec<_> = (0..count)
+        .map(|i| {
+            let value = format!("m{i}");
+            p.send_result(
+                FutureRecord::to("single")
+                    .partition(0)
+                    .key("k")
+                    .payload(&value),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap()
+        })
+        .collect();
+    for (i, d) in deliveries.into_iter().enumerate() {
+        let delivery = block_on(d).expect("delivery reported").expect("delivered");
+        assert_eq!(delivery.offset, i as i64);
+    }
+    let c = consumer_with(addr, &[("fetch.max.bytes", "52428800")]);
+    let got = consume(
+        &c,
+        "single",
+        0,
+        Offset::Beginning,
+        count,
+        Duration::from_secs(10),
+    );
+    assert_eq!(got.len(), count);
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r.offset, i as i64);
+        assert_eq!(r.value, format!("m{i}").as_bytes());
+    }
+    server.shutdown().unwrap();
+}
