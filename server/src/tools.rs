@@ -109,13 +109,17 @@ mod tests {
     use keel_engine::batch::BatchBuilder;
     use keel_engine::{PartitionConfig, PartitionId};
 
+    fn one_shard_engine(dir: &Path) -> Engine {
+        let mut config = EngineConfig::new(dir);
+        config.shards = 1;
+        config.pin_threads = false;
+        Engine::open(config).unwrap()
+    }
+
     #[test]
     fn check_reports_partitions_and_dump_reads_and_flags_damage() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = EngineConfig::new(dir.path());
-        config.shards = 1;
-        config.pin_threads = false;
-        let engine = Engine::open(config).unwrap();
+        let engine = one_shard_engine(dir.path());
         let p = PartitionId::new("orders", 2);
         block_on(async {
             engine
@@ -165,10 +169,7 @@ mod tests {
     #[test]
     fn check_refuses_a_data_directory_in_use() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = EngineConfig::new(dir.path());
-        config.shards = 1;
-        config.pin_threads = false;
-        let engine = Engine::open(config).unwrap();
+        let engine = one_shard_engine(dir.path());
         let p = PartitionId::new("live", 0);
         let b = BatchBuilder::default().build(b"record");
         block_on(engine.create_partition(&p, PartitionConfig::default())).unwrap();

@@ -44,6 +44,27 @@ fn produce_code(w: &mut Wire, request: &ProduceRequest) -> i16 {
     r.responses[0].partition_responses[0].error_code
 }
 
+/// A Fetch of one partition from `offset`: up to `max_bytes` in all and for the partition, waiting
+/// up to `wait_ms` for `min_bytes`.
+fn fetch_request(
+    topic: &'static str,
+    offset: i64,
+    max_bytes: i32,
+    wait_ms: i32,
+    min_bytes: i32,
+) -> FetchRequest {
+    FetchRequest::default()
+        .with_replica_id((-1).into())
+        .with_max_wait_ms(wait_ms)
+        .with_min_bytes(min_bytes)
+        .with_max_bytes(max_bytes)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(name(topic))
+            .with_partitions(vec![FetchPartition::default()
+                .with_fetch_offset(offset)
+                .with_partition_max_bytes(max_bytes)])])
+}
+
 fn log_end(w: &mut Wire, topic: &'static str) -> i64 {
     let r = w.call(
         5,
@@ -245,17 +266,7 @@ fn bad_batches_get_kafka_error_codes_and_change_nothing() {
     );
 
     // Fetching past the end is OFFSET_OUT_OF_RANGE; at the end it is an empty answer.
-    let fetch = |offset: i64| {
-        FetchRequest::default()
-            .with_replica_id((-1).into())
-            .with_max_wait_ms(0)
-            .with_max_bytes(1 << 20)
-            .with_topics(vec![FetchTopic::default()
-                .with_topic(name("small"))
-                .with_partitions(vec![FetchPartition::default()
-                    .with_fetch_offset(offset)
-                    .with_partition_max_bytes(1 << 20)])])
-    };
+    let fetch = |offset: i64| fetch_request("small", offset, 1 << 20, 0, 0);
     let r = w.call(11, &fetch(5));
     assert_eq!(
         r.responses[0].partitions[0].error_code,
@@ -377,7 +388,6 @@ fn a_full_disk_is_kafka_storage_error_and_nothing_is_lost() {
 
 #[test]
 fn fetch_max_bytes_caps_a_greedy_fetch() {
-    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), &[("fetch.max.bytes", "100000")]);
     let mut w = Wire::connect(server.local_addr());
@@ -386,18 +396,7 @@ fn fetch_max_bytes_caps_a_greedy_fetch() {
         let batch = kafka_batch(&[&[1u8; 30_000]], None);
         assert_eq!(produce_code(&mut w, &produce("big", 0, batch, -1)), 0);
     }
-    let r = w.call(
-        11,
-        &FetchRequest::default()
-            .with_replica_id((-1).into())
-            .with_max_wait_ms(0)
-            .with_max_bytes(i32::MAX)
-            .with_topics(vec![FetchTopic::default()
-                .with_topic(name("big"))
-                .with_partitions(vec![FetchPartition::default()
-                    .with_fetch_offset(0)
-                    .with_partition_max_bytes(i32::MAX)])]),
-    );
+    let r = w.call(11, &fetch_request("big", 0, i32::MAX, 0, 0));
     let records = r.responses[0].partitions[0].records.as_ref().unwrap();
     assert!(
         !records.is_empty() && records.len() <= 100_000,
@@ -483,25 +482,12 @@ fn admin_requests_on_the_wire() {
 
 #[test]
 fn shutdown_answers_parked_fetches_instead_of_waiting_them_out() {
-    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), &[("shutdown.timeout.ms", "60000")]);
     let mut w = Wire::connect(server.local_addr());
     create(&mut w, "quiet", "1048588");
     // A fetch that would wait a minute for data that never comes.
-    w.send(
-        11,
-        &FetchRequest::default()
-            .with_replica_id((-1).into())
-            .with_max_wait_ms(60_000)
-            .with_min_bytes(1)
-            .with_max_bytes(1 << 20)
-            .with_topics(vec![FetchTopic::default()
-                .with_topic(name("quiet"))
-                .with_partitions(vec![FetchPartition::default()
-                    .with_fetch_offset(0)
-                    .with_partition_max_bytes(1 << 20)])]),
-    );
+    w.send(11, &fetch_request("quiet", 0, 1 << 20, 60_000, 1));
     // Parked: the request is counted in flight.
     let broker = server.broker().clone();
     let parked = std::time::Instant::now() + patience;
@@ -625,16 +611,7 @@ fn a_fetch_of_thousands_of_small_batches_is_answered_whole() {
     }
     let r = w.call(
         11,
-        &FetchRequest::default()
-            .with_replica_id((-1).into())
-            .with_max_wait_ms(1000)
-            .with_min_bytes(produced as i32)
-            .with_max_bytes(64 << 20)
-            .with_topics(vec![FetchTopic::default()
-                .with_topic(name("tiny"))
-                .with_partitions(vec![FetchPartition::default()
-                    .with_fetch_offset(0)
-                    .with_partition_max_bytes(64 << 20)])]),
+        &fetch_request("tiny", 0, 64 << 20, 1000, produced as i32),
     );
     let p = &r.responses[0].partitions[0];
     assert_eq!(p.error_code, 0);
