@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::future::{join_all, select_all, LocalBoxFuture};
+use futures::future::{join_all, select, select_all, LocalBoxFuture};
 use futures::FutureExt;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::{FetchRequest, FetchResponse};
@@ -126,13 +126,10 @@ impl Broker {
             // there but not yet visible (answered at write time, their fdatasync to come) become
             // durable: the flush tells the engine someone waits for them (it then syncs within
             // `sync_wait_max` even while writes keep coming) and adds no fdatasync of its own.
-            let mut wakes: Vec<LocalBoxFuture<'_, ()>> = waiters
+            let mut timers: Vec<LocalBoxFuture<'_, ()>> = hidden
                 .into_iter()
-                .map(|w| w.map(|_| ()).boxed_local())
-                .collect();
-            for id in hidden {
-                let engine = self.engine.clone();
-                wakes.push(
+                .map(|id| {
+                    let engine = self.engine.clone();
                     async move {
                         // A failed flush (the partition failed or is going away) wakes nobody:
                         // the fetch would re-read and flush again at once, spinning until its
@@ -141,11 +138,11 @@ impl Broker {
                             futures::future::pending::<()>().await;
                         }
                     }
-                    .boxed_local(),
-                );
-            }
-            wakes.push(compio::time::sleep(deadline - now).boxed_local());
-            let _ = select_all(wakes).await;
+                    .boxed_local()
+                })
+                .collect();
+            timers.push(compio::time::sleep(deadline - now).boxed_local());
+            let _ = select(select_all(waiters), select_all(timers)).await;
         }
     }
 

@@ -154,9 +154,9 @@ async fn serve_connection(
     let (tx, rx) = flume::bounded::<Outgoing>(connection_pipeline_depth);
     let writer_broker = broker.clone();
     let writer_task = compio::runtime::spawn(async move {
-        let mut next: Option<Outgoing> = None;
+        let mut held: Option<Outgoing> = None;
         loop {
-            let first = match next.take() {
+            let first = match held.take() {
                 Some(out) => out,
                 None => match rx.recv_async().await {
                     Ok(out) => out,
@@ -168,41 +168,22 @@ async fn serve_connection(
             // answers of one group commit together rather than one socket write apart.
             let mut frames: Vec<Bytes> = Vec::new();
             let mut closing = false;
-            let mut out = Some(first);
-            while let Some(o) = out.take() {
-                let reply = match o {
-                    Outgoing::Raw(frame) => {
-                        frames.push(frame.freeze());
+            let mut next = Some(first);
+            while let Some(out) = next.take() {
+                match ready(out, frames.is_empty()).await {
+                    Ready::Send(encoded) => frames.extend(encoded),
+                    Ready::SendAndClose(encoded) => {
+                        frames.extend(encoded);
                         closing = true;
                         break;
                     }
-                    Outgoing::Response(mut job) => {
-                        let reply = if frames.is_empty() {
-                            (&mut job.response).await
-                        } else {
-                            match futures::poll!(&mut job.response) {
-                                Poll::Ready(reply) => reply,
-                                Poll::Pending => {
-                                    next = Some(Outgoing::Response(job));
-                                    break;
-                                }
-                            }
-                        };
-                        reply.map(|r| (r, job))
-                    }
-                };
-                if let Some((reply, job)) = reply {
-                    match reply.encode(job.key, job.version, job.correlation_id) {
-                        Ok(encoded) => frames.extend(encoded),
-                        Err(e) => {
-                            tracing::error!(api = ?job.key, version = job.version, error = %e, "cannot encode a response; closing");
-                            closing = true;
-                            break;
-                        }
+                    Ready::NotYet(out) => {
+                        held = Some(out);
+                        break;
                     }
                 }
                 if frames.len() < write_frames_max {
-                    out = rx.try_recv().ok();
+                    next = rx.try_recv().ok();
                 }
             }
             if !frames.is_empty() {
@@ -276,6 +257,42 @@ async fn serve_connection(
     drop(tx);
     // The writer sends what was already accepted, then the connection closes.
     let _ = writer_task.await;
+}
+
+/// What the writer does with one queued item.
+enum Ready {
+    /// Frames to send (none for a request that gets no answer, e.g. an acks=0 produce).
+    Send(Vec<Bytes>),
+    /// Frames to send, then close the connection.
+    SendAndClose(Vec<Bytes>),
+    /// Not done yet (only when not waiting): it stays first in line.
+    NotYet(Outgoing),
+}
+
+/// The frames of `out`: waiting for its response if `wait`, else only if it is already done.
+async fn ready(out: Outgoing, wait: bool) -> Ready {
+    let mut job = match out {
+        Outgoing::Raw(frame) => return Ready::SendAndClose(vec![frame.freeze()]),
+        Outgoing::Response(job) => job,
+    };
+    let reply = if wait {
+        (&mut job.response).await
+    } else {
+        match futures::poll!(&mut job.response) {
+            Poll::Ready(reply) => reply,
+            Poll::Pending => return Ready::NotYet(Outgoing::Response(job)),
+        }
+    };
+    let Some(reply) = reply else {
+        return Ready::Send(Vec::new());
+    };
+    match reply.encode(job.key, job.version, job.correlation_id) {
+        Ok(encoded) => Ready::Send(encoded),
+        Err(e) => {
+            tracing::error!(api = ?job.key, version = job.version, error = %e, "cannot encode a response; closing");
+            Ready::SendAndClose(Vec::new())
+        }
+    }
 }
 
 /// Write `frames` in order: record bytes go from the engine's buffers to the socket by writev,

@@ -291,27 +291,26 @@ impl Broker {
         let (tx, rx) = futures::channel::oneshot::channel();
         compio::runtime::spawn(async move {
             let result = pending.await;
-            let outcome = {
-                let mut producers = p.producers.lock().unwrap_or_else(|e| e.into_inner());
-                match result {
-                    Ok(done) => {
-                        if let Some((t, done_tx)) = ticket {
-                            producers.complete(header.producer_id, t, done.base_offset, done_tx);
-                        }
-                        Outcome {
-                            index,
-                            result: Ok((done.base_offset, done.log_start_offset)),
-                        }
+            let mut producers = p.producers.lock().unwrap_or_else(|e| e.into_inner());
+            let outcome = match result {
+                Ok(done) => {
+                    if let Some((t, done_tx)) = ticket {
+                        producers.complete(header.producer_id, t, done.base_offset, done_tx);
                     }
-                    Err(e) => {
-                        if let Some((t, _)) = ticket {
-                            producers.fail(header.producer_id, t);
-                        }
-                        tracing::warn!(partition = %p.id, error = %e, "append failed");
-                        Outcome::error(index, error_code(&e), e.to_string())
+                    Outcome {
+                        index,
+                        result: Ok((done.base_offset, done.log_start_offset)),
                     }
                 }
+                Err(e) => {
+                    if let Some((t, _)) = ticket {
+                        producers.fail(header.producer_id, t);
+                    }
+                    tracing::warn!(partition = %p.id, error = %e, "append failed");
+                    Outcome::error(index, error_code(&e), e.to_string())
+                }
             };
+            drop(producers);
             p.waiters.wake_all();
             let _ = tx.send(outcome);
         })
