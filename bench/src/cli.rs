@@ -149,6 +149,9 @@ struct EngineArgs {
     shards: usize,
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     segment_bytes: u64,
+    /// Each shard's journal ring (ARCHITECTURE.md, decision 10); 0 runs without a journal.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    journal_bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
@@ -477,6 +480,7 @@ fn engine_run(args: &EngineArgs, base: Option<RawResult>) -> Result<Value, Strin
         warmup: args.warmup,
         shards: args.shards,
         segment_bytes: args.segment_bytes,
+        journal_bytes: args.journal_bytes,
     };
     let r = engine_load::run(&config).map_err(|e| format!("engine run: {e}"))?;
     let baseline_mb_s = base.map_or(0.0, |b| b.bandwidth_mb_s);
@@ -499,9 +503,10 @@ fn engine_run(args: &EngineArgs, base: Option<RawResult>) -> Result<Value, Strin
         }
     );
     println!(
-        "engine: {:.0} MB/s, {:.0} batches/s over {:.2} s; {} writes, {} fdatasyncs ({:.1} appends per fdatasync)",
+        "engine: {:.0} MB/s, {:.0} batches/s over {:.2} s; {} writes, {} fdatasyncs ({:.1} appends per fdatasync); journal: {} writes, {} checkpoints, {} waits for room",
         r.throughput_mb_s, r.batches_per_s, r.seconds, r.metrics.writes, r.metrics.fsyncs,
-        r.metrics.appends as f64 / r.metrics.fsyncs.max(1) as f64
+        r.metrics.appends as f64 / r.metrics.fsyncs.max(1) as f64, r.metrics.journal_writes,
+        r.metrics.journal_checkpoints, r.metrics.journal_full
     );
     print_latency("engine: append latency", &r.latency);
     if let Some(b) = base {
@@ -521,7 +526,8 @@ fn engine_run(args: &EngineArgs, base: Option<RawResult>) -> Result<Value, Strin
             "dir": common.dir, "partitions": args.partitions, "batch_bytes": args.batch_bytes,
             "records_per_batch": args.records_per_batch, "flush_policy": policy, "concurrency": args.concurrency,
             "duration_s": args.duration.as_secs_f64(), "warmup_s": args.warmup.as_secs_f64(),
-            "shards": args.shards, "segment_bytes": args.segment_bytes, "baseline": !common.no_baseline,
+            "shards": args.shards, "segment_bytes": args.segment_bytes, "journal_bytes": args.journal_bytes,
+            "baseline": !common.no_baseline,
             "baseline_bytes": common.baseline_bytes, "baseline_duration_s": common.baseline_duration.as_secs_f64(),
         },
         "throughput_mb_s": r.throughput_mb_s,
@@ -638,6 +644,7 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
                 warmup: args.warmup,
                 shards: args.shards,
                 segment_bytes: 1 << 30,
+                journal_bytes: keel_engine::constants::journal_bytes_default,
             })
             .map_err(|e| format!("engine run: {e}"))?,
         )

@@ -23,6 +23,7 @@ pub struct EngineLoadConfig {
     pub duration: Duration,
     pub warmup: Duration,
     pub shards: usize,
+    pub journal_bytes: u64,
     pub segment_bytes: u64,
 }
 
@@ -46,6 +47,7 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
     let _ = std::fs::remove_dir_all(&data);
     let mut engine_config = EngineConfig::new(&data);
     engine_config.shards = config.shards;
+    engine_config.journal_bytes = config.journal_bytes;
     let engine = Engine::open(engine_config)?;
     let ids: Vec<PartitionId> = (0..config.partitions)
         .map(|i| PartitionId::new("bench", i))

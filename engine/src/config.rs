@@ -40,6 +40,10 @@ pub struct EngineConfig {
     pub recovery: RecoveryMode,
     /// How often each shard looks at retention.
     pub retention_check_interval: Duration,
+    /// Each shard's journal ring in bytes (ARCHITECTURE.md, decision 10): small `every-batch`
+    /// appends of many partitions become durable through it with one write and one fdatasync.
+    /// 0 turns the journal off (every partition syncs its own segment).
+    pub journal_bytes: u64,
 }
 
 impl EngineConfig {
@@ -51,6 +55,7 @@ impl EngineConfig {
             backend: Backend::Uring,
             recovery: RecoveryMode::Strict,
             retention_check_interval: Duration::from_secs(30),
+            journal_bytes: journal_bytes_default,
         }
     }
 

@@ -87,6 +87,24 @@ pub const runway_group_bytes_max: u64 = 64 * 1024;
 /// that appends need.
 pub const shard_runway_writes_max: usize = 4;
 
+/// The shard journal's ring by default (`EngineConfig::journal_bytes`; ARCHITECTURE.md, 10).
+pub const journal_bytes_default: u64 = 64 * 1024 * 1024;
+
+/// The smallest journal ring: room for a checkpoint's worth of writes and a few more.
+pub const journal_bytes_min: u64 = 4 * journal_write_bytes_max as u64;
+
+/// One journal write (the records of one group commit) at most.
+pub const journal_write_bytes_max: usize = write_bytes_max;
+
+/// A partition's not yet durable data goes through the journal only while it is smaller than
+/// this; a larger group is written and synced in its own segment (one copy of the bytes, not two).
+/// Below it, a journaled partition's segment writes wait until this much is pending.
+pub const journal_group_bytes_max: u64 = 64 * 1024;
+
+/// After a failed write or sync, batches the journal had already made durable are written to the
+/// segment again after this pause (a full disk fails them at once otherwise, in a tight loop).
+pub const rewrite_backoff: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// How often a shard checks interval flushes, segment age and retention.
 pub const shard_tick_ms: u64 = 10;
 
@@ -119,3 +137,6 @@ const _: () = assert!(shard_write_buffers_count >= shard_writes_inflight_max);
 const _: () = assert!(partition_writes_inflight_max <= shard_writes_inflight_max);
 const _: () = assert!(preallocate_bytes_default.is_multiple_of(block_bytes as u64));
 const _: () = assert!(read_bytes_min.is_multiple_of(block_bytes));
+const _: () = assert!(journal_bytes_default >= journal_bytes_min);
+const _: () = assert!(journal_bytes_min.is_multiple_of(block_bytes as u64));
+const _: () = assert!((journal_group_bytes_max as usize) < journal_write_bytes_max);

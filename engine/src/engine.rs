@@ -11,13 +11,16 @@ use futures::channel::oneshot;
 
 use crate::batch::BatchHeader;
 use crate::config::{EngineConfig, PartitionConfig};
-use crate::constants::shard_inbox_count_max;
+use crate::constants::{block_bytes, journal_bytes_min, shard_inbox_count_max};
 use crate::error::{Error, Result};
 use crate::io::Backend;
+use crate::io::Storage;
+use crate::journal;
 use crate::metrics::bump;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::offsets::Durability;
 use crate::partition::{AppendKind, Reply, Validated};
+use crate::segment::path;
 use crate::segment::path::parse_partition_dir;
 use crate::shard::{self, Command};
 use crate::{
@@ -89,9 +92,19 @@ impl Engine {
             Backend::Uring => Some(lock_data_dir(&config.data_dir)?),
             Backend::Sim(_) => None, // the simulator's files are not on the disk
         };
+        if config.journal_bytes != 0
+            && (config.journal_bytes < journal_bytes_min
+                || !config.journal_bytes.is_multiple_of(block_bytes as u64))
+        {
+            return Err(Error::InvalidConfig(format!(
+                "journal bytes {} must be 0 (off) or a multiple of {block_bytes} of at least {journal_bytes_min}",
+                config.journal_bytes
+            )));
+        }
         let found = storage
             .list_dir(&config.data_dir)
             .map_err(|e| Error::io("list", &config.data_dir, e))?;
+        let journals = read_journals(storage.as_ref(), &config.data_dir)?;
         drop(storage);
 
         let config = Arc::new(config);
@@ -122,26 +135,79 @@ impl Engine {
                 lock: Mutex::new(lock),
             }),
         };
-        let opens: Vec<_> = found
+        let mut records = journal::by_partition(
+            journals
+                .iter()
+                .flat_map(|j| j.records.iter().cloned())
+                .collect(),
+        );
+        let ids: Vec<PartitionId> = found
             .iter()
             .filter_map(|name| parse_partition_dir(name))
+            .collect();
+        let opens: Vec<_> = ids
+            .iter()
             .map(|id| {
                 let engine = engine.clone();
+                let replay = records.remove(id).unwrap_or_default();
                 async move {
+                    let replayed = !replay.is_empty();
                     engine
-                        .call(&id, |reply| Command::Open {
+                        .call(id, |reply| Command::Open {
                             id: id.clone(),
                             config: None,
+                            replay,
                             reply,
                         })
-                        .await
+                        .await?;
+                    // Replayed batches are durable in the segment before the journal is reused.
+                    if replayed {
+                        engine.flush(id).await?;
+                    }
+                    Ok::<(), Error>(())
                 }
             })
             .collect();
         for result in futures::executor::block_on(futures::future::join_all(opens)) {
             result?;
         }
+        engine.start_journals(&journals)?;
         Ok(engine)
+    }
+
+    /// Every shard starts its journal past the records of the last run; journals of shards this
+    /// run does not have are removed (their records are durable in the segments now).
+    fn start_journals(&self, found: &[FoundJournal]) -> Result<()> {
+        let config = &self.inner.config;
+        if config.journal_bytes == 0 {
+            return Ok(());
+        }
+        let starts: Vec<_> = (0..self.shard_count())
+            .map(|shard| {
+                let (start, seq) = found
+                    .iter()
+                    .find(|j| j.shard == shard)
+                    .map_or((0, 0), |j| (j.next_start, j.seq));
+                self.send(shard, move |reply| Command::StartJournal {
+                    start,
+                    seq,
+                    reply,
+                })
+            })
+            .collect();
+        for result in futures::executor::block_on(futures::future::join_all(starts)) {
+            result?;
+        }
+        let storage = config
+            .backend
+            .storage()
+            .map_err(|e| Error::io("initialise storage for", &config.data_dir, e))?;
+        for j in found.iter().filter(|j| j.shard >= self.shard_count()) {
+            storage
+                .remove_file(&j.path)
+                .map_err(|e| Error::io("remove", &j.path, e))?;
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -190,6 +256,7 @@ impl Engine {
         self.call(id, |reply| Command::Open {
             id: id.clone(),
             config: Some(config),
+            replay: Vec::new(),
             reply,
         })
         .await
@@ -435,6 +502,56 @@ impl Engine {
         }
         result
     }
+}
+
+/// A journal file found at start-up and what replay read from it.
+struct FoundJournal {
+    shard: usize,
+    path: std::path::PathBuf,
+    seq: u64,
+    /// Where the next run's records start: a new lap past everything the file holds.
+    next_start: u64,
+    records: Vec<journal::Record>,
+}
+
+/// Read every journal of the last run (whatever its shard count).
+fn read_journals(storage: &dyn Storage, data_dir: &std::path::Path) -> Result<Vec<FoundJournal>> {
+    let dir = data_dir.join(path::JOURNAL_DIR);
+    let names = match storage.list_dir(&dir) {
+        Ok(names) => names,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("list", &dir, e)),
+    };
+    let mut found = Vec::new();
+    for name in names {
+        let Some(shard) = name
+            .strip_suffix(".journal")
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let file = dir.join(&name);
+        let Some(bytes) = storage
+            .read_file(&file)
+            .map_err(|e| Error::io("read", &file, e))?
+        else {
+            continue;
+        };
+        let (seq, next_start, records) = match journal::replay(&bytes) {
+            Some((header, records, end)) => {
+                (header.seq, end.next_multiple_of(header.capacity), records)
+            }
+            None => (0, 0, Vec::new()), // no valid header: nothing was ever journaled in it
+        };
+        found.push(FoundJournal {
+            shard,
+            path: file,
+            seq,
+            next_start,
+            records,
+        });
+    }
+    Ok(found)
 }
 
 /// Take the data directory's exclusive lock (`flock` on `<dir>/.lock`, as Kafka guards its log

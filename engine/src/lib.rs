@@ -29,6 +29,7 @@ mod engine;
 mod epochs;
 pub mod error;
 pub mod io;
+mod journal;
 pub mod metrics;
 pub mod offsets;
 mod partition;

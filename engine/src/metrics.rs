@@ -43,6 +43,15 @@ counters!(
     /// Zero writes that laid out a partition's file ahead of its write head (the runway).
     runway_writes,
     runway_bytes,
+    /// Shard journal writes (each with its fdatasync) and the bytes they wrote.
+    journal_writes,
+    journal_bytes,
+    /// Checkpoints that let the journal reuse its ring.
+    journal_checkpoints,
+    /// Times a journal write waited for a checkpoint because the ring was full.
+    journal_full,
+    /// Journal records appended to logs at start-up.
+    journal_replayed,
 );
 
 pub(crate) fn bump(counter: &AtomicU64, by: u64) {

@@ -110,6 +110,19 @@ impl OffsetTracker {
         self.check();
     }
 
+    /// Forget that the segment holds anything from `to` on (a failed write or fdatasync); what
+    /// was appended stays, to be written again.
+    pub fn rewind_written(&mut self, to: u64) {
+        assert!(
+            to >= self.durable.0 && to <= self.written.0,
+            "rewind of written to {to} outside durable {} ..= written {}",
+            self.durable,
+            self.written
+        );
+        self.written = Written(to);
+        self.check();
+    }
+
     /// Drop everything at or after `to` at every level (truncation, or the rollback after a failed
     /// write or fdatasync). Levels below `to` stay where they are.
     pub fn truncate(&mut self, to: u64) {

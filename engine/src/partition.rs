@@ -39,6 +39,7 @@ use crate::epochs::LeaderEpochCache;
 use crate::error::{Error, Result};
 use crate::io::aligned::{align_down, align_up};
 use crate::io::{AlignedBuf, BufferPool, IoFuture, Storage, StorageFile};
+use crate::journal;
 use crate::metrics::{bump, Metrics};
 use crate::offsets::{Appended, Durability, Durable, OffsetTracker, Written};
 use crate::read::{self, DiskRead};
@@ -79,6 +80,19 @@ pub(crate) enum Event {
     },
     /// A self-contained task (a disk read) finished and answered its caller itself.
     Detached,
+    /// The shard journal's write and fdatasync of these partitions' batches (each up to its
+    /// offset) completed; the journal's head is then `end`.
+    Journaled {
+        members: Vec<(PartitionId, u64)>,
+        end: u64,
+        result: io::Result<()>,
+        buf: AlignedBuf,
+    },
+    /// A journal header (a checkpoint, or the first one) is on disk, or failed.
+    JournalHeader {
+        header: journal::Header,
+        result: io::Result<()>,
+    },
 }
 
 pub(crate) enum ControlDone {
@@ -104,6 +118,10 @@ pub(crate) enum ControlDone {
         base_offset: u64,
     },
     MetadataWritten,
+    /// A new incarnation is on disk (before a truncation, or after a rollback).
+    IncarnationWritten {
+        incarnation: u64,
+    },
 }
 
 /// The shard's resources a partition borrows while scheduling.
@@ -257,6 +275,28 @@ pub(crate) struct Partition {
     /// Bytes the last completed sync made durable (the size of the last group commit).
     last_group_bytes: u64,
     pub deleted: bool,
+    // --- The shard journal (ARCHITECTURE.md, decision 10) ---
+    /// Written in every journal record of this partition; see [`path::INCARNATION_FILE`].
+    pub incarnation: u64,
+    /// The shard's journal takes this partition's small groups (set by the shard).
+    journaled: bool,
+    /// The journal has taken data of this partition since the engine opened: truncations and
+    /// rollbacks then change the incarnation first.
+    journal_used: bool,
+    /// End of the data handed to the journal (a journal write may be in flight up to it).
+    journal_offset: u64,
+    /// Everything below this is durable: in the segment, or through completed journal writes.
+    journal_durable: u64,
+    /// A shard checkpoint waits for the segment to be durable up to here.
+    checkpoint_target: Option<u64>,
+    /// After a rollback the journal stays off for this partition until its segment holds
+    /// everything the journal made durable and a new incarnation is on disk.
+    journal_blocked: bool,
+    /// A new incarnation was written for the truncation that waits.
+    incarnation_fresh: bool,
+    /// After a rollback that kept journaled batches, they are written again from this moment
+    /// (a full disk would otherwise fail the same writes in a tight loop).
+    rewrite_at: Option<Instant>,
 }
 
 impl Partition {
@@ -268,6 +308,7 @@ impl Partition {
         config: PartitionConfig,
         segments: BTreeMap<u64, Segment>,
         epochs: LeaderEpochCache,
+        incarnation: u64,
     ) -> Partition {
         let (&active_base, active) = segments.last_key_value().expect("a log has a segment");
         let log_end = active.next_offset;
@@ -320,15 +361,34 @@ impl Partition {
             runway_off: false,
             last_group_bytes: 0,
             deleted: false,
+            incarnation,
+            journaled: false,
+            journal_used: false,
+            journal_offset: log_end,
+            journal_durable: log_end,
+            checkpoint_target: None,
+            journal_blocked: false,
+            incarnation_fresh: false,
+            rewrite_at: None,
         }
+    }
+
+    /// Durable in the segment or through the journal.
+    pub fn durable_end(&self) -> u64 {
+        self.offsets.durable().0.max(self.journal_durable)
+    }
+
+    /// Written to the segment, or durable through the journal.
+    fn written_end(&self) -> u64 {
+        self.offsets.written().0.max(self.journal_durable)
     }
 
     pub fn state(&self) -> PartitionState {
         PartitionState {
             log_start_offset: self.log_start_offset,
             appended: self.offsets.appended(),
-            written: self.offsets.written(),
-            durable: self.offsets.durable(),
+            written: Written(self.written_end()),
+            durable: Durable(self.durable_end()),
             size_bytes: self.segments.values().map(|s| s.size).sum(),
             segments: self.segments.len(),
             latest_epoch: self.epochs.latest_epoch(),
@@ -345,7 +405,8 @@ impl Partition {
 
     /// True when no I/O of this partition is in flight.
     pub fn is_idle(&self) -> bool {
-        self.writes.iter().all(|w| w.done)
+        self.journal_offset == self.journal_durable
+            && self.writes.iter().all(|w| w.done)
             && self.sync_inflight.is_none()
             && !self.control_busy
             && self.runway_inflight.is_none()
@@ -526,8 +587,8 @@ impl Partition {
     }
 
     fn complete_waiters(&mut self) {
-        let written = self.offsets.written().0;
-        let durable = self.offsets.durable().0;
+        let written = self.written_end();
+        let durable = self.durable_end();
         let log_start = self.log_start_offset;
         while self
             .written_waiters
@@ -579,7 +640,7 @@ impl Partition {
             reply,
             flush: true,
         };
-        if end <= self.offsets.durable().0 {
+        if end <= self.durable_end() {
             complete(waiter, Durability::Durable, self.log_start_offset);
         } else {
             self.flush_waiters += 1;
@@ -588,6 +649,115 @@ impl Partition {
                 .partition_point(|w| w.end_offset <= end);
             self.durable_waiters.insert(at, waiter);
         }
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // The shard journal (ARCHITECTURE.md, decision 10)
+
+    /// The shard's journal takes (or stops taking) this partition's small groups.
+    pub fn set_journaled(&mut self, on: bool) {
+        self.journaled = on && self.config.flush == FlushPolicy::EveryBatch;
+    }
+
+    fn journal_active(&self) -> bool {
+        self.journaled && !self.journal_blocked
+    }
+
+    /// The batches the journal should make durable now: everything appended that is not durable
+    /// yet, if that is a small group.
+    pub fn journal_offer(&self) -> Option<journal::Entry> {
+        if !self.journal_active()
+            || self.failure.is_some()
+            || self.truncate.is_some()
+            || self.cut_pending
+            || self.deleted
+            || self.journal_offset != self.journal_durable
+        {
+            return None;
+        }
+        let from = self.journal_from();
+        let end = self.offsets.appended().0;
+        if from >= end || !self.journal_can_take() {
+            return None;
+        }
+        let first = self.tail.partition_point(|b| b.next_offset <= from);
+        if self.tail.get(first).is_none_or(|b| b.base_offset != from) {
+            return None; // not in memory: the segment path makes it durable
+        }
+        let chunks = self.tail.range(first..).map(|b| b.bytes.clone()).collect();
+        Some(journal::Entry {
+            id: self.id.clone(),
+            incarnation: self.incarnation,
+            chunks,
+            end_offset: end,
+        })
+    }
+
+    /// Appended data is not durable and no journal write has it (whether the journal can take it
+    /// is `journal_offer`'s question).
+    pub fn wants_journal(&self) -> bool {
+        self.journal_active() && self.offsets.appended().0 > self.journal_from()
+    }
+
+    /// Where the journal's next record of this partition starts: everything below is durable (a
+    /// sync in flight does not count: it may fail), so everything below the record's end is once
+    /// the record is (the invariant of `journal_durable`).
+    fn journal_from(&self) -> u64 {
+        self.journal_offset.max(self.offsets.durable().0)
+    }
+
+    /// Is what the journal would have to take a small group? (Counted from the newest batch back,
+    /// so the cost is bounded by the group limit, not by the tail.)
+    fn journal_can_take(&self) -> bool {
+        let from = self.journal_from();
+        let mut bytes = 0;
+        for b in self.tail.iter().rev() {
+            if b.next_offset <= from {
+                break;
+            }
+            bytes += b.bytes.len() as u64;
+            if bytes >= journal_group_bytes_max {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A journal write with this partition's batches up to `end` is being issued.
+    pub fn journal_taken(&mut self, end: u64) {
+        self.journal_offset = end;
+        self.journal_used = true;
+    }
+
+    /// The journal write that took batches up to `end` completed (fdatasync included) or failed.
+    pub fn on_journaled(&mut self, end: u64, ok: bool) {
+        if ok {
+            let end = end.min(self.offsets.appended().0);
+            self.journal_durable = self.journal_durable.max(end);
+        }
+        self.journal_offset = self.journal_durable;
+        self.complete_waiters();
+    }
+
+    /// A shard checkpoint starts: the segment must become durable up to what the journal holds.
+    /// Returns whether this partition has anything to do for it.
+    pub fn begin_checkpoint(&mut self) -> bool {
+        if self.journal_durable > self.offsets.durable().0 {
+            self.checkpoint_target = Some(self.journal_durable);
+            true
+        } else {
+            self.checkpoint_target = None;
+            false
+        }
+    }
+
+    pub fn checkpoint_reached(&self) -> bool {
+        self.checkpoint_target
+            .is_none_or(|target| self.offsets.durable().0 >= target)
+    }
+
+    pub fn end_checkpoint(&mut self) {
+        self.checkpoint_target = None;
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -610,7 +780,26 @@ impl Partition {
             }
             return false;
         }
+        if self.journal_blocked
+            && self.is_idle()
+            && !self.cut_pending
+            && self.offsets.durable().0 >= self.journal_durable
+        {
+            // The segment now holds everything the journal made durable: a new incarnation
+            // retires this partition's old records, and the journal may take its data again.
+            self.start_incarnation(io);
+            return false;
+        }
         if self.truncate.is_some() && self.is_idle() && self.copy_index == self.tail.len() {
+            if self.journal_used && !self.incarnation_fresh {
+                // The journal may hold records past the truncation point: once the segment is
+                // durable (sync_due asks for it), retire them with a new incarnation first.
+                if self.offsets.durable().0 == self.offsets.written().0 {
+                    self.start_incarnation(io);
+                }
+                return false;
+            }
+            self.incarnation_fresh = false;
             self.start_truncate(io);
             if self.control_busy {
                 return false;
@@ -631,7 +820,18 @@ impl Partition {
         self.tail.get(self.copy_index)
     }
 
+    /// A rollback's rewrite waits out its backoff (the shard's tick schedules it again).
+    pub fn rewrite_waiting(&self) -> bool {
+        self.rewrite_at.is_some()
+    }
+
     fn schedule_writes(&mut self, io: &mut IoCtx<'_>) -> bool {
+        if let Some(at) = self.rewrite_at {
+            if Instant::now() < at {
+                return false;
+            }
+            self.rewrite_at = None;
+        }
         loop {
             let Some(next) = self.uncopied() else {
                 return false;
@@ -651,6 +851,9 @@ impl Partition {
                 CarryState::Loading => return false,
             }
             let pending = self.segments[&self.write_segment].size - self.next_write_position;
+            if self.lazy_hold(pending) {
+                return false;
+            }
             let want_end = align_up(self.next_write_position + pending.min(write_bytes_max as u64));
             if want_end > self.segments[&self.write_segment].allocated {
                 self.start_allocate(io, want_end);
@@ -797,6 +1000,23 @@ impl Partition {
         });
     }
 
+    /// A journaled partition writes its segment in pieces of at least `journal_group_bytes_max`
+    /// (its small groups are durable through the journal), unless a roll, a truncation or a
+    /// checkpoint needs the data on the segment now.
+    fn lazy_hold(&self, pending: u64) -> bool {
+        self.journal_active()
+            && pending < journal_group_bytes_max
+            && self.journal_can_take()
+            && self.truncate.is_none()
+            && self
+                .tail
+                .back()
+                .is_some_and(|b| b.segment == self.write_segment)
+            && self
+                .checkpoint_target
+                .is_none_or(|target| self.copied_offset >= target)
+    }
+
     /// Lay out the next stretch of the write segment with zeros while the partition is lightly
     /// loaded (small group commits, no data write in flight), up to [`runway_bytes`] ahead of the
     /// write head and within the preallocated length. Appends then overwrite blocks the file
@@ -805,6 +1025,7 @@ impl Partition {
     /// [`runway_gap_bytes`] past the write head, and data writes that would reach it wait for it.
     fn schedule_runway(&mut self, io: &mut IoCtx<'_>) {
         if self.config.flush != FlushPolicy::EveryBatch
+            || self.journal_active()
             || self.runway_off
             || self.runway_inflight.is_some()
             || !self.writes.is_empty()
@@ -886,6 +1107,9 @@ impl Partition {
             .front()
             .is_some_and(|w| w.end_offset > self.offsets.durable().0);
         let due = match self.config.flush {
+            FlushPolicy::EveryBatch if self.journal_active() => {
+                return self.journaled_sync_due();
+            }
             FlushPolicy::EveryBatch => true,
             FlushPolicy::Interval { ms, bytes } => {
                 waited_for
@@ -894,15 +1118,38 @@ impl Partition {
             }
         };
         let writes_in_flight = self.writes.iter().any(|w| !w.done);
-        // Someone flushing (a consumer waiting to see data answered at write time) does not wait
-        // for a pause in the writes either, once the data has waited `sync_wait_max`.
-        let flush_overdue = self.flush_waiters > 0
-            && self
-                .unsynced_since
-                .is_some_and(|t| t.elapsed() >= sync_wait_max);
         due && (!writes_in_flight
             || self.written_position - self.durable_position >= sync_group_bytes
-            || flush_overdue)
+            || self.flush_overdue())
+    }
+
+    /// A journaled partition syncs its segment when written data is not in the journal (a group
+    /// too large for it), for a checkpoint or a truncation, and every `sync_group_bytes` (which
+    /// bounds the torn tail a crash can leave, as for any every-batch partition).
+    fn journaled_sync_due(&self) -> bool {
+        let written = self.offsets.written().0;
+        let durable = self.offsets.durable().0;
+        let writes_in_flight = self.writes.iter().any(|w| !w.done);
+        let large = self.written_position - self.durable_position >= sync_group_bytes;
+        let checkpoint = self
+            .checkpoint_target
+            .is_some_and(|t| written >= t && durable < t);
+        // Written data the journal has not taken, and will not (too much of it): a small rest
+        // goes through the journal's next write instead of a segment sync.
+        let uncovered = written > self.journal_offset.max(durable) && !self.journal_can_take();
+        large
+            || checkpoint
+            || ((uncovered || self.truncate.is_some())
+                && (!writes_in_flight || self.flush_overdue()))
+    }
+
+    /// Someone flushing (a consumer waiting to see data answered at write time) does not wait
+    /// for a pause in the writes once the data has waited `sync_wait_max`.
+    fn flush_overdue(&self) -> bool {
+        self.flush_waiters > 0
+            && self
+                .unsynced_since
+                .is_some_and(|t| t.elapsed() >= sync_wait_max)
     }
 
     /// Record that a sync covering everything written so far is being issued; returns the file
@@ -1028,6 +1275,19 @@ impl Partition {
         });
     }
 
+    fn start_incarnation(&mut self, io: &mut IoCtx<'_>) {
+        let incarnation = crate::recovery::new_incarnation();
+        let path = self.dir.join(path::INCARNATION_FILE);
+        let storage = io.storage.clone();
+        self.start_control(io, async move {
+            storage
+                .write_file_durable(&path, format!("{incarnation}\n").into_bytes())
+                .await
+                .map_err(|e| Error::io("write", &path, e))?;
+            Ok(ControlDone::IncarnationWritten { incarnation })
+        });
+    }
+
     fn persist_epochs(&mut self, io: &mut IoCtx<'_>) {
         self.epochs_dirty = false;
         let bytes = self.epochs.encode();
@@ -1070,7 +1330,9 @@ impl Partition {
                     Err(e) => self.on_control_failed(e, io),
                 }
             }
-            Event::GroupSynced { .. } => unreachable!("the shard splits group syncs"),
+            Event::GroupSynced { .. } | Event::Journaled { .. } | Event::JournalHeader { .. } => {
+                unreachable!("shard-level events are handled by the shard")
+            }
             Event::Detached => {}
         }
         self.complete_waiters();
@@ -1176,6 +1438,11 @@ impl Partition {
                 }
             }
             ControlDone::MetadataWritten => {}
+            ControlDone::IncarnationWritten { incarnation } => {
+                self.incarnation = incarnation;
+                self.journal_blocked = false;
+                self.incarnation_fresh = self.truncate.is_some();
+            }
         }
     }
 
@@ -1225,12 +1492,22 @@ impl Partition {
             self.offsets.written().0
         };
         let error = failure.error.duplicate();
+        // What the journal made durable stays: it was acknowledged. It is written again.
+        let keep = to.max(self.journal_durable);
+        let durable_position = self.durable_position;
         self.writes.clear();
-        self.fail_waiters_after(to, &error);
-        match self.position_in_memory(to) {
+        self.fail_waiters_after(keep, &error);
+        if self.journal_used {
+            self.journal_blocked = true;
+        }
+        match self.position_in_memory(keep) {
             Some(position) => {
                 self.failure = None;
-                self.apply_truncation(to, position);
+                self.apply_truncation(keep, position);
+                if keep > to {
+                    self.rewind(to, durable_position);
+                    self.rewrite_at = Some(Instant::now() + rewrite_backoff);
+                }
                 self.start_cut(io);
             }
             None => {
@@ -1238,6 +1515,32 @@ impl Partition {
                 self.start_locate(io, to);
             }
         }
+    }
+
+    /// After a rollback that kept batches the journal made durable: write them again from `to`
+    /// (the last point the segment is known good at), where the batch starting at `to` begins.
+    fn rewind(&mut self, to: u64, durable_position: u64) {
+        let index = self
+            .tail
+            .iter()
+            .position(|b| b.base_offset == to)
+            .expect("batches not durable in the segment stay in memory");
+        let (segment, position) = (self.tail[index].segment, self.tail[index].position);
+        self.offsets.rewind_written(to);
+        self.copy_index = index;
+        self.copy_offset = 0;
+        self.copied_offset = to;
+        self.write_segment = segment;
+        self.next_write_position = position;
+        self.written_position = position;
+        self.durable_position = durable_position.min(position);
+        self.zeroed_end = self.zeroed_end.min(align_down(position));
+        self.carry_len = 0;
+        self.carry_state = if position.is_multiple_of(block_bytes as u64) {
+            CarryState::Ready
+        } else {
+            CarryState::NeedsLoad
+        };
     }
 
     /// Where the batch starting at `to` lies, if known without reading the disk: in the tail, or
@@ -1344,6 +1647,11 @@ impl Partition {
             self.tail_bytes -= b.bytes.len();
         }
         self.offsets.truncate(to);
+        self.journal_offset = self.journal_offset.min(to);
+        self.journal_durable = self.journal_durable.min(to);
+        if let Some(target) = &mut self.checkpoint_target {
+            *target = (*target).min(to);
+        }
         if self.epochs.truncate_from_end(to) {
             self.epochs_dirty = true;
         }
@@ -1368,7 +1676,8 @@ impl Partition {
     /// later segment files, persist the recovery point and epochs.
     fn start_cut(&mut self, io: &mut IoCtx<'_>) {
         let segment = &self.segments[&self.write_segment];
-        let size = segment.size;
+        // After a rewind the batches from the write head on are written again: cut there.
+        let size = segment.size.min(self.next_write_position);
         let log_path = segment.log_path.clone();
         let file = segment.file.clone();
         let storage = io.storage.clone();
@@ -1443,8 +1752,8 @@ impl Partition {
     fn upper(&self, upper: ReadUpper) -> u64 {
         let appended = self.offsets.appended().0;
         match upper {
-            ReadUpper::Durable => self.offsets.durable().0,
-            ReadUpper::Written => self.offsets.written().0,
+            ReadUpper::Durable => self.durable_end(),
+            ReadUpper::Written => self.written_end(),
             ReadUpper::Appended => appended,
             ReadUpper::Offset(o) => o.min(appended),
         }
@@ -1469,8 +1778,8 @@ impl Partition {
             next_offset: offset,
             log_start_offset: self.log_start_offset,
             log_end_offset: log_end,
-            durable_offset: self.offsets.durable().0,
-            written_offset: self.offsets.written().0,
+            durable_offset: self.durable_end(),
+            written_offset: self.written_end(),
         };
         let upper = self.upper(options.upper);
         if offset >= upper {
@@ -1531,8 +1840,8 @@ impl Partition {
                 next_offset: base,
                 log_start_offset: self.log_start_offset,
                 log_end_offset: end,
-                durable_offset: self.offsets.durable().0,
-                written_offset: self.offsets.written().0,
+                durable_offset: self.durable_end(),
+                written_offset: self.written_end(),
             },
         })
     }
@@ -1547,10 +1856,15 @@ impl Partition {
     }
 
     fn evict_cache(&mut self) {
-        let written = self.offsets.written().0;
+        // Every-batch logs keep what is not yet durable in the segment: the journal may need it,
+        // and a rollback after a failed sync writes it again if the journal made it durable.
+        let limit = match self.config.flush {
+            FlushPolicy::EveryBatch => self.offsets.durable().0,
+            FlushPolicy::Interval { .. } => self.offsets.written().0,
+        };
         while self.tail_bytes > self.config.cache_bytes
             && self.copy_index > 0
-            && self.tail.front().is_some_and(|b| b.next_offset <= written)
+            && self.tail.front().is_some_and(|b| b.next_offset <= limit)
         {
             let b = self.tail.pop_front().expect("checked");
             self.tail_bytes -= b.bytes.len();

@@ -18,7 +18,7 @@
 //! * After a scan, the last segment is cut to its logical size and fsynced, so the file holds no
 //!   stale bytes past the log's end and everything recovered is durable.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::rc::Rc;
 
@@ -43,6 +43,8 @@ pub(crate) struct OpenRequest<'a> {
     /// `Some` to create (or reconfigure); `None` to open with the stored configuration.
     pub config: Option<PartitionConfig>,
     pub mode: RecoveryMode,
+    /// Journal records of this partition found at start-up (incarnation, batches).
+    pub journal: &'a [(u64, bytes::Bytes)],
 }
 
 pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
@@ -53,6 +55,7 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
         .create_dir_all(&dir)
         .map_err(|e| Error::io("create", &dir, e))?;
     let config = settle_config(storage, &dir, req.config).await?;
+    let incarnation = settle_incarnation(storage, &dir).await?;
     let names = storage
         .list_dir(&dir)
         .map_err(|e| Error::io("list", &dir, e))?;
@@ -93,6 +96,7 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
             FlushPolicy::Interval { .. } => None,
         },
         max_batch_bytes: config.max_message_bytes,
+        journaled: journaled_offsets(req.journal, incarnation),
     };
 
     let mut segments = BTreeMap::new();
@@ -204,7 +208,38 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
         config,
         segments,
         epochs,
+        incarnation,
     ))
+}
+
+/// A fresh incarnation number: random, so a recreated partition never matches an old one.
+pub(crate) fn new_incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    hasher.write_u128(now);
+    hasher.finish()
+}
+
+/// The partition's stored incarnation, or a new one stored now (a new partition, or one made
+/// before the journal existed).
+async fn settle_incarnation(storage: &Rc<dyn Storage>, dir: &Path) -> Result<u64> {
+    let path = dir.join(path::INCARNATION_FILE);
+    let stored = storage
+        .read_file(&path)
+        .map_err(|e| Error::io("read", &path, e))?
+        .and_then(|b| String::from_utf8_lossy(&b).trim().parse::<u64>().ok());
+    if let Some(incarnation) = stored {
+        return Ok(incarnation);
+    }
+    let incarnation = new_incarnation();
+    storage
+        .write_file_durable(&path, format!("{incarnation}\n").into_bytes())
+        .await
+        .map_err(|e| Error::io("write", &path, e))?;
+    Ok(incarnation)
 }
 
 /// Store the given configuration, or load the stored one.
@@ -261,6 +296,24 @@ struct ScanContext {
     /// `None`: any damage in the last segment may be a torn tail (interval flushing).
     torn_window: Option<u64>,
     max_batch_bytes: usize,
+    /// Base offsets of the batches the journal holds for this incarnation.
+    journaled: HashSet<u64>,
+}
+
+/// The base offsets of every batch in the journal records of this incarnation.
+fn journaled_offsets(records: &[(u64, bytes::Bytes)], incarnation: u64) -> HashSet<u64> {
+    let mut offsets = HashSet::new();
+    for (_, bytes) in records.iter().filter(|(i, _)| *i == incarnation) {
+        let mut at = 0;
+        while let Ok(h) = BatchHeader::parse(&bytes[at..]) {
+            offsets.insert(h.base_offset);
+            at += h.size_bytes;
+            if at >= bytes.len() {
+                break;
+            }
+        }
+    }
+    offsets
 }
 
 enum ScanEnd {
@@ -335,6 +388,14 @@ async fn scan(
     };
     if !is_last {
         return Ok(ScanEnd::Damaged { position, reason });
+    }
+    if ctx.journaled.contains(&expected_next) {
+        // The journal holds the batch that should be here: the segment's writes past its last
+        // sync were torn in some order (a crash keeps any subset of unsynced writes), and replay
+        // writes them again from here.
+        tracing::info!(file = %file.path().display(), position, %reason,
+            "log ends early at a batch the journal holds; replaying it");
+        return Ok(ScanEnd::Valid);
     }
     if !looks_torn(file, position, file_len, ctx.max_batch_bytes).await? {
         return Ok(ScanEnd::Damaged {

@@ -10,13 +10,16 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 
 use crate::batch::BatchHeader;
 use crate::config::{EngineConfig, PartitionConfig};
-use crate::constants::{shard_tick_ms, shard_write_buffers_count};
+use crate::constants::{journal_write_bytes_max, shard_tick_ms, shard_write_buffers_count};
 use crate::error::{Error, Result};
-use crate::io::{BufferPool, Storage};
+use crate::io::aligned::align_up;
+use crate::io::{AlignedBuf, BufferPool, Storage, StorageFile};
+use crate::journal::{self, Header};
 use crate::metrics::{bump, Metrics};
 use crate::offsets::Durability;
 use crate::partition::{AppendKind, Event, Inflight, IoCtx, Partition, Reply, Validated};
@@ -29,6 +32,15 @@ pub(crate) enum Command {
     Open {
         id: PartitionId,
         config: Option<PartitionConfig>,
+        /// Journal records of this partition found at start-up (incarnation, batches), oldest first.
+        replay: Vec<(u64, Bytes)>,
+        reply: Reply<()>,
+    },
+    /// Start (or restart) this shard's journal once replay is durable: its next records begin at
+    /// logical position `start`, the header's sequence number after `seq`.
+    StartJournal {
+        start: u64,
+        seq: u64,
         reply: Reply<()>,
     },
     Append {
@@ -115,6 +127,10 @@ pub(crate) fn run(
     let (runtime, storage) = runtime;
     let _ = ready.send(Ok(()));
     let mut shard = Shard {
+        index,
+        journal: None,
+        journal_candidates: HashSet::new(),
+        checkpoint_waiting: HashSet::new(),
         config,
         storage,
         partitions: HashMap::new(),
@@ -136,7 +152,30 @@ pub(crate) fn run(
     });
 }
 
+/// The shard's journal while it runs (see `journal.rs`).
+struct ShardJournal {
+    file: Rc<dyn StorageFile>,
+    /// The header as last written: its checkpoint is where replay would start.
+    header: Header,
+    /// Logical position of the next journal write.
+    head: u64,
+    /// A journal write or header write is in flight (one at a time).
+    busy: bool,
+    /// A journal I/O failed: the journal takes nothing more until the engine restarts.
+    failed: bool,
+    /// A checkpoint at this position waits for partitions' segments to become durable.
+    checkpoint_at: Option<u64>,
+    buf: Option<AlignedBuf>,
+    scratch: Vec<u8>,
+}
+
 struct Shard {
+    index: usize,
+    journal: Option<ShardJournal>,
+    /// Partitions with appends the journal has not looked at yet.
+    journal_candidates: HashSet<PartitionId>,
+    /// Partitions whose segments the checkpoint in progress waits for.
+    checkpoint_waiting: HashSet<PartitionId>,
     config: Arc<EngineConfig>,
     storage: Rc<dyn Storage>,
     partitions: HashMap<PartitionId, Partition>,
@@ -183,6 +222,7 @@ impl Shard {
     }
 
     fn schedule(&mut self) {
+        self.schedule_journal();
         let Shard {
             storage,
             partitions,
@@ -192,8 +232,8 @@ impl Shard {
             runways_inflight,
             dirty,
             metrics,
-            sync_inflight,
             sync_waiting,
+            journal_candidates,
             ..
         } = self;
         let mut io = IoCtx {
@@ -212,11 +252,25 @@ impl Shard {
                 if p.schedule(&mut io) {
                     dirty.insert(id.clone());
                 }
+                if p.wants_journal() {
+                    // After a sync the rest may have become small enough for the journal.
+                    journal_candidates.insert(id.clone());
+                }
                 if p.sync_due() {
                     sync_waiting.insert(id);
                 }
             }
         }
+        // Partitions may have become candidates (or a checkpoint ready) just now.
+        self.schedule_journal();
+        let Shard {
+            partitions,
+            inflight,
+            metrics,
+            sync_inflight,
+            sync_waiting,
+            ..
+        } = self;
         if *sync_inflight || sync_waiting.is_empty() {
             return;
         }
@@ -233,20 +287,15 @@ impl Shard {
         };
         let mut file = None;
         for id in &members {
-            file = Some(
-                partitions
-                    .get_mut(id)
-                    .expect("present")
-                    .begin_sync(io.metrics),
-            );
+            file = Some(partitions.get_mut(id).expect("present").begin_sync(metrics));
         }
         let file = file.expect("at least one member");
         let group = members.len() > 1;
         if group {
-            bump(&io.metrics.group_syncs, 1);
+            bump(&metrics.group_syncs, 1);
         }
         *sync_inflight = true;
-        io.inflight.push(Box::pin(async move {
+        inflight.push(Box::pin(async move {
             let result = if group {
                 file.sync_filesystem().await
             } else {
@@ -256,7 +305,171 @@ impl Shard {
         }));
     }
 
+    /// The journal's next I/O, if it is free: a checkpoint's header once the partitions it waits
+    /// for are durable; else start a checkpoint when half the ring is in use; else one write of
+    /// every candidate partition's small group.
+    fn schedule_journal(&mut self) {
+        let Some(j) = self.journal.as_mut().filter(|j| !j.busy && !j.failed) else {
+            return;
+        };
+        let partitions = &mut self.partitions;
+        if let Some(at) = j.checkpoint_at {
+            self.checkpoint_waiting
+                .retain(|id| partitions.get(id).is_some_and(|p| !p.checkpoint_reached()));
+            if self.checkpoint_waiting.is_empty() {
+                let header = Header {
+                    capacity: j.header.capacity,
+                    seq: j.header.seq + 1,
+                    checkpoint: at,
+                };
+                j.busy = true;
+                let file = j.file.clone();
+                bump(&self.metrics.journal_checkpoints, 1);
+                self.inflight
+                    .push(Box::pin(write_header(file, header, self.index)));
+                return;
+            }
+        } else if j.head - j.header.checkpoint >= j.header.capacity / 2 {
+            // Everything before the head is durable in the journal (no write is in flight):
+            // once the segments hold it too, replay may start at the head.
+            j.checkpoint_at = Some(j.head);
+            for (id, p) in partitions.iter_mut() {
+                if p.begin_checkpoint() {
+                    self.checkpoint_waiting.insert(id.clone());
+                    self.dirty.insert(id.clone());
+                }
+            }
+        }
+        let mut entries = Vec::new();
+        let mut len = 0;
+        let candidates: Vec<PartitionId> = self.journal_candidates.drain().collect();
+        for id in candidates {
+            let Some(entry) = partitions.get(&id).and_then(Partition::journal_offer) else {
+                continue; // nothing small to take: the segment path has it (appends re-add it)
+            };
+            let entry_len = entry.encoded_len();
+            if align_up((len + entry_len) as u64) as usize > journal_write_bytes_max {
+                self.journal_candidates.insert(id);
+                continue;
+            }
+            len += entry_len;
+            entries.push(entry);
+        }
+        if entries.is_empty() {
+            return;
+        }
+        let padded = align_up(len as u64);
+        let Some(start) = journal::place(j.head, j.header.checkpoint, j.header.capacity, padded)
+        else {
+            // The ring is full until the checkpoint in progress completes.
+            bump(&self.metrics.journal_full, 1);
+            self.journal_candidates
+                .extend(entries.into_iter().map(|e| e.id));
+            return;
+        };
+        journal::encode_write(start, &entries, &mut j.scratch);
+        let mut buf = j
+            .buf
+            .take()
+            .expect("the journal's buffer is free when it is not busy");
+        buf.clear();
+        buf.extend_from_slice(&j.scratch);
+        let members: Vec<(PartitionId, u64)> = entries
+            .into_iter()
+            .map(|e| {
+                if let Some(p) = partitions.get_mut(&e.id) {
+                    p.journal_taken(e.end_offset);
+                }
+                (e.id, e.end_offset)
+            })
+            .collect();
+        j.busy = true;
+        bump(&self.metrics.journal_writes, 1);
+        bump(&self.metrics.journal_bytes, padded);
+        let file = j.file.clone();
+        let position = journal::HEADER_AREA + start % j.header.capacity;
+        let end = start + padded;
+        let first = members[0].0.clone();
+        self.inflight.push(Box::pin(async move {
+            let (mut result, buf) = file.write_at(position, buf).await;
+            if result.is_ok() {
+                result = file.sync_data().await;
+            }
+            (
+                first,
+                Event::Journaled {
+                    members,
+                    end,
+                    result,
+                    buf,
+                },
+            )
+        }));
+    }
+
+    fn on_journal_event(&mut self, event: Event) {
+        let j = self
+            .journal
+            .as_mut()
+            .expect("journal events come from the journal");
+        j.busy = false;
+        let result = match event {
+            Event::Journaled {
+                members,
+                end,
+                result,
+                buf,
+            } => {
+                j.buf = Some(buf);
+                let ok = result.is_ok();
+                if ok {
+                    j.head = end;
+                }
+                for (id, offset) in members {
+                    if let Some(p) = self.partitions.get_mut(&id) {
+                        p.on_journaled(offset, ok);
+                        self.dirty.insert(id);
+                    }
+                }
+                result
+            }
+            Event::JournalHeader { header, result } => {
+                if result.is_ok() {
+                    j.header = header;
+                    if j.checkpoint_at == Some(header.checkpoint) {
+                        j.checkpoint_at = None;
+                        for p in self.partitions.values_mut() {
+                            p.end_checkpoint();
+                        }
+                    }
+                }
+                result
+            }
+            _ => unreachable!("not a journal event"),
+        };
+        if let Err(error) = result {
+            // Unacknowledged records may or may not be on disk; what the journal made durable
+            // stays durable. From here on every partition syncs its own segment, and
+            // truncations and rollbacks retire old records with a new incarnation as always.
+            j.failed = true;
+            bump(&self.metrics.io_errors, 1);
+            tracing::error!(shard = self.index, path = %j.file.path().display(), %error,
+                "journal I/O failed; the journal is off until restart, partitions sync their own segments");
+            self.journal_candidates.clear();
+            self.checkpoint_waiting.clear();
+            for (id, p) in self.partitions.iter_mut() {
+                p.set_journaled(false);
+                p.end_checkpoint();
+                self.dirty.insert(id.clone());
+            }
+        }
+    }
+
     fn on_event(&mut self, (id, event): (PartitionId, Event)) {
+        if matches!(event, Event::Journaled { .. } | Event::JournalHeader { .. }) {
+            self.on_journal_event(event);
+            return;
+        }
         if let Event::GroupSynced { members, result } = event {
             self.sync_inflight = false;
             for member in members {
@@ -305,6 +518,9 @@ impl Shard {
                         *writes_inflight -= 1;
                         *runways_inflight -= 1;
                     }
+                    Event::Journaled { .. } | Event::JournalHeader { .. } => {
+                        unreachable!("handled above")
+                    }
                     _ => {}
                 }
             }
@@ -319,8 +535,17 @@ impl Shard {
 
     async fn on_command(&mut self, command: Command) {
         match command {
-            Command::Open { id, config, reply } => {
-                let result = self.open(id, config).await;
+            Command::Open {
+                id,
+                config,
+                replay,
+                reply,
+            } => {
+                let result = self.open(id, config, replay).await;
+                let _ = reply.send(result);
+            }
+            Command::StartJournal { start, seq, reply } => {
+                let result = self.start_journal(start, seq).await;
                 let _ = reply.send(result);
             }
             Command::Append {
@@ -338,6 +563,9 @@ impl Shard {
                 match self.partitions.get_mut(&id) {
                     Some(p) => {
                         p.append(bytes, kind, wait, reply, &self.metrics);
+                        if self.journal.is_some() {
+                            self.journal_candidates.insert(id.clone());
+                        }
                         self.dirty.insert(id);
                     }
                     None => {
@@ -404,6 +632,8 @@ impl Shard {
                 let ids: Vec<_> = self.partitions.keys().cloned().collect();
                 for id in ids {
                     if let Some(p) = self.partitions.get_mut(&id) {
+                        // A clean shutdown leaves every segment durable, with nothing to replay.
+                        p.set_journaled(false);
                         let (tx, _rx) = futures::channel::oneshot::channel();
                         p.flush(tx);
                     }
@@ -413,7 +643,12 @@ impl Shard {
         }
     }
 
-    async fn open(&mut self, id: PartitionId, config: Option<PartitionConfig>) -> Result<()> {
+    async fn open(
+        &mut self,
+        id: PartitionId,
+        config: Option<PartitionConfig>,
+        replay: Vec<(u64, Bytes)>,
+    ) -> Result<()> {
         if let Some(existing) = self.partitions.get(&id) {
             return match config {
                 Some(c) if c != existing.config => Err(Error::InvalidConfig(format!(
@@ -428,10 +663,132 @@ impl Shard {
             id: &id,
             config,
             mode: self.config.recovery,
+            journal: &replay,
         })
         .await?;
+        let mut partition = partition;
+        if !replay.is_empty() {
+            self.replay(&mut partition, replay)?;
+        }
+        partition.set_journaled(self.journal.as_ref().is_some_and(|j| !j.failed));
         self.partitions.insert(id.clone(), partition);
         self.dirty.insert(id);
+        Ok(())
+    }
+
+    /// Append what the journal holds past the recovered log's end (records of the partition's
+    /// current incarnation only, in journal order). The engine then flushes the partition before
+    /// the journal is reused.
+    fn replay(&mut self, p: &mut Partition, records: Vec<(u64, Bytes)>) -> Result<()> {
+        let journal_dir = self.config.data_dir.join(path::JOURNAL_DIR);
+        let mut replayed = 0;
+        for (incarnation, bytes) in records {
+            if incarnation != p.incarnation {
+                continue;
+            }
+            let end = p.offsets.appended().0;
+            let mut at = 0;
+            while at < bytes.len() {
+                let h = BatchHeader::parse(&bytes[at..])?;
+                if h.next_offset() > end {
+                    break;
+                }
+                at += h.size_bytes;
+            }
+            if at == bytes.len() {
+                continue;
+            }
+            let rest = Validated::check(bytes.slice(at..), AppendKind::Replica)?;
+            let (tx, mut rx) = futures::channel::oneshot::channel();
+            p.append(
+                rest,
+                AppendKind::Replica,
+                Some(Durability::Appended),
+                tx,
+                &self.metrics,
+            );
+            match rx.try_recv() {
+                Ok(Some(Ok(_))) => replayed += 1,
+                Ok(Some(Err(e))) => {
+                    let reason =
+                        format!("journal record of {} does not continue its log: {e}", p.id);
+                    if self.config.recovery == crate::RecoveryMode::Strict {
+                        return Err(Error::Corruption {
+                            file: journal_dir,
+                            position: 0,
+                            reason: format!(
+                                "{reason}. Refusing to open (recovery mode truncate-tail skips it)"
+                            ),
+                        });
+                    }
+                    tracing::warn!(partition = %p.id, %reason, "journal replay stopped");
+                    break;
+                }
+                _ => unreachable!("an append waiting for nothing completes at once"),
+            }
+        }
+        if replayed > 0 {
+            bump(&self.metrics.journal_replayed, replayed);
+            tracing::info!(partition = %p.id, records = replayed, "replayed from the journal");
+        }
+        Ok(())
+    }
+
+    /// Open (creating it if needed) this shard's journal file and write its first header: the
+    /// records of the last run were replayed and are durable in their segments.
+    async fn start_journal(&mut self, start: u64, seq: u64) -> Result<()> {
+        let capacity = self.config.journal_bytes;
+        if capacity == 0 {
+            return Ok(());
+        }
+        let dir = self.config.data_dir.join(path::JOURNAL_DIR);
+        self.storage
+            .create_dir_all(&dir)
+            .map_err(|e| Error::io("create", &dir, e))?;
+        let path = dir.join(format!("{}.journal", self.index));
+        let file = self
+            .storage
+            .open(&path, true)
+            .await
+            .map_err(|e| Error::io("open", &path, e))?;
+        let len = journal::HEADER_AREA + capacity;
+        let mut start = start;
+        if file.file_len().map_err(|e| Error::io("stat", &path, e))? != len {
+            // New, or made with another capacity: start over from an empty ring.
+            file.set_len(0)
+                .await
+                .map_err(|e| Error::io("truncate", &path, e))?;
+            file.allocate(len)
+                .await
+                .map_err(|e| Error::io("fallocate", &path, e))?;
+            start = 0;
+        }
+        let header = Header {
+            capacity,
+            seq: seq + 1,
+            checkpoint: start,
+        };
+        let (result, _) = header_io(file.clone(), header).await;
+        result
+            .and(file.sync_all().await)
+            .map_err(|e| Error::io("write", &path, e))?;
+        self.storage
+            .sync_dir(&dir)
+            .await
+            .map_err(|e| Error::io("fsync", &dir, e))?;
+        self.journal = Some(ShardJournal {
+            file,
+            header,
+            head: start,
+            busy: false,
+            failed: false,
+            checkpoint_at: None,
+            buf: Some(AlignedBuf::new(journal_write_bytes_max)),
+            scratch: Vec::with_capacity(journal_write_bytes_max),
+        });
+        for p in self.partitions.values_mut() {
+            p.set_journaled(true);
+        }
         Ok(())
     }
 
@@ -503,6 +860,8 @@ impl Shard {
         }));
     }
 
+    /// Deleting a partition needs nothing from the journal: a recreated partition gets a new
+    /// incarnation, so the old one's records never replay into it.
     fn delete(&mut self, id: &PartitionId) -> Result<()> {
         let mut p = self
             .partitions
@@ -517,7 +876,7 @@ impl Shard {
     fn on_tick(&mut self) {
         // Interval flushes come due with time alone.
         for (id, p) in &self.partitions {
-            if p.offsets.written().0 > p.offsets.durable().0 {
+            if p.offsets.written().0 > p.offsets.durable().0 || p.rewrite_waiting() {
                 self.dirty.insert(id.clone());
             }
         }
@@ -593,4 +952,29 @@ impl Drop for DrainOnExit {
             drop(command);
         }
     }
+}
+
+/// Write a journal header into its slot and fdatasync.
+async fn header_io(file: Rc<dyn StorageFile>, header: Header) -> (std::io::Result<()>, ()) {
+    let mut buf = AlignedBuf::new(crate::constants::block_bytes);
+    buf.extend_from_slice(&header.encode());
+    buf.set_len(crate::constants::block_bytes);
+    let (mut result, _) = file.write_at(header.slot_position(), buf).await;
+    if result.is_ok() {
+        result = file.sync_data().await;
+    }
+    (result, ())
+}
+
+async fn write_header(
+    file: Rc<dyn StorageFile>,
+    header: Header,
+    index: usize,
+) -> (PartitionId, Event) {
+    let (result, ()) = header_io(file, header).await;
+    // Shard-level events still travel with a partition id; this one is never looked up.
+    (
+        PartitionId::new(".journal", index as u32),
+        Event::JournalHeader { header, result },
+    )
 }

@@ -93,7 +93,9 @@ fn failed_writes_and_fdatasyncs_roll_back_and_the_log_carries_on() {
     for (what, inject) in [("write", 0), ("fdatasync", 1)] {
         let fs = SimFs::default();
         let p = PartitionId::new("fail", 0);
-        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+        // The segment path's own rollback (with the journal, a failed journal write turns the
+        // journal off instead: `a_failed_journal_write_or_sync_loses_nothing`).
+        let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
         block_on(async {
             engine.create_partition(&p, config()).await.unwrap();
             engine.append(&p, batch(1, 1, 100, 0), 0).await.unwrap();
@@ -118,7 +120,7 @@ fn failed_writes_and_fdatasyncs_roll_back_and_the_log_carries_on() {
         );
         assert_eq!(engine.metrics().io_errors, 1);
         drop(engine);
-        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+        let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
         assert_eq!(
             log_contents(&engine, &p),
             BTreeMap::from([(0, 1), (1, 3)]),
@@ -184,7 +186,8 @@ fn the_runway_of_zeros_never_overwrites_the_log() {
     for seed in 0..3u64 {
         let fs = out_of_order_disk(seed, 5);
         let p = PartitionId::new("runway", 0);
-        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+        // The runway serves small groups that sync their own segment: without a journal.
+        let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
         let config = PartitionConfig {
             segment_bytes: 8 * 1024 * 1024,
             preallocate_bytes: 4 * 1024 * 1024,
@@ -232,7 +235,9 @@ fn the_runway_of_zeros_never_overwrites_the_log() {
 
 #[test]
 fn a_full_disk_rejects_appends_cleanly_and_recovers_when_space_returns() {
-    let capacity = 3 * 1024 * 1024;
+    // 3 MiB for the log, and the journal's file (which is allocated whole when the engine opens).
+    let journal = keel_engine::constants::journal_bytes_min + 8192;
+    let capacity = 3 * 1024 * 1024 + journal;
     let fs = SimFs::new(FaultConfig {
         capacity_bytes: Some(capacity),
         ..Default::default()

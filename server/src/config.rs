@@ -93,6 +93,8 @@ pub struct BrokerConfig {
     pub shards: usize,
     /// `log.recovery.mode` (Keel): `strict` or `truncate`.
     pub recovery: RecoveryMode,
+    /// `log.journal.bytes` (Keel): each shard's journal ring; 0 turns the journal off.
+    pub journal_bytes: u64,
     /// `metrics.listener` (Keel): Prometheus text metrics over HTTP; `none` to disable.
     pub metrics_listen: Option<SocketAddr>,
     /// `shutdown.timeout.ms` (Keel): how long SIGTERM waits for in-flight requests.
@@ -130,6 +132,7 @@ impl Default for BrokerConfig {
             topic_defaults: TopicConfig::default(),
             shards: 0,
             recovery: RecoveryMode::Strict,
+            journal_bytes: keel_engine::constants::journal_bytes_default,
             metrics_listen: None,
             shutdown_timeout_ms: 30_000,
             producer_id_expiration_ms: 86_400_000,
@@ -199,6 +202,7 @@ impl BrokerConfig {
                 }
             }
             "num.shards" => self.shards = number(key, value)?,
+            "log.journal.bytes" => self.journal_bytes = number(key, value)?,
             "log.recovery.mode" => {
                 self.recovery = match value {
                     "strict" => RecoveryMode::Strict,

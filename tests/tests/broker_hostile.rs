@@ -336,12 +336,22 @@ fn metrics_are_served_as_prometheus_text() {
 fn a_full_disk_is_kafka_storage_error_and_nothing_is_lost() {
     use keel_engine::io::sim::{FaultConfig, SimFs};
     let dir = tempfile::tempdir().unwrap();
-    // The partitions live on the simulator with a 3 MiB disk; metadata on the real one.
+    // The partitions live on the simulator with a 3 MiB disk (plus a 4 MiB journal per shard,
+    // allocated whole at start); metadata on the real one.
+    let journal = keel_engine::constants::journal_bytes_min;
     let fs = SimFs::new(FaultConfig {
-        capacity_bytes: Some(3 * 1024 * 1024),
+        capacity_bytes: Some(3 * 1024 * 1024 + 2 * (journal + 8192)),
         ..Default::default()
     });
-    let mut c = config(dir.path(), &[("log.segment.bytes", "1048576")]);
+    let journal = journal.to_string();
+    let mut c = config(
+        dir.path(),
+        &[
+            ("log.segment.bytes", "1048576"),
+            ("log.journal.bytes", &journal),
+            ("num.shards", "2"),
+        ],
+    );
     c.backend = keel_engine::io::Backend::Sim(fs.clone());
     let server = Server::start(c).unwrap();
     let mut w = Wire::connect(server.local_addr());

@@ -13,6 +13,11 @@ pub const LEADER_EPOCH_FILE: &str = "leader-epoch-checkpoint";
 pub const RECOVERY_POINT_FILE: &str = "recovery-point";
 pub const CLEAN_SHUTDOWN_FILE: &str = ".clean-shutdown";
 pub const CONFIG_FILE: &str = "partition.properties";
+/// The partition's incarnation (a random number, text), changed at creation and before every
+/// truncation: journal records carry it, so they never replay into a log they do not belong to.
+pub const INCARNATION_FILE: &str = "incarnation";
+/// The shard journals' directory under the data directory (`<shard>.journal` files).
+pub const JOURNAL_DIR: &str = ".journal";
 /// In the data directory: the engine holds an exclusive `flock` on it while open.
 pub const LOCK_FILE: &str = ".lock";
 /// Topic names follow Kafka's rule: at most 249 of `[a-zA-Z0-9._-]`, not "." or "..".

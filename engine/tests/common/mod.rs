@@ -32,6 +32,13 @@ pub fn sim_config(fs: &SimFs, shards: usize) -> EngineConfig {
     c.backend = Backend::Sim(fs.clone());
     c.shards = shards;
     c.pin_threads = false;
+    c.journal_bytes = keel_engine::constants::journal_bytes_min;
+    c
+}
+
+/// The same engine without the shard journal: every partition syncs its own segment.
+pub fn without_journal(mut c: EngineConfig) -> EngineConfig {
+    c.journal_bytes = 0;
     c
 }
 

@@ -1,0 +1,356 @@
+//! The shard journal: many partitions' small appends made durable by one sequential write and one
+//! fdatasync (ARCHITECTURE decision 10; every byte in FORMAT.md).
+//!
+//! A shard owns one file, `<data dir>/.journal/<shard>.journal`: two header blocks, then a ring of
+//! `capacity` bytes, written full of zeros once when the file is made (so a later fdatasync has no
+//! extent conversion to commit: it is one device flush). Positions are *logical*: they only grow,
+//! and the byte at logical position `l` lies at `header_area + l % capacity`.
+//!
+//! * A **record** carries one partition's batches, exactly as its log holds them (offsets
+//!   assigned), with the partition's name and incarnation (a number its directory holds, changed
+//!   at creation and before every truncation, so records never replay into a log they do not
+//!   belong to). Each record names its own logical position and the next record's, and a CRC-32C
+//!   covers all of it: a stale record from an earlier lap, or a torn one, never matches.
+//! * A **journal write** is the records of one group commit, padded to whole blocks, at the head;
+//!   the last record points past the padding. It never wraps: if it does not fit before the ring's
+//!   end it starts the next lap (replay tries the lap start when a record is missing mid-lap).
+//!   One journal write (with its fdatasync) is in flight at a time, so a torn or missing record
+//!   ends replay: nothing after it was acknowledged.
+//! * The **checkpoint** (in the header) is the logical position replay starts from. Everything
+//!   journaled before it is durable in the partitions' segments. The header is written to the two
+//!   blocks alternately with a sequence number; the valid one with the higher number counts.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use crate::constants::block_bytes;
+use crate::io::aligned::align_up;
+use crate::PartitionId;
+
+const HEADER_MAGIC: &[u8; 8] = b"KEELJNL\x01";
+const RECORD_MAGIC: u32 = 0x4b4a_5231; // "KJR1"
+/// The two header blocks before the ring.
+pub(crate) const HEADER_AREA: u64 = 2 * block_bytes as u64;
+/// Fixed part of a record, before the topic name and the batches.
+pub(crate) const RECORD_FIXED: usize = 42;
+
+/// The journal header: where replay starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub capacity: u64,
+    pub seq: u64,
+    pub checkpoint: u64,
+}
+
+impl Header {
+    /// One block: magic, capacity, seq, checkpoint (u64 LE each), CRC-32C of those 32 bytes.
+    pub fn encode(&self) -> [u8; 36] {
+        let mut out = [0u8; 36];
+        out[..8].copy_from_slice(HEADER_MAGIC);
+        out[8..16].copy_from_slice(&self.capacity.to_le_bytes());
+        out[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        out[24..32].copy_from_slice(&self.checkpoint.to_le_bytes());
+        let crc = crc32c::crc32c(&out[..32]);
+        out[32..36].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    pub fn decode(block: &[u8]) -> Option<Header> {
+        if block.len() < 36 || &block[..8] != HEADER_MAGIC {
+            return None;
+        }
+        let crc = u32::from_le_bytes(block[32..36].try_into().ok()?);
+        if crc != crc32c::crc32c(&block[..32]) {
+            return None;
+        }
+        let word = |at: usize| u64::from_le_bytes(block[at..at + 8].try_into().expect("8 bytes"));
+        let header = Header {
+            capacity: word(8),
+            seq: word(16),
+            checkpoint: word(24),
+        };
+        (header.capacity > 0 && header.capacity.is_multiple_of(block_bytes as u64))
+            .then_some(header)
+    }
+
+    /// The block this header is written to (they alternate).
+    pub fn slot_position(&self) -> u64 {
+        (self.seq % 2) * block_bytes as u64
+    }
+}
+
+/// The newer valid header of the file's two header blocks.
+pub(crate) fn read_header(file: &[u8]) -> Option<Header> {
+    let slot = |i: usize| {
+        file.get(i * block_bytes..(i + 1) * block_bytes)
+            .and_then(Header::decode)
+    };
+    match (slot(0), slot(1)) {
+        (Some(a), Some(b)) => Some(if a.seq >= b.seq { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// One partition's part of a journal write, as the shard gathers it.
+pub(crate) struct Entry {
+    pub id: PartitionId,
+    pub incarnation: u64,
+    pub chunks: Vec<Bytes>,
+    /// The offset after the last batch of `chunks`.
+    pub end_offset: u64,
+}
+
+impl Entry {
+    pub fn encoded_len(&self) -> usize {
+        RECORD_FIXED + self.id.topic.len() + self.chunks.iter().map(Bytes::len).sum::<usize>()
+    }
+}
+
+/// Encode the records of one journal write starting at logical position `start` into `out`
+/// (cleared first), padded to whole blocks with zeros.
+pub(crate) fn encode_write(start: u64, entries: &[Entry], out: &mut Vec<u8>) {
+    out.clear();
+    let mut starts = Vec::with_capacity(entries.len());
+    for e in entries {
+        let at = out.len();
+        starts.push(at);
+        let payload: usize = e.chunks.iter().map(Bytes::len).sum();
+        let len = e.encoded_len();
+        out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
+        out.extend_from_slice(&[0; 4]); // CRC, filled in below
+        out.extend_from_slice(&(start + at as u64).to_le_bytes());
+        out.extend_from_slice(&(start + (at + len) as u64).to_le_bytes());
+        out.extend_from_slice(&e.incarnation.to_le_bytes());
+        out.extend_from_slice(&e.id.partition.to_le_bytes());
+        out.extend_from_slice(&(payload as u32).to_le_bytes());
+        out.extend_from_slice(&(e.id.topic.len() as u16).to_le_bytes());
+        out.extend_from_slice(e.id.topic.as_bytes());
+        for c in &e.chunks {
+            out.extend_from_slice(c);
+        }
+    }
+    let padded = align_up(out.len() as u64) as usize;
+    if let Some(&last) = starts.last() {
+        // The last record points past the padding: that is where the next write starts.
+        out[last + 16..last + 24].copy_from_slice(&(start + padded as u64).to_le_bytes());
+    }
+    out.resize(padded, 0);
+    for (i, &at) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).copied().unwrap_or_else(|| {
+            at + entries[i].encoded_len() // the last record's bytes (padding excluded)
+        });
+        let crc = crc32c::crc32c(&out[at + 8..end]);
+        out[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
+/// A record found by replay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub id: PartitionId,
+    pub incarnation: u64,
+    pub batches: Bytes,
+}
+
+/// Decode the record the ring holds at logical position `at`, if a valid one is there.
+fn record_at(ring: &[u8], capacity: u64, at: u64) -> Option<(Record, u64)> {
+    let offset = (at % capacity) as usize;
+    let bytes = ring.get(offset..)?;
+    if bytes.len() < RECORD_FIXED || u32::from_le_bytes(bytes[..4].try_into().ok()?) != RECORD_MAGIC
+    {
+        return None;
+    }
+    let word = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+    let (logical, next, incarnation) = (word(8), word(16), word(24));
+    let partition = u32::from_le_bytes(bytes[32..36].try_into().ok()?);
+    let payload = u32::from_le_bytes(bytes[36..40].try_into().ok()?) as usize;
+    let topic_len = u16::from_le_bytes(bytes[40..42].try_into().ok()?) as usize;
+    let len = RECORD_FIXED + topic_len + payload;
+    if logical != at || len > bytes.len() || next < at + len as u64 {
+        return None;
+    }
+    let crc = u32::from_le_bytes(bytes[4..8].try_into().ok()?);
+    if crc != crc32c::crc32c(&bytes[8..len]) {
+        return None;
+    }
+    let topic = std::str::from_utf8(&bytes[RECORD_FIXED..RECORD_FIXED + topic_len]).ok()?;
+    let record = Record {
+        id: PartitionId::new(topic, partition),
+        incarnation,
+        batches: Bytes::copy_from_slice(&bytes[RECORD_FIXED + topic_len..len]),
+    };
+    Some((record, next))
+}
+
+/// Every record from the checkpoint on, in journal order, and the logical position after the last.
+pub(crate) fn replay(file: &[u8]) -> Option<(Header, Vec<Record>, u64)> {
+    let header = read_header(file)?;
+    let ring = file.get(HEADER_AREA as usize..)?;
+    let capacity = header.capacity;
+    let mut at = header.checkpoint;
+    let mut records = Vec::new();
+    while at - header.checkpoint < capacity {
+        let found = record_at(ring, capacity, at).or_else(|| {
+            // A write that did not fit before the ring's end starts the next lap.
+            let lap = at.next_multiple_of(capacity);
+            (lap != at)
+                .then(|| record_at(ring, capacity, lap))
+                .flatten()
+        });
+        match found {
+            Some((record, next)) => {
+                records.push(record);
+                at = next;
+            }
+            None => break,
+        }
+    }
+    Some((header, records, at))
+}
+
+/// Replay's records grouped by partition, in journal order.
+pub(crate) fn by_partition(records: Vec<Record>) -> HashMap<PartitionId, Vec<(u64, Bytes)>> {
+    let mut out: HashMap<PartitionId, Vec<(u64, Bytes)>> = HashMap::new();
+    for r in records {
+        out.entry(r.id)
+            .or_default()
+            .push((r.incarnation, r.batches));
+    }
+    out
+}
+
+/// Where a write of `len` bytes goes, given the head and the checkpoint: at the head, or at the
+/// next lap if it would cross the ring's end; `None` if the ring has no room before the checkpoint.
+pub(crate) fn place(head: u64, checkpoint: u64, capacity: u64, len: u64) -> Option<u64> {
+    let start = if head % capacity + len > capacity {
+        head.next_multiple_of(capacity)
+    } else {
+        head
+    };
+    (start + len - checkpoint <= capacity).then_some(start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(topic: &str, partition: u32, fill: u8, len: usize) -> Entry {
+        Entry {
+            id: PartitionId::new(topic, partition),
+            incarnation: 7,
+            chunks: vec![
+                Bytes::from(vec![fill; len / 2]),
+                Bytes::from(vec![fill; len - len / 2]),
+            ],
+            end_offset: 0,
+        }
+    }
+
+    /// A file image: headers, then the ring, with `writes` placed at their logical positions.
+    fn image(capacity: u64, checkpoint: u64, writes: &[(u64, Vec<u8>)]) -> Vec<u8> {
+        let mut file = vec![0u8; (HEADER_AREA + capacity) as usize];
+        let h = Header {
+            capacity,
+            seq: 3,
+            checkpoint,
+        };
+        let at = h.slot_position() as usize;
+        file[at..at + 36].copy_from_slice(&h.encode());
+        for (start, bytes) in writes {
+            let p = (HEADER_AREA + start % capacity) as usize;
+            file[p..p + bytes.len()].copy_from_slice(bytes);
+        }
+        file
+    }
+
+    #[test]
+    fn records_round_trip_in_order_and_stop_at_the_first_gap() {
+        let cap = 64 * 1024;
+        let mut w1 = Vec::new();
+        encode_write(
+            0,
+            &[entry("a", 0, 1, 100), entry("b-c", 3, 2, 5000)],
+            &mut w1,
+        );
+        assert_eq!(w1.len() % block_bytes, 0);
+        let mut w2 = Vec::new();
+        encode_write(w1.len() as u64, &[entry("a", 0, 3, 10)], &mut w2);
+        let file = image(cap, 0, &[(0, w1.clone()), (w1.len() as u64, w2.clone())]);
+        let (_, records, end) = replay(&file).expect("header");
+        let got: Vec<_> = records
+            .iter()
+            .map(|r| (r.id.to_string(), r.batches.len(), r.batches[0]))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a-0".into(), 100, 1),
+                ("b-c-3".into(), 5000, 2),
+                ("a-0".into(), 10, 3)
+            ]
+        );
+        assert_eq!(end, (w1.len() + w2.len()) as u64);
+        assert_eq!(records[0].incarnation, 7);
+
+        // A torn second write ends replay after the first, whatever follows.
+        let mut torn = w2.clone();
+        torn[50] ^= 0xff;
+        let file = image(cap, 0, &[(0, w1.clone()), (w1.len() as u64, torn)]);
+        let (_, records, end) = replay(&file).expect("header");
+        assert_eq!(records.len(), 2);
+        assert_eq!(end, w1.len() as u64);
+    }
+
+    #[test]
+    fn stale_records_of_an_earlier_lap_are_not_replayed() {
+        let cap = 16 * 1024;
+        let mut old = Vec::new();
+        encode_write(0, &[entry("a", 0, 1, 100)], &mut old);
+        // The same bytes sit at ring offset 0, but the checkpoint is a lap later.
+        let file = image(cap, cap, &[(0, old)]);
+        let (_, records, end) = replay(&file).expect("header");
+        assert!(records.is_empty());
+        assert_eq!(end, cap);
+    }
+
+    #[test]
+    fn a_write_that_does_not_fit_starts_the_next_lap() {
+        let cap = 16 * 1024;
+        assert_eq!(place(12 * 1024, 8 * 1024, cap, 8 * 1024), Some(cap));
+        assert_eq!(place(12 * 1024, 0, cap, 8 * 1024), None); // would overwrite the checkpoint's data
+        assert_eq!(place(4096, 0, cap, 8192), Some(4096));
+        let mut w1 = Vec::new();
+        encode_write(12 * 1024, &[entry("a", 0, 1, 1000)], &mut w1);
+        let mut w2 = Vec::new();
+        encode_write(cap, &[entry("a", 0, 2, 6000)], &mut w2);
+        let file = image(cap, 12 * 1024, &[(12 * 1024, w1), (cap, w2)]);
+        let (_, records, end) = replay(&file).expect("header");
+        assert_eq!(
+            records.iter().map(|r| r.batches[0]).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(end, cap + 8192);
+    }
+
+    #[test]
+    fn the_newer_valid_header_wins_and_a_torn_one_is_ignored() {
+        let a = Header {
+            capacity: 8192,
+            seq: 4,
+            checkpoint: 100,
+        };
+        let b = Header {
+            capacity: 8192,
+            seq: 5,
+            checkpoint: 200,
+        };
+        let mut file = vec![0u8; 2 * block_bytes];
+        file[..36].copy_from_slice(&a.encode());
+        file[block_bytes..block_bytes + 36].copy_from_slice(&b.encode());
+        assert_eq!(read_header(&file), Some(b));
+        file[block_bytes + 30] ^= 1;
+        assert_eq!(read_header(&file), Some(a));
+        assert_eq!(read_header(&[0u8; 2 * block_bytes]), None);
+    }
+}

@@ -1,0 +1,263 @@
+//! The shard journal (ARCHITECTURE.md, decision 10): many partitions' small appends durable through
+//! one write and one fdatasync, replayed after a crash, never replayed into a log it no longer
+//! belongs to (truncation, deletion), and out of the way when it fails.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use futures::stream::{FuturesUnordered, StreamExt};
+use keel_engine::io::sim::{CrashKind, FaultConfig, SimFs};
+use keel_engine::{block_on, Engine, PartitionConfig, PartitionId};
+
+fn config() -> PartitionConfig {
+    PartitionConfig {
+        segment_bytes: 4 * 1024 * 1024,
+        preallocate_bytes: 512 * 1024,
+        max_message_bytes: 256 * 1024,
+        cache_bytes: 256 * 1024,
+        ..Default::default()
+    }
+}
+
+fn ids(n: u32) -> Vec<PartitionId> {
+    (0..n).map(|i| PartitionId::new("j", i)).collect()
+}
+
+/// Small appends spread over `parts` with `concurrency` in flight until `stop` says so; returns
+/// per partition offset → tag of every acknowledged append, and the crash image taken at `stop`.
+fn small_appends(
+    engine: &Engine,
+    fs: &SimFs,
+    parts: &[PartitionId],
+    concurrency: usize,
+    total: u64,
+    crash_after: Option<usize>,
+) -> (BTreeMap<PartitionId, BTreeMap<u64, u64>>, Option<SimFs>) {
+    block_on(async {
+        let mut acked: BTreeMap<PartitionId, BTreeMap<u64, u64>> = BTreeMap::new();
+        let mut inflight = FuturesUnordered::new();
+        let mut done = 0;
+        for tag in 0..total {
+            let p = &parts[(tag as usize * 7) % parts.len()];
+            let size = 300 + (tag as usize * 7919) % 6000;
+            inflight
+                .push(async move { (p, tag, engine.append(p, batch(tag, 1, size, 0), 0).await) });
+            while inflight.len() >= concurrency || (tag + 1 == total && !inflight.is_empty()) {
+                let (p, tag, r) = inflight.next().await.unwrap();
+                let out = r.unwrap();
+                acked
+                    .entry(p.clone())
+                    .or_default()
+                    .insert(out.base_offset, tag);
+                done += 1;
+                if crash_after == Some(done) {
+                    return (acked, Some(fs.crash_image(CrashKind::PowerCut)));
+                }
+            }
+        }
+        (acked, None)
+    })
+}
+
+fn create(engine: &Engine, parts: &[PartitionId]) {
+    block_on(async {
+        for p in parts {
+            engine.create_partition(p, config()).await.unwrap();
+        }
+    });
+}
+
+/// Every acknowledged append is there, in a gap-free log from 0.
+fn assert_holds(
+    engine: &Engine,
+    acked: &BTreeMap<PartitionId, BTreeMap<u64, u64>>,
+    what: &str,
+) -> usize {
+    let mut total = 0;
+    for (p, expected) in acked {
+        let got = log_contents(engine, p);
+        for (offset, tag) in expected {
+            assert_eq!(
+                got.get(offset),
+                Some(tag),
+                "{what}: {p} offset {offset} lost"
+            );
+        }
+        for (i, &offset) in got.keys().enumerate() {
+            assert_eq!(offset, i as u64, "{what}: gap in {p}");
+        }
+        total += got.len();
+    }
+    total
+}
+
+#[test]
+fn small_appends_of_many_partitions_share_journal_writes_and_survive_power_cuts() {
+    let parts = ids(48);
+    for seed in 0..6u64 {
+        let fs = SimFs::new(FaultConfig {
+            seed,
+            latency: Duration::from_micros(100),
+            latency_jitter: Duration::from_micros(900),
+            ..Default::default()
+        });
+        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+        create(&engine, &parts);
+        // 1,500-2,400 appends of ~3 KiB: more than half the 4 MiB ring, so checkpoints run.
+        let crash_after = 1500 + (seed as usize * 181) % 900;
+        let (acked, image) = small_appends(&engine, &fs, &parts, 48, 3000, Some(crash_after));
+        let m = engine.metrics();
+        assert!(
+            m.journal_writes > 0 && m.journal_writes * 4 < m.appends,
+            "seed {seed}: {} journal writes for {} appends",
+            m.journal_writes,
+            m.appends
+        );
+        assert!(
+            m.fsyncs < m.appends / 4,
+            "seed {seed}: {} segment syncs",
+            m.fsyncs
+        );
+        assert!(
+            m.journal_checkpoints > 0,
+            "seed {seed}: the ring was never reused"
+        );
+        drop(engine);
+        let engine = Engine::open(sim_config(&image.unwrap(), 1)).unwrap();
+        assert_holds(&engine, &acked, &format!("seed {seed}"));
+        // And the log goes on after the recovered end.
+        let p = &parts[0];
+        let end = block_on(engine.partition_state(p)).unwrap().appended.0;
+        let out = block_on(engine.append(p, batch(1_000_000, 1, 100, 0), 0)).unwrap();
+        assert_eq!(out.base_offset, end);
+    }
+}
+
+#[test]
+fn a_process_crash_replays_what_only_the_journal_holds_even_with_fewer_shards() {
+    let parts = ids(16);
+    let fs = SimFs::default();
+    let engine = Engine::open(sim_config(&fs, 2)).unwrap();
+    create(&engine, &parts);
+    let (acked, _) = small_appends(&engine, &fs, &parts, 16, 400, None);
+    // Small groups are written to their segments lazily: some acknowledged data is only in the
+    // journal now (replay must find something to append).
+    drop(engine); // like kill -9: no clean shutdown
+    fs.crash(CrashKind::Process);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    assert!(
+        engine.metrics().journal_replayed > 0,
+        "nothing was replayed"
+    );
+    assert_eq!(assert_holds(&engine, &acked, "after replay"), 400);
+    // The second shard's journal was replayed and removed; one journal is left.
+    let journals: Vec<_> = fs
+        .files()
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "journal"))
+        .collect();
+    assert_eq!(journals.len(), 1, "{journals:?}");
+    // A clean shutdown leaves nothing to replay.
+    block_on(engine.shutdown()).unwrap();
+    drop(engine);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    assert_eq!(engine.metrics().journal_replayed, 0);
+    assert_eq!(assert_holds(&engine, &acked, "after a clean restart"), 400);
+}
+
+#[test]
+fn truncated_batches_are_never_replayed_back() {
+    for kind in [CrashKind::Process, CrashKind::PowerCut] {
+        let fs = SimFs::default();
+        let p = PartitionId::new("cut", 0);
+        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+        create(&engine, std::slice::from_ref(&p));
+        block_on(async {
+            for tag in 0..20 {
+                engine.append(&p, batch(tag, 1, 2000, 0), 0).await.unwrap();
+            }
+            assert!(engine.metrics().journal_writes >= 20);
+            engine.truncate_to(&p, 10).await.unwrap();
+            for tag in 100..105 {
+                engine.append(&p, batch(tag, 1, 2000, 0), 0).await.unwrap();
+            }
+        });
+        let expected: BTreeMap<u64, u64> = (0..10)
+            .map(|t| (t, t))
+            .chain((100..105).enumerate().map(|(i, t)| (10 + i as u64, t)))
+            .collect();
+        assert_eq!(log_contents(&engine, &p), expected, "{kind:?}: live");
+        drop(engine);
+        fs.crash(kind);
+        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+        assert_eq!(
+            log_contents(&engine, &p),
+            expected,
+            "{kind:?}: after the crash"
+        );
+    }
+}
+
+#[test]
+fn a_recreated_partition_gets_none_of_its_predecessors_records() {
+    let fs = SimFs::default();
+    let p = PartitionId::new("again", 0);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    block_on(async {
+        engine.create_partition(&p, config()).await.unwrap();
+        for tag in 0..10 {
+            engine.append(&p, batch(tag, 1, 1000, 0), 0).await.unwrap();
+        }
+        engine.delete_partition(&p).await.unwrap();
+        engine.create_partition(&p, config()).await.unwrap();
+        for tag in 50..53 {
+            engine.append(&p, batch(tag, 1, 1000, 0), 0).await.unwrap();
+        }
+    });
+    drop(engine);
+    fs.crash(CrashKind::Process);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    assert_eq!(
+        log_contents(&engine, &p),
+        BTreeMap::from([(0, 50), (1, 51), (2, 52)])
+    );
+}
+
+#[test]
+fn a_failed_journal_write_or_sync_loses_nothing() {
+    for inject_sync in [false, true] {
+        let fs = SimFs::default();
+        let parts = ids(4);
+        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+        create(&engine, &parts);
+        let (mut acked, _) = small_appends(&engine, &fs, &parts, 4, 40, None);
+        // Everything is quiet: the next I/O is the journal's write of the next small append.
+        if inject_sync {
+            fs.fail_next_syncs(1);
+        } else {
+            fs.fail_next_writes(1);
+        }
+        let out = block_on(engine.append(&parts[0], batch(7777, 1, 500, 0), 0)).unwrap();
+        acked
+            .get_mut(&parts[0])
+            .unwrap()
+            .insert(out.base_offset, 7777);
+        let m = engine.metrics();
+        assert_eq!(m.io_errors, 1, "sync {inject_sync}");
+        // The journal is off; partitions sync their own segments and carry on.
+        let writes = m.journal_writes;
+        let (more, _) = small_appends(&engine, &fs, &parts, 4, 40, None);
+        assert_eq!(engine.metrics().journal_writes, writes);
+        for (p, m) in more {
+            let mine = acked.get_mut(&p).unwrap();
+            mine.extend(m);
+        }
+        drop(engine);
+        fs.crash(CrashKind::PowerCut);
+        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+        assert_holds(&engine, &acked, &format!("sync {inject_sync}"));
+    }
+}
