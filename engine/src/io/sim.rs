@@ -46,8 +46,11 @@ struct SimFile {
     /// What reads see now (a prefix of `len`).
     data: Vec<u8>,
     len: u64,
-    /// Writes since the last sync, oldest first.
-    unsynced: Vec<(u64, Vec<u8>)>,
+    /// Completed writes not yet covered by a sync, oldest first: (completion number, position,
+    /// bytes).
+    unsynced: Vec<(u64, u64, Vec<u8>)>,
+    /// How many writes have completed: a sync covers those completed before it was issued.
+    completed_writes: u64,
     /// Content as of the last successful sync (a prefix of `durable_len`).
     durable: Vec<u8>,
     durable_len: u64,
@@ -61,21 +64,29 @@ impl SimFile {
             durable: bytes.clone(),
             data: bytes,
             unsynced: Vec::new(),
+            completed_writes: 0,
         }
     }
 
     fn write(&mut self, position: u64, bytes: &[u8]) {
         put(&mut self.data, position, bytes);
         self.len = self.len.max(position + bytes.len() as u64);
-        self.unsynced.push((position, bytes.to_vec()));
+        self.completed_writes += 1;
+        self.unsynced
+            .push((self.completed_writes, position, bytes.to_vec()));
     }
 
-    /// Everything written so far becomes durable.
-    fn sync(&mut self) {
-        for (position, bytes) in std::mem::take(&mut self.unsynced) {
+    /// The writes completed up to `upto` (a sync's snapshot of `completed_writes` when it was
+    /// issued) become durable; later ones stay unsynced, as with fdatasync(2).
+    fn sync(&mut self, upto: u64) {
+        let (synced, rest) = std::mem::take(&mut self.unsynced)
+            .into_iter()
+            .partition(|(n, _, _)| *n <= upto);
+        self.unsynced = rest;
+        for (_, position, bytes) in synced {
             put(&mut self.durable, position, &bytes);
+            self.durable_len = self.durable_len.max(position + bytes.len() as u64);
         }
-        self.durable_len = self.len;
     }
 
     fn set_len(&mut self, len: u64) {
@@ -83,8 +94,8 @@ impl SimFile {
         self.durable_len = len;
         self.data.truncate(len as usize);
         self.durable.truncate(len as usize);
-        self.unsynced.retain(|(p, _)| *p < len);
-        for (p, bytes) in &mut self.unsynced {
+        self.unsynced.retain(|(_, p, _)| *p < len);
+        for (_, p, bytes) in &mut self.unsynced {
             bytes.truncate((len - *p) as usize);
         }
     }
@@ -195,6 +206,7 @@ impl SimFs {
                     unsynced: f.unsynced.clone(),
                     durable: f.durable.clone(),
                     durable_len: f.durable_len,
+                    completed_writes: f.completed_writes,
                 };
                 c.files.insert(path.clone(), Arc::new(Mutex::new(clone)));
             }
@@ -213,7 +225,7 @@ impl SimFs {
             if kind == CrashKind::PowerCut {
                 let mut image = f.durable.clone();
                 let unsynced = std::mem::take(&mut f.unsynced);
-                for (position, bytes) in unsynced {
+                for (_, position, bytes) in unsynced {
                     let blocks = bytes.len() / block_bytes;
                     let kept = match state.next_u64() % 3 {
                         0 => 0,
@@ -503,10 +515,11 @@ impl StorageFile for SimHandle {
         let fs = self.fs.clone();
         let file = self.file.clone();
         Box::pin(async move {
+            let upto = lock(&file).completed_writes;
             pause(&fs).await;
             let mut state = lock(&fs.state);
             state.begin_sync()?;
-            lock(&file).sync();
+            lock(&file).sync(upto);
             Ok(())
         })
     }
@@ -518,11 +531,16 @@ impl StorageFile for SimHandle {
     fn sync_filesystem(&self) -> IoFuture<io::Result<()>> {
         let fs = self.fs.clone();
         Box::pin(async move {
+            let snapshot: Vec<_> = lock(&fs.state)
+                .files
+                .values()
+                .map(|file| (file.clone(), lock(file).completed_writes))
+                .collect();
             pause(&fs).await;
             let mut state = lock(&fs.state);
             state.begin_sync()?;
-            for file in state.files.values() {
-                lock(file).sync();
+            for (file, upto) in snapshot {
+                lock(&file).sync(upto);
             }
             Ok(())
         })
