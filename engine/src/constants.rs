@@ -96,6 +96,10 @@ pub const journal_bytes_min: u64 = 4 * journal_write_bytes_max as u64;
 /// One journal write (the records of one group commit) at most.
 pub const journal_write_bytes_max: usize = write_bytes_max;
 
+/// Journal writes in flight per shard (each with a buffer of `journal_write_bytes_max`): while
+/// some are in flight the next starts, and one fdatasync covers every write completed before it.
+pub const journal_writes_inflight_max: usize = 4;
+
 /// A partition's not yet durable data goes through the journal only while it is smaller than
 /// this; a larger group is written and synced in its own segment (one copy of the bytes, not two).
 /// Below it, a journaled partition's segment writes wait until this much is pending.
@@ -140,3 +144,4 @@ const _: () = assert!(read_bytes_min.is_multiple_of(block_bytes));
 const _: () = assert!(journal_bytes_default >= journal_bytes_min);
 const _: () = assert!(journal_bytes_min.is_multiple_of(block_bytes as u64));
 const _: () = assert!((journal_group_bytes_max as usize) < journal_write_bytes_max);
+const _: () = assert!(journal_writes_inflight_max >= 1);

@@ -538,9 +538,14 @@ fn read_journals(storage: &dyn Storage, data_dir: &std::path::Path) -> Result<Ve
             continue;
         };
         let (seq, next_start, records) = match journal::replay(&bytes) {
-            Some((header, records, end)) => {
-                (header.seq, end.next_multiple_of(header.capacity), records)
-            }
+            // Strictly past the lap replay ended in, even when it ended on a lap boundary: the
+            // last run may have left valid-looking records there that replay never reached
+            // (written behind a torn one, never acknowledged), and they must never match.
+            Some((header, records, end)) => (
+                header.seq,
+                (end / header.capacity + 1) * header.capacity,
+                records,
+            ),
             None => (0, 0, Vec::new()), // no valid header: nothing was ever journaled in it
         };
         found.push(FoundJournal {

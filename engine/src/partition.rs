@@ -80,19 +80,34 @@ pub(crate) enum Event {
     },
     /// A self-contained task (a disk read) finished and answered its caller itself.
     Detached,
-    /// The shard journal's write and fdatasync of these partitions' batches (each up to its
-    /// offset) completed; the journal's head is then `end`.
-    Journaled {
-        members: Vec<(PartitionId, u64)>,
+    /// A shard journal write (ending at logical position `end`) completed or failed.
+    JournalWritten {
         end: u64,
         result: io::Result<()>,
         buf: AlignedBuf,
+    },
+    /// The shard journal's fdatasync for its writes up to `upto` completed or failed.
+    JournalSynced {
+        upto: u64,
+        result: io::Result<()>,
     },
     /// A journal header (a checkpoint, or the first one) is on disk, or failed.
     JournalHeader {
         header: journal::Header,
         result: io::Result<()>,
     },
+}
+
+impl Event {
+    /// An event of the shard journal, not of a partition.
+    pub fn is_journal(&self) -> bool {
+        matches!(
+            self,
+            Event::JournalWritten { .. }
+                | Event::JournalSynced { .. }
+                | Event::JournalHeader { .. }
+        )
+    }
 }
 
 pub(crate) enum ControlDone {
@@ -671,16 +686,25 @@ impl Partition {
             || self.truncate.is_some()
             || self.cut_pending
             || self.deleted
-            || self.journal_offset != self.journal_durable
         {
             return None;
         }
         let from = self.journal_from();
         let end = self.offsets.appended().0;
-        if from >= end || !self.journal_can_take() {
+        if from >= end {
             return None;
         }
-        let first = self.tail.partition_point(|b| b.next_offset <= from);
+        // The batches from `from` on, found from the newest back: the cost is bounded by the
+        // group limit, not by the length of the cached tail.
+        let mut first = self.tail.len();
+        let mut bytes = 0;
+        while first > 0 && self.tail[first - 1].next_offset > from {
+            first -= 1;
+            bytes += self.tail[first].bytes.len() as u64;
+            if bytes >= journal_group_bytes_max {
+                return None; // not a small group: the segment path makes it durable
+            }
+        }
         if self.tail.get(first).is_none_or(|b| b.base_offset != from) {
             return None; // not in memory: the segment path makes it durable
         }
@@ -729,13 +753,16 @@ impl Partition {
         self.journal_used = true;
     }
 
-    /// The journal write that took batches up to `end` completed (fdatasync included) or failed.
+    /// The journal write that took batches up to `end` is durable, or failed. Journal writes are
+    /// reported in journal order, so a later write of this partition may still be in flight.
     pub fn on_journaled(&mut self, end: u64, ok: bool) {
         if ok {
             let end = end.min(self.offsets.appended().0);
             self.journal_durable = self.journal_durable.max(end);
+        } else {
+            // Nothing the journal took past its durable point counts any more.
+            self.journal_offset = self.journal_durable;
         }
-        self.journal_offset = self.journal_durable;
         self.complete_waiters();
     }
 
@@ -1330,7 +1357,10 @@ impl Partition {
                     Err(e) => self.on_control_failed(e, io),
                 }
             }
-            Event::GroupSynced { .. } | Event::Journaled { .. } | Event::JournalHeader { .. } => {
+            Event::GroupSynced { .. }
+            | Event::JournalWritten { .. }
+            | Event::JournalSynced { .. }
+            | Event::JournalHeader { .. } => {
                 unreachable!("shard-level events are handled by the shard")
             }
             Event::Detached => {}

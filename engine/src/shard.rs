@@ -15,7 +15,9 @@ use futures::{FutureExt, StreamExt};
 
 use crate::batch::BatchHeader;
 use crate::config::{EngineConfig, PartitionConfig};
-use crate::constants::{journal_write_bytes_max, shard_tick_ms, shard_write_buffers_count};
+use crate::constants::{
+    journal_write_bytes_max, journal_writes_inflight_max, shard_tick_ms, shard_write_buffers_count,
+};
 use crate::error::{Error, Result};
 use crate::io::aligned::align_up;
 use crate::io::{AlignedBuf, BufferPool, Storage, StorageFile};
@@ -152,21 +154,10 @@ pub(crate) fn run(
     });
 }
 
-/// The shard's journal while it runs (see `journal.rs`).
+/// The shard's journal while it runs: its file and its write pipeline (see `journal/`).
 struct ShardJournal {
     file: Rc<dyn StorageFile>,
-    /// The header as last written: its checkpoint is where replay would start.
-    header: Header,
-    /// Logical position of the next journal write.
-    head: u64,
-    /// A journal write or header write is in flight (one at a time).
-    busy: bool,
-    /// A journal I/O failed: the journal takes nothing more until the engine restarts.
-    failed: bool,
-    /// A checkpoint at this position waits for partitions' segments to become durable.
-    checkpoint_at: Option<u64>,
-    buf: Option<AlignedBuf>,
-    scratch: Vec<u8>,
+    pipeline: journal::Pipeline,
 }
 
 struct Shard {
@@ -305,75 +296,111 @@ impl Shard {
         }));
     }
 
-    /// The journal's next I/O, if it is free: a checkpoint's header once the partitions it waits
-    /// for are durable; else start a checkpoint when half the ring is in use; else one write of
+    /// The journal's next I/O: a sync for the writes completed since the last one; a
+    /// checkpoint's header once the partitions it waits for are durable (or the start of a
+    /// checkpoint when half the ring is in use); and, while a write buffer is free, one write of
     /// every candidate partition's small group.
     fn schedule_journal(&mut self) {
-        let Some(j) = self.journal.as_mut().filter(|j| !j.busy && !j.failed) else {
+        let Some(j) = self.journal.as_mut().filter(|j| !j.pipeline.failed) else {
             return;
         };
+        if let Some(upto) = j.pipeline.next_sync() {
+            let file = j.file.clone();
+            self.inflight.push(Box::pin(async move {
+                let result = file.sync_data().await;
+                (journal_event_id(), Event::JournalSynced { upto, result })
+            }));
+        }
+        self.schedule_checkpoint();
+        while self.schedule_journal_write() {}
+    }
+
+    fn schedule_checkpoint(&mut self) {
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        let pipeline = &mut j.pipeline;
         let partitions = &mut self.partitions;
-        if let Some(at) = j.checkpoint_at {
-            self.checkpoint_waiting
-                .retain(|id| partitions.get(id).is_some_and(|p| !p.checkpoint_reached()));
-            if self.checkpoint_waiting.is_empty() {
-                let header = Header {
-                    capacity: j.header.capacity,
-                    seq: j.header.seq + 1,
-                    checkpoint: at,
-                };
-                j.busy = true;
-                let file = j.file.clone();
-                bump(&self.metrics.journal_checkpoints, 1);
-                self.inflight
-                    .push(Box::pin(write_header(file, header, self.index)));
-                return;
-            }
-        } else if j.head - j.header.checkpoint >= j.header.capacity / 2 {
-            // Everything before the head is durable in the journal (no write is in flight):
-            // once the segments hold it too, replay may start at the head.
-            j.checkpoint_at = Some(j.head);
-            for (id, p) in partitions.iter_mut() {
-                if p.begin_checkpoint() {
-                    self.checkpoint_waiting.insert(id.clone());
-                    self.dirty.insert(id.clone());
+        match pipeline.checkpoint_at {
+            Some(at) if !pipeline.header_inflight => {
+                self.checkpoint_waiting
+                    .retain(|id| partitions.get(id).is_some_and(|p| !p.checkpoint_reached()));
+                if self.checkpoint_waiting.is_empty() {
+                    let header = Header {
+                        capacity: pipeline.header.capacity,
+                        seq: pipeline.header.seq + 1,
+                        checkpoint: at,
+                    };
+                    pipeline.header_inflight = true;
+                    bump(&self.metrics.journal_checkpoints, 1);
+                    self.inflight
+                        .push(Box::pin(write_header(j.file.clone(), header)));
                 }
             }
+            Some(_) => {}
+            None if pipeline.durable_head() - pipeline.header.checkpoint
+                >= pipeline.header.capacity / 2 =>
+            {
+                // Everything before the durable head is durable in the journal: once the
+                // segments hold it too, replay may start there.
+                pipeline.checkpoint_at = Some(pipeline.durable_head());
+                for (id, p) in partitions.iter_mut() {
+                    if p.begin_checkpoint() {
+                        self.checkpoint_waiting.insert(id.clone());
+                        self.dirty.insert(id.clone());
+                    }
+                }
+            }
+            None => {}
         }
+    }
+
+    /// One journal write of the candidates' small groups, if a buffer is free and the ring has
+    /// room. Returns whether candidates are left that another write could take now.
+    fn schedule_journal_write(&mut self) -> bool {
+        let Some(j) = self.journal.as_mut() else {
+            return false;
+        };
+        if self.journal_candidates.is_empty() {
+            return false;
+        }
+        let Some(mut buf) = j.pipeline.take_buffer() else {
+            return false;
+        };
+        let partitions = &mut self.partitions;
         let mut entries = Vec::new();
         let mut len = 0;
+        let mut full = Vec::new();
         let candidates: Vec<PartitionId> = self.journal_candidates.drain().collect();
         for id in candidates {
             let Some(entry) = partitions.get(&id).and_then(Partition::journal_offer) else {
                 continue; // nothing small to take: the segment path has it (appends re-add it)
             };
             let entry_len = entry.encoded_len();
-            if align_up((len + entry_len) as u64) as usize > journal_write_bytes_max {
-                self.journal_candidates.insert(id);
+            if align_up((len + entry_len) as u64) as usize > buf.capacity() {
+                full.push(id);
                 continue;
             }
             len += entry_len;
             entries.push(entry);
         }
-        if entries.is_empty() {
-            return;
-        }
+        self.journal_candidates.extend(full);
         let padded = align_up(len as u64);
-        let Some(start) = journal::place(j.head, j.header.checkpoint, j.header.capacity, padded)
-        else {
-            // The ring is full until the checkpoint in progress completes.
-            bump(&self.metrics.journal_full, 1);
-            self.journal_candidates
-                .extend(entries.into_iter().map(|e| e.id));
-            return;
+        let start = match j.pipeline.place(padded) {
+            Some(start) if !entries.is_empty() => start,
+            not_now => {
+                if not_now.is_none() && !entries.is_empty() {
+                    // The ring is full until a checkpoint completes, or a new lap waits for
+                    // the writes before it.
+                    bump(&self.metrics.journal_full, 1);
+                }
+                self.journal_candidates
+                    .extend(entries.into_iter().map(|e| e.id));
+                j.pipeline.give_back(buf);
+                return false;
+            }
         };
-        journal::encode_write(start, &entries, &mut j.scratch);
-        let mut buf = j
-            .buf
-            .take()
-            .expect("the journal's buffer is free when it is not busy");
-        buf.clear();
-        buf.extend_from_slice(&j.scratch);
+        journal::encode_write(start, &entries, &mut buf);
         let members: Vec<(PartitionId, u64)> = entries
             .into_iter()
             .map(|e| {
@@ -383,28 +410,22 @@ impl Shard {
                 (e.id, e.end_offset)
             })
             .collect();
-        j.busy = true;
+
+        j.pipeline.begin_write(start, padded, members);
         bump(&self.metrics.journal_writes, 1);
         bump(&self.metrics.journal_bytes, padded);
         let file = j.file.clone();
-        let position = journal::HEADER_AREA + start % j.header.capacity;
+        let position = journal::HEADER_AREA + start % j.pipeline.header.capacity;
         let end = start + padded;
-        let first = members[0].0.clone();
         self.inflight.push(Box::pin(async move {
-            let (mut result, buf) = file.write_at(position, buf).await;
-            if result.is_ok() {
-                result = file.sync_data().await;
-            }
+            let (result, buf) = file.write_at(position, buf).await;
+
             (
-                first,
-                Event::Journaled {
-                    members,
-                    end,
-                    result,
-                    buf,
-                },
+                journal_event_id(),
+                Event::JournalWritten { end, result, buf },
             )
         }));
+        !self.journal_candidates.is_empty()
     }
 
     fn on_journal_event(&mut self, event: Event) {
@@ -412,32 +433,31 @@ impl Shard {
             .journal
             .as_mut()
             .expect("journal events come from the journal");
-        j.busy = false;
         let result = match event {
-            Event::Journaled {
-                members,
-                end,
-                result,
-                buf,
-            } => {
-                j.buf = Some(buf);
-                let ok = result.is_ok();
-                if ok {
-                    j.head = end;
+            Event::JournalWritten { end, result, buf } => {
+                j.pipeline.give_back(buf);
+                if result.is_ok() {
+                    j.pipeline.on_written(end);
                 }
-                for (id, offset) in members {
-                    if let Some(p) = self.partitions.get_mut(&id) {
-                        p.on_journaled(offset, ok);
-                        self.dirty.insert(id);
+                result
+            }
+            Event::JournalSynced { upto, result } => {
+                if result.is_ok() {
+                    for (id, offset) in j.pipeline.on_synced(upto) {
+                        if let Some(p) = self.partitions.get_mut(&id) {
+                            p.on_journaled(offset, true);
+                            self.dirty.insert(id);
+                        }
                     }
                 }
                 result
             }
             Event::JournalHeader { header, result } => {
+                j.pipeline.header_inflight = false;
                 if result.is_ok() {
-                    j.header = header;
-                    if j.checkpoint_at == Some(header.checkpoint) {
-                        j.checkpoint_at = None;
+                    j.pipeline.header = header;
+                    if j.pipeline.checkpoint_at == Some(header.checkpoint) {
+                        j.pipeline.checkpoint_at = None;
                         for p in self.partitions.values_mut() {
                             p.end_checkpoint();
                         }
@@ -448,10 +468,17 @@ impl Shard {
             _ => unreachable!("not a journal event"),
         };
         if let Err(error) = result {
+            if j.pipeline.failed {
+                return; // a late completion of a journal already off
+            }
             // Unacknowledged records may or may not be on disk; what the journal made durable
             // stays durable. From here on every partition syncs its own segment, and
             // truncations and rollbacks retire old records with a new incarnation as always.
-            j.failed = true;
+            for (id, offset) in j.pipeline.fail() {
+                if let Some(p) = self.partitions.get_mut(&id) {
+                    p.on_journaled(offset, false);
+                }
+            }
             bump(&self.metrics.io_errors, 1);
             tracing::error!(shard = self.index, path = %j.file.path().display(), %error,
                 "journal I/O failed; the journal is off until restart, partitions sync their own segments");
@@ -466,7 +493,7 @@ impl Shard {
     }
 
     fn on_event(&mut self, (id, event): (PartitionId, Event)) {
-        if matches!(event, Event::Journaled { .. } | Event::JournalHeader { .. }) {
+        if event.is_journal() {
             self.on_journal_event(event);
             return;
         }
@@ -518,9 +545,7 @@ impl Shard {
                         *writes_inflight -= 1;
                         *runways_inflight -= 1;
                     }
-                    Event::Journaled { .. } | Event::JournalHeader { .. } => {
-                        unreachable!("handled above")
-                    }
+                    event if event.is_journal() => unreachable!("handled above"),
                     _ => {}
                 }
             }
@@ -670,7 +695,7 @@ impl Shard {
         if !replay.is_empty() {
             self.replay(&mut partition, replay)?;
         }
-        partition.set_journaled(self.journal.as_ref().is_some_and(|j| !j.failed));
+        partition.set_journaled(self.journal.as_ref().is_some_and(|j| !j.pipeline.failed));
         self.partitions.insert(id.clone(), partition);
         self.dirty.insert(id);
         Ok(())
@@ -776,15 +801,12 @@ impl Shard {
             .sync_dir(&dir)
             .await
             .map_err(|e| Error::io("fsync", &dir, e))?;
+        let buffers = (0..journal_writes_inflight_max)
+            .map(|_| AlignedBuf::new(journal_write_bytes_max))
+            .collect();
         self.journal = Some(ShardJournal {
             file,
-            header,
-            head: start,
-            busy: false,
-            failed: false,
-            checkpoint_at: None,
-            buf: Some(AlignedBuf::new(journal_write_bytes_max)),
-            scratch: Vec::with_capacity(journal_write_bytes_max),
+            pipeline: journal::Pipeline::new(header, buffers),
         });
         for p in self.partitions.values_mut() {
             p.set_journaled(true);
@@ -966,15 +988,12 @@ async fn header_io(file: Rc<dyn StorageFile>, header: Header) -> (std::io::Resul
     (result, ())
 }
 
-async fn write_header(
-    file: Rc<dyn StorageFile>,
-    header: Header,
-    index: usize,
-) -> (PartitionId, Event) {
+async fn write_header(file: Rc<dyn StorageFile>, header: Header) -> (PartitionId, Event) {
     let (result, ()) = header_io(file, header).await;
-    // Shard-level events still travel with a partition id; this one is never looked up.
-    (
-        PartitionId::new(".journal", index as u32),
-        Event::JournalHeader { header, result },
-    )
+    (journal_event_id(), Event::JournalHeader { header, result })
+}
+
+/// Shard-level events still travel with a partition id; a journal's is never looked up.
+fn journal_event_id() -> PartitionId {
+    PartitionId::new(".journal", 0)
 }

@@ -61,6 +61,12 @@ impl AlignedBuf {
         &self.full()[..self.len]
     }
 
+    /// The meaningful bytes, to patch in place (a length or a CRC filled in after the fact).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        let len = self.len;
+        &mut self.full_mut()[..len]
+    }
+
     /// The whole capacity, meaningful or not.
     pub fn full(&self) -> &[u8] {
         // SAFETY: ptr is valid for `capacity` initialised bytes for the life of self.

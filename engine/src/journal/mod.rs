@@ -2,8 +2,7 @@
 //! fdatasync (ARCHITECTURE decision 10; every byte in FORMAT.md).
 //!
 //! A shard owns one file, `<data dir>/.journal/<shard>.journal`: two header blocks, then a ring of
-//! `capacity` bytes, written full of zeros once when the file is made (so a later fdatasync has no
-//! extent conversion to commit: it is one device flush). Positions are *logical*: they only grow,
+//! `capacity` bytes (allocated when the file is made). Positions are *logical*: they only grow,
 //! and the byte at logical position `l` lies at `header_area + l % capacity`.
 //!
 //! * A **record** carries one partition's batches, exactly as its log holds them (offsets
@@ -14,8 +13,9 @@
 //! * A **journal write** is the records of one group commit, padded to whole blocks, at the head;
 //!   the last record points past the padding. It never wraps: if it does not fit before the ring's
 //!   end it starts the next lap (replay tries the lap start when a record is missing mid-lap).
-//!   One journal write (with its fdatasync) is in flight at a time, so a torn or missing record
-//!   ends replay: nothing after it was acknowledged.
+//!   Several writes may be in flight; one fdatasync covers those completed before it, and writes
+//!   are acknowledged in journal order only, so a torn or missing record ends replay: nothing
+//!   after it was acknowledged (`pipeline.rs` has the rules, the new lap's among them).
 //! * The **checkpoint** (in the header) is the logical position replay starts from. Everything
 //!   journaled before it is durable in the partitions' segments. The header is written to the two
 //!   blocks alternately with a sequence number; the valid one with the higher number counts.
@@ -25,8 +25,11 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 use crate::constants::block_bytes;
-use crate::io::aligned::align_up;
+use crate::io::AlignedBuf;
+
+mod pipeline;
 use crate::PartitionId;
+pub(crate) use pipeline::Pipeline;
 
 const HEADER_MAGIC: &[u8; 8] = b"KEELJNL\x01";
 const RECORD_MAGIC: u32 = 0x4b4a_5231; // "KJR1"
@@ -108,8 +111,9 @@ impl Entry {
 }
 
 /// Encode the records of one journal write starting at logical position `start` into `out`
-/// (cleared first), padded to whole blocks with zeros.
-pub(crate) fn encode_write(start: u64, entries: &[Entry], out: &mut Vec<u8>) {
+/// (cleared first), padded to whole blocks with zeros: straight into the buffer the write
+/// submits, so the batches are copied once.
+pub(crate) fn encode_write(start: u64, entries: &[Entry], out: &mut AlignedBuf) {
     out.clear();
     let mut starts = Vec::with_capacity(entries.len());
     for e in entries {
@@ -117,6 +121,10 @@ pub(crate) fn encode_write(start: u64, entries: &[Entry], out: &mut Vec<u8>) {
         starts.push(at);
         let payload: usize = e.chunks.iter().map(Bytes::len).sum();
         let len = e.encoded_len();
+        assert!(
+            out.remaining() >= len,
+            "a journal write is sized to its buffer before it is encoded"
+        );
         out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
         out.extend_from_slice(&[0; 4]); // CRC, filled in below
         out.extend_from_slice(&(start + at as u64).to_le_bytes());
@@ -130,18 +138,20 @@ pub(crate) fn encode_write(start: u64, entries: &[Entry], out: &mut Vec<u8>) {
             out.extend_from_slice(c);
         }
     }
-    let padded = align_up(out.len() as u64) as usize;
+    let unpadded = out.len();
+    let padded = out.padded_len();
+    out.zero_padding();
+    out.set_len(padded);
+    let bytes = out.as_mut_slice();
     if let Some(&last) = starts.last() {
         // The last record points past the padding: that is where the next write starts.
-        out[last + 16..last + 24].copy_from_slice(&(start + padded as u64).to_le_bytes());
+        bytes[last + 16..last + 24].copy_from_slice(&(start + padded as u64).to_le_bytes());
     }
-    out.resize(padded, 0);
     for (i, &at) in starts.iter().enumerate() {
-        let end = starts.get(i + 1).copied().unwrap_or_else(|| {
-            at + entries[i].encoded_len() // the last record's bytes (padding excluded)
-        });
-        let crc = crc32c::crc32c(&out[at + 8..end]);
-        out[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+        // A record's CRC covers its bytes after the CRC (the last record's padding excluded).
+        let end = starts.get(i + 1).copied().unwrap_or(unpadded);
+        let crc = crc32c::crc32c(&bytes[at + 8..end]);
+        bytes[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
     }
 }
 
@@ -247,6 +257,13 @@ mod tests {
         }
     }
 
+    fn encoded(start: u64, entries: &[Entry]) -> Vec<u8> {
+        let mut out = AlignedBuf::new(64 * 1024);
+        out.extend_from_slice(&[0xee; 100]); // leftovers of an earlier write are cleared
+        encode_write(start, entries, &mut out);
+        out.as_slice().to_vec()
+    }
+
     /// A file image: headers, then the ring, with `writes` placed at their logical positions.
     fn image(capacity: u64, checkpoint: u64, writes: &[(u64, Vec<u8>)]) -> Vec<u8> {
         let mut file = vec![0u8; (HEADER_AREA + capacity) as usize];
@@ -267,15 +284,9 @@ mod tests {
     #[test]
     fn records_round_trip_in_order_and_stop_at_the_first_gap() {
         let cap = 64 * 1024;
-        let mut w1 = Vec::new();
-        encode_write(
-            0,
-            &[entry("a", 0, 1, 100), entry("b-c", 3, 2, 5000)],
-            &mut w1,
-        );
+        let w1 = encoded(0, &[entry("a", 0, 1, 100), entry("b-c", 3, 2, 5000)]);
         assert_eq!(w1.len() % block_bytes, 0);
-        let mut w2 = Vec::new();
-        encode_write(w1.len() as u64, &[entry("a", 0, 3, 10)], &mut w2);
+        let w2 = encoded(w1.len() as u64, &[entry("a", 0, 3, 10)]);
         let file = image(cap, 0, &[(0, w1.clone()), (w1.len() as u64, w2.clone())]);
         let (_, records, end) = replay(&file).expect("header");
         let got: Vec<_> = records
@@ -305,8 +316,7 @@ mod tests {
     #[test]
     fn stale_records_of_an_earlier_lap_are_not_replayed() {
         let cap = 16 * 1024;
-        let mut old = Vec::new();
-        encode_write(0, &[entry("a", 0, 1, 100)], &mut old);
+        let old = encoded(0, &[entry("a", 0, 1, 100)]);
         // The same bytes sit at ring offset 0, but the checkpoint is a lap later.
         let file = image(cap, cap, &[(0, old)]);
         let (_, records, end) = replay(&file).expect("header");
@@ -320,10 +330,8 @@ mod tests {
         assert_eq!(place(12 * 1024, 8 * 1024, cap, 8 * 1024), Some(cap));
         assert_eq!(place(12 * 1024, 0, cap, 8 * 1024), None); // would overwrite the checkpoint's data
         assert_eq!(place(4096, 0, cap, 8192), Some(4096));
-        let mut w1 = Vec::new();
-        encode_write(12 * 1024, &[entry("a", 0, 1, 1000)], &mut w1);
-        let mut w2 = Vec::new();
-        encode_write(cap, &[entry("a", 0, 2, 6000)], &mut w2);
+        let w1 = encoded(12 * 1024, &[entry("a", 0, 1, 1000)]);
+        let w2 = encoded(cap, &[entry("a", 0, 2, 6000)]);
         let file = image(cap, 12 * 1024, &[(12 * 1024, w1), (cap, w2)]);
         let (_, records, end) = replay(&file).expect("header");
         assert_eq!(

@@ -1,0 +1,262 @@
+//! The shard journal's write pipeline: which writes are in flight, which are written but not yet
+//! synced, and which prefix of the journal is durable. Pure bookkeeping: the shard submits the
+//! I/O and feeds the completions back.
+//!
+//! Journal writes stream: a new write starts whenever a buffer is free and partitions have small
+//! groups waiting, while earlier writes are still in flight; one fdatasync at a time covers every
+//! write completed before it was issued. So the device sees several journal writes queued, and
+//! fdatasyncs back to back, instead of write → sync → write in lock step.
+//!
+//! What makes that safe (replay stops at the first torn or missing record):
+//!
+//! * **Acknowledged in journal order.** A sync covers the longest prefix of pending writes that
+//!   are all written; only that prefix becomes durable, and its members are told in order. A write
+//!   that completed (even synced by luck) behind a write still in flight is never acknowledged
+//!   before it, so nothing acknowledged ever lies behind a hole replay would stop at.
+//! * **A new lap waits for the durable head.** A write that does not fit before the ring's end
+//!   starts the next lap, and replay reaches it by trying the lap start when the record it expects
+//!   is missing. That is only right if nothing before the lap start can be missing for another
+//!   reason, so such a write starts only once every earlier write is durable.
+//! * **A failure ends the journal.** After a failed write or sync, nothing pending is
+//!   acknowledged (the shard turns the journal off until restart); completions still in flight
+//!   only give their buffers back.
+
+use std::collections::VecDeque;
+
+use crate::io::AlignedBuf;
+use crate::PartitionId;
+
+use super::{place, Header};
+
+/// One journal write that is not durable yet.
+#[derive(Debug)]
+struct Pending {
+    /// Logical position after the write (its last record points here).
+    end: u64,
+    /// Each member partition and the offset its record covers up to.
+    members: Vec<(PartitionId, u64)>,
+    written: bool,
+}
+
+/// The pipeline of one shard's journal.
+#[derive(Debug)]
+pub(crate) struct Pipeline {
+    /// The header as last written: its checkpoint is where replay would start.
+    pub header: Header,
+    /// Logical position of the next write.
+    head: u64,
+    /// Every write before this position is written and synced.
+    durable_head: u64,
+    /// Writes issued and not yet durable, in journal order.
+    pending: VecDeque<Pending>,
+    /// A sync is in flight for the pending writes up to this end.
+    sync_inflight: Option<u64>,
+    /// A header write is in flight.
+    pub header_inflight: bool,
+    /// A journal I/O failed: the journal takes nothing more until the engine restarts.
+    pub failed: bool,
+    /// A checkpoint at this position waits for partitions' segments to become durable.
+    pub checkpoint_at: Option<u64>,
+    /// Free write buffers (one per write that can be in flight).
+    buffers: Vec<AlignedBuf>,
+}
+
+impl Pipeline {
+    /// A pipeline whose next write goes to `header.checkpoint`, with `buffers` to write from.
+    pub fn new(header: Header, buffers: Vec<AlignedBuf>) -> Pipeline {
+        assert!(!buffers.is_empty(), "a journal needs a write buffer");
+        Pipeline {
+            header,
+            head: header.checkpoint,
+            durable_head: header.checkpoint,
+            pending: VecDeque::new(),
+            sync_inflight: None,
+            header_inflight: false,
+            failed: false,
+            checkpoint_at: None,
+            buffers,
+        }
+    }
+
+    pub fn durable_head(&self) -> u64 {
+        self.durable_head
+    }
+
+    /// A buffer for the next write, if one is free and the journal works.
+    pub fn take_buffer(&mut self) -> Option<AlignedBuf> {
+        if self.failed {
+            return None;
+        }
+        self.buffers.pop()
+    }
+
+    /// A buffer comes back (its write completed, or the write was not issued after all).
+    pub fn give_back(&mut self, mut buf: AlignedBuf) {
+        buf.clear();
+        self.buffers.push(buf);
+    }
+
+    /// Where a write of `len` bytes (whole blocks) goes now: `None` if the ring has no room before
+    /// the checkpoint, or if it would start a new lap while earlier writes are not durable.
+    pub fn place(&self, len: u64) -> Option<u64> {
+        let start = place(self.head, self.header.checkpoint, self.header.capacity, len)?;
+        (start == self.head || self.pending.is_empty()).then_some(start)
+    }
+
+    /// A write of `len` bytes at `start` (from [`place`](Self::place)) is being issued.
+    pub fn begin_write(&mut self, start: u64, len: u64, members: Vec<(PartitionId, u64)>) {
+        assert!(start >= self.head, "journal writes go forward");
+        assert!(
+            start == self.head || self.pending.is_empty(),
+            "a new lap starts once the journal is durable"
+        );
+        self.head = start + len;
+        self.pending.push_back(Pending {
+            end: self.head,
+            members,
+            written: false,
+        });
+    }
+
+    /// The write ending at `end` completed successfully.
+    pub fn on_written(&mut self, end: u64) {
+        if self.failed {
+            return;
+        }
+        let write = self
+            .pending
+            .iter_mut()
+            .find(|w| w.end == end)
+            .expect("a completed journal write is pending");
+        assert!(!write.written, "a journal write completes once");
+        write.written = true;
+    }
+
+    /// A sync to issue now, if none is in flight and written writes wait for one: it covers the
+    /// pending writes up to the returned end (the written prefix).
+    pub fn next_sync(&mut self) -> Option<u64> {
+        if self.failed || self.sync_inflight.is_some() {
+            return None;
+        }
+        let upto = self.pending.iter().take_while(|w| w.written).last()?.end;
+        self.sync_inflight = Some(upto);
+        Some(upto)
+    }
+
+    /// The sync issued for the writes up to `upto` succeeded: they are durable. Returns their
+    /// members in journal order.
+    pub fn on_synced(&mut self, upto: u64) -> Vec<(PartitionId, u64)> {
+        if self.failed {
+            return Vec::new();
+        }
+        assert_eq!(self.sync_inflight.take(), Some(upto), "the sync in flight");
+        let mut members = Vec::new();
+        while self.pending.front().is_some_and(|w| w.end <= upto) {
+            let write = self.pending.pop_front().expect("checked");
+            assert!(write.written, "a sync covers only written writes");
+            members.extend(write.members);
+        }
+        assert!(upto > self.durable_head, "the durable head moves forward");
+        self.durable_head = upto;
+        members
+    }
+
+    /// A write or sync failed: nothing pending becomes durable. Returns every pending member
+    /// (in journal order) so its partition can fall back to its segment.
+    pub fn fail(&mut self) -> Vec<(PartitionId, u64)> {
+        self.failed = true;
+        self.sync_inflight = None;
+        self.pending.drain(..).flat_map(|w| w.members).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::constants::block_bytes;
+
+    const B: u64 = block_bytes as u64;
+
+    fn pipeline(capacity: u64, checkpoint: u64, buffers: usize) -> Pipeline {
+        let header = Header {
+            capacity,
+            seq: 1,
+            checkpoint,
+        };
+        Pipeline::new(
+            header,
+            (0..buffers).map(|_| AlignedBuf::new(block_bytes)).collect(),
+        )
+    }
+
+    fn member(p: u32, offset: u64) -> Vec<(PartitionId, u64)> {
+        vec![(PartitionId::new("t", p), offset)]
+    }
+
+    fn issue(j: &mut Pipeline, len: u64, members: Vec<(PartitionId, u64)>) -> u64 {
+        let start = j.place(len).expect("room");
+        j.begin_write(start, len, members);
+        start + len
+    }
+
+    #[test]
+    fn writes_become_durable_in_journal_order_whatever_order_they_complete_in() {
+        let mut j = pipeline(64 * B, 0, 3);
+        let w1 = issue(&mut j, B, member(1, 10));
+        let w2 = issue(&mut j, 2 * B, member(2, 20));
+        let w3 = issue(&mut j, B, member(1, 30));
+        // The second completes first: nothing to sync, the first is still in flight.
+        j.on_written(w2);
+        assert_eq!(j.next_sync(), None);
+        j.on_written(w1);
+        assert_eq!(j.next_sync(), Some(w2));
+        // The third completes while that sync runs: it waits for the next sync.
+        j.on_written(w3);
+        assert_eq!(j.next_sync(), None);
+        assert_eq!(j.on_synced(w2), [member(1, 10), member(2, 20)].concat());
+        assert_eq!(j.durable_head(), w2);
+        assert_eq!(j.next_sync(), Some(w3));
+        assert_eq!(j.on_synced(w3), member(1, 30));
+        assert_eq!(j.durable_head(), w3);
+        assert_eq!(j.next_sync(), None);
+    }
+
+    #[test]
+    fn a_new_lap_waits_until_everything_before_it_is_durable() {
+        let mut j = pipeline(8 * B, 0, 2);
+        let w1 = issue(&mut j, 4 * B, member(1, 1));
+        j.on_written(w1);
+        assert_eq!(j.next_sync(), Some(w1));
+        j.on_synced(w1);
+        j.header.checkpoint = w1; // as a checkpoint would
+        let w2 = issue(&mut j, 2 * B, member(1, 2));
+        // 3 blocks do not fit before the ring's end: they would start the next lap.
+        assert_eq!(j.place(3 * B), None, "w2 is in flight");
+        j.on_written(w2);
+        assert_eq!(j.next_sync(), Some(w2));
+        assert_eq!(j.place(3 * B), None, "written is not durable");
+        j.on_synced(w2);
+        assert_eq!(j.place(3 * B), Some(8 * B));
+        // A write that fits stays in the lap, in flight or not.
+        assert_eq!(j.place(2 * B), Some(6 * B));
+        // The next lap is free only up to the checkpoint's data.
+        assert_eq!(j.place(5 * B), None);
+    }
+
+    #[test]
+    fn after_a_failure_nothing_pending_is_acknowledged() {
+        let mut j = pipeline(64 * B, 0, 2);
+        let w1 = issue(&mut j, B, member(1, 10));
+        let w2 = issue(&mut j, B, member(2, 20));
+        j.on_written(w1);
+        let upto = j.next_sync().expect("w1 is written");
+        // w2's write fails while w1's sync runs.
+        assert_eq!(j.fail(), [member(1, 10), member(2, 20)].concat());
+        // Late completions change nothing and acknowledge nothing.
+        assert_eq!(j.on_synced(upto), Vec::new());
+        j.on_written(w2);
+        assert_eq!(j.next_sync(), None);
+        assert!(j.take_buffer().is_none());
+        assert_eq!(j.durable_head(), 0);
+    }
+}
