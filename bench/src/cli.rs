@@ -152,6 +152,9 @@ struct EngineArgs {
     /// Each shard's journal ring (ARCHITECTURE.md, decision 10); 0 runs without a journal.
     #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
     journal_bytes: u64,
+    /// Each shard's memory for recent batches, shared by its partitions (`log.cache.bytes`).
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    shard_cache_bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
@@ -481,6 +484,7 @@ fn engine_run(args: &EngineArgs, base: Option<RawResult>) -> Result<Value, Strin
         shards: args.shards,
         segment_bytes: args.segment_bytes,
         journal_bytes: args.journal_bytes,
+        shard_cache_bytes: args.shard_cache_bytes as usize,
     };
     let r = engine_load::run(&config).map_err(|e| format!("engine run: {e}"))?;
     let baseline_mb_s = base.map_or(0.0, |b| b.bandwidth_mb_s);
@@ -527,6 +531,7 @@ fn engine_run(args: &EngineArgs, base: Option<RawResult>) -> Result<Value, Strin
             "records_per_batch": args.records_per_batch, "flush_policy": policy, "concurrency": args.concurrency,
             "duration_s": args.duration.as_secs_f64(), "warmup_s": args.warmup.as_secs_f64(),
             "shards": args.shards, "segment_bytes": args.segment_bytes, "journal_bytes": args.journal_bytes,
+            "shard_cache_bytes": args.shard_cache_bytes,
             "baseline": !common.no_baseline,
             "baseline_bytes": common.baseline_bytes, "baseline_duration_s": common.baseline_duration.as_secs_f64(),
         },
@@ -645,6 +650,7 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
                 shards: args.shards,
                 segment_bytes: 1 << 30,
                 journal_bytes: keel_engine::constants::journal_bytes_default,
+                shard_cache_bytes: keel_engine::constants::shard_cache_bytes_default,
             })
             .map_err(|e| format!("engine run: {e}"))?,
         )

@@ -25,6 +25,7 @@ pub struct EngineLoadConfig {
     pub shards: usize,
     pub journal_bytes: u64,
     pub segment_bytes: u64,
+    pub shard_cache_bytes: usize,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -48,6 +49,7 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
     let mut engine_config = EngineConfig::new(&data);
     engine_config.shards = config.shards;
     engine_config.journal_bytes = config.journal_bytes;
+    engine_config.shard_cache_bytes = config.shard_cache_bytes;
     let engine = Engine::open(engine_config)?;
     let ids: Vec<PartitionId> = (0..config.partitions)
         .map(|i| PartitionId::new("bench", i))

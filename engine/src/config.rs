@@ -44,6 +44,10 @@ pub struct EngineConfig {
     /// appends of many partitions become durable through it with one write and one fdatasync.
     /// 0 turns the journal off (every partition syncs its own segment).
     pub journal_bytes: u64,
+    /// Each shard's memory for recently appended batches (served to tailing readers without a
+    /// disk read), split evenly among its partitions; each keeps at most its own `cache_bytes`.
+    /// Batches not yet durable in their segment stay in memory whatever this says.
+    pub shard_cache_bytes: usize,
 }
 
 impl EngineConfig {
@@ -56,6 +60,7 @@ impl EngineConfig {
             recovery: RecoveryMode::Strict,
             retention_check_interval: Duration::from_secs(30),
             journal_bytes: journal_bytes_default,
+            shard_cache_bytes: shard_cache_bytes_default,
         }
     }
 

@@ -20,7 +20,8 @@
 //!   other in-flight write touches, so while others run it stops at a block boundary.
 //! * `written` advances over the contiguous prefix of completed writes; one fdatasync then covers
 //!   every write completed before it was issued, and `durable` moves to what `written` was then.
-//! * Written batches stay in `tail` as a read cache until it exceeds `cache_bytes`.
+//! * Written batches stay in `tail` as a read cache until it exceeds the partition's share of the
+//!   shard's cache (or its own `cache_bytes`); what is not durable in the segment always stays.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
@@ -149,6 +150,8 @@ pub(crate) struct IoCtx<'a> {
     pub runways_inflight: &'a mut usize,
     pub metrics: &'a Metrics,
     pub max_batch_bytes: usize,
+    /// Memory for recent batches each partition of the shard may keep (its share of the shard's).
+    pub cache_share: usize,
 }
 
 impl IoCtx<'_> {
@@ -1392,7 +1395,7 @@ impl Partition {
         if self.unsynced_since.is_none() && self.offsets.written().0 > before {
             self.unsynced_since = Some(Instant::now());
         }
-        self.evict_cache();
+        self.evict_cache(io.cache_share);
     }
 
     fn on_synced(&mut self, result: io::Result<()>, io: &mut IoCtx<'_>) {
@@ -1885,14 +1888,17 @@ impl Partition {
             .collect()
     }
 
-    fn evict_cache(&mut self) {
+    /// Drop the oldest cached batches beyond this partition's cache (its own `cache.bytes`, and
+    /// its `share` of the shard's).
+    fn evict_cache(&mut self, share: usize) {
+        let cache_bytes = self.config.cache_bytes.min(share);
         // Every-batch logs keep what is not yet durable in the segment: the journal may need it,
         // and a rollback after a failed sync writes it again if the journal made it durable.
         let limit = match self.config.flush {
             FlushPolicy::EveryBatch => self.offsets.durable().0,
             FlushPolicy::Interval { .. } => self.offsets.written().0,
         };
-        while self.tail_bytes > self.config.cache_bytes
+        while self.tail_bytes > cache_bytes
             && self.copy_index > 0
             && self.tail.front().is_some_and(|b| b.next_offset <= limit)
         {

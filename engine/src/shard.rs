@@ -225,6 +225,7 @@ impl Shard {
             metrics,
             sync_waiting,
             journal_candidates,
+            config,
             ..
         } = self;
         let mut io = IoCtx {
@@ -235,6 +236,7 @@ impl Shard {
             runways_inflight,
             metrics,
             max_batch_bytes: 0,
+            cache_share: cache_share(config, partitions.len()),
         };
         let ids: Vec<PartitionId> = dirty.drain().collect();
         for id in ids {
@@ -517,8 +519,10 @@ impl Shard {
             runways_inflight,
             dirty,
             metrics,
+            config,
             ..
         } = self;
+        let cache_share = cache_share(config, partitions.len());
         match partitions.get_mut(&id) {
             Some(p) => {
                 let mut io = IoCtx {
@@ -529,6 +533,7 @@ impl Shard {
                     runways_inflight,
                     metrics,
                     max_batch_bytes: p.config.max_message_bytes,
+                    cache_share,
                 };
                 p.on_event(event, &mut io);
                 dirty.insert(id);
@@ -991,6 +996,12 @@ async fn header_io(file: Rc<dyn StorageFile>, header: Header) -> (std::io::Resul
 async fn write_header(file: Rc<dyn StorageFile>, header: Header) -> (PartitionId, Event) {
     let (result, ()) = header_io(file, header).await;
     (journal_event_id(), Event::JournalHeader { header, result })
+}
+
+/// The memory for recent batches each of a shard's `partitions` may keep: the shard's cache split
+/// evenly (a partition's own `cache.bytes` may lower it further).
+fn cache_share(config: &EngineConfig, partitions: usize) -> usize {
+    config.shard_cache_bytes / partitions.max(1)
 }
 
 /// Shard-level events still travel with a partition id; a journal's is never looked up.

@@ -95,6 +95,8 @@ pub struct BrokerConfig {
     pub recovery: RecoveryMode,
     /// `log.journal.bytes` (Keel): each shard's journal ring; 0 turns the journal off.
     pub journal_bytes: u64,
+    /// `log.cache.bytes` (Keel): each shard's memory for recent batches, shared by its partitions.
+    pub cache_bytes: usize,
     /// `metrics.listener` (Keel): Prometheus text metrics over HTTP; `none` to disable.
     pub metrics_listen: Option<SocketAddr>,
     /// `shutdown.timeout.ms` (Keel): how long SIGTERM waits for in-flight requests.
@@ -133,6 +135,7 @@ impl Default for BrokerConfig {
             shards: 0,
             recovery: RecoveryMode::Strict,
             journal_bytes: keel_engine::constants::journal_bytes_default,
+            cache_bytes: keel_engine::constants::shard_cache_bytes_default,
             metrics_listen: None,
             shutdown_timeout_ms: 30_000,
             producer_id_expiration_ms: 86_400_000,
@@ -203,6 +206,7 @@ impl BrokerConfig {
             }
             "num.shards" => self.shards = number(key, value)?,
             "log.journal.bytes" => self.journal_bytes = number(key, value)?,
+            "log.cache.bytes" => self.cache_bytes = number(key, value)?,
             "log.recovery.mode" => {
                 self.recovery = match value {
                     "strict" => RecoveryMode::Strict,
