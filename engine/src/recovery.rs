@@ -24,7 +24,7 @@ use std::rc::Rc;
 
 use crate::batch::BatchHeader;
 use crate::config::{FlushPolicy, PartitionConfig, RecoveryMode};
-use crate::constants::{block_bytes, torn_tail_window_bytes, write_bytes_max};
+use crate::constants::{batch_header_bytes, block_bytes, torn_tail_window_bytes, write_bytes_max};
 use crate::epochs::LeaderEpochCache;
 use crate::error::{Error, Result};
 use crate::io::aligned::{align_down, align_up};
@@ -362,6 +362,13 @@ async fn scan(
                     expected_next = h.next_offset();
                     at += h.size_bytes;
                     position += h.size_bytes as u64;
+                }
+                Slot::Incomplete { .. }
+                    if bytes[at.min(bytes.len())..].iter().all(|&b| b == 0)
+                        && position + batch_header_bytes as u64 > file_len =>
+                {
+                    // Fewer zeros than a header, then the file ends: the log ends here.
+                    break Some("zeros".to_string());
                 }
                 Slot::Incomplete { needed } if position + needed as u64 > file_len => {
                     break Some(format!(

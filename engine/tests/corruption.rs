@@ -257,3 +257,53 @@ fn a_damaged_clean_shutdown_marker_is_not_trusted() {
         assert_eq!(tags, (0..BATCHES).collect::<Vec<_>>(), "{bad:?}");
     }
 }
+
+/// `batch(tag, 1, payload, 0)` of exactly `size` bytes.
+fn batch_of_size(tag: u64, size: usize) -> bytes::Bytes {
+    let overhead = batch(tag, 1, size, 0).len() - size;
+    let b = batch(tag, 1, size - overhead, 0);
+    assert_eq!(b.len(), size, "varint lengths shifted; pick another size");
+    b
+}
+
+#[test]
+fn a_batch_starting_a_few_bytes_before_a_read_boundary_is_recovered_and_read() {
+    // A header begins with the base offset, whose high bytes are zeros: a read window that ends
+    // 1-8 bytes into a header shows only zeros there. Recovery reads 1 MiB windows from the
+    // segment's start and fetches read `max_bytes` + one block; neither may take those zeros for
+    // the end of the log (both did: recovery refused to open a healthy log, a fetch reported
+    // "zeros inside the log").
+    let mut big = config();
+    big.max_message_bytes = 2 * 1024 * 1024;
+    big.segment_bytes = 4 * 1024 * 1024;
+    for short in 1..=8usize {
+        let fs = SimFs::default();
+        let p = PartitionId::new("boundary", 0);
+        let engine = Engine::open(no_journal(sim_config(&fs, 1))).unwrap();
+        block_on(async {
+            engine.create_partition(&p, big.clone()).await.unwrap();
+            let first = batch_of_size(0, 1024 * 1024 - short);
+            engine.append(&p, first, 0).await.unwrap();
+            for tag in 1..3 {
+                engine.append(&p, batch(tag, 1, 300, 0), 0).await.unwrap();
+            }
+        });
+        drop(engine); // a crash: the next open scans the segment
+        let engine = open(&copy(&fs), RecoveryMode::Strict)
+            .unwrap_or_else(|e| panic!("{short} bytes short: {e}"));
+        let (tags, error) = read_all(&engine, &p);
+        assert!(error.is_none(), "{short} bytes short: {error:?}");
+        assert_eq!(tags, vec![0, 1, 2], "{short}");
+        // A fetch whose window ends exactly at 1 MiB: the first batch, and no error.
+        let read = block_on(engine.read(
+            &p,
+            0,
+            keel_engine::ReadOptions {
+                max_bytes: 1024 * 1024 - 4096,
+                upper: keel_engine::ReadUpper::Appended,
+            },
+        ))
+        .unwrap_or_else(|e| panic!("{short} bytes short: {e}"));
+        assert_eq!(read.next_offset, 1, "{short}");
+    }
+}

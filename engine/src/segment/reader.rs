@@ -19,9 +19,8 @@ pub enum Slot {
 /// Classify the bytes at the start of `bytes`, which lie at a batch boundary of a segment.
 pub fn slot(bytes: &[u8], max_batch_bytes: usize) -> Slot {
     if bytes.len() < batch_header_bytes {
-        if bytes.iter().all(|&b| b == 0) && !bytes.is_empty() {
-            return Slot::End;
-        }
+        // Too few bytes to tell: a header starts with the base offset, whose high bytes are zeros
+        // for any offset below 2^56, so a few zeros at the end of a read are not the log's end.
         return Slot::Incomplete {
             needed: batch_header_bytes,
         };
@@ -62,6 +61,18 @@ mod tests {
             Slot::Incomplete { needed: b.len() }
         );
         assert_eq!(slot(&[0; 100], 1 << 20), Slot::End);
+        // A read that ends a few bytes into a header shows only the base offset's zero high
+        // bytes: that is a batch to read further, not the end of the log.
+        let at_1325 = BatchBuilder {
+            base_offset: 1325,
+            ..Default::default()
+        }
+        .build(&[1; 100]);
+        assert_eq!(&at_1325[..6], &[0; 6]);
+        assert_eq!(
+            slot(&at_1325[..6], 1 << 20),
+            Slot::Incomplete { needed: 61 }
+        );
         assert!(matches!(slot(&b, 100), Slot::Damaged(_)));
         let mut bad = b.clone();
         bad[100] ^= 0xff;
