@@ -19,10 +19,36 @@ use rand::Rng;
 
 const CHILD_DIR: &str = "KEEL_KILL_CHILD_DIR";
 const CHILD_START_TAG: &str = "KEEL_KILL_CHILD_START_TAG";
-const TEST_NAME: &str = "sigkill_at_random_moments_loses_no_acknowledged_append";
 
-fn partition() -> PartitionId {
-    PartitionId::new("killed", 0)
+/// One scenario: which test re-runs itself as the child, over how many partitions, with how many
+/// appends in flight and of which sizes.
+#[derive(Clone, Copy)]
+struct Scenario {
+    test_name: &'static str,
+    partitions: u32,
+    inflight: usize,
+    max_batch_bytes: usize,
+}
+
+/// One partition, appends of 100 B to 100 KB: mostly the segment path.
+const ONE_PARTITION: Scenario = Scenario {
+    test_name: "sigkill_at_random_moments_loses_no_acknowledged_append",
+    partitions: 1,
+    inflight: 8,
+    max_batch_bytes: 100_000,
+};
+
+/// Many partitions, small appends: the shard journal, several writes in flight, lazy segments
+/// and checkpoints of a 4 MiB ring, then replay after each kill.
+const MANY_PARTITIONS: Scenario = Scenario {
+    test_name: "sigkill_with_many_partitions_loses_nothing_the_journal_acknowledged",
+    partitions: 24,
+    inflight: 48,
+    max_batch_bytes: 6_000,
+};
+
+fn partition(i: u32) -> PartitionId {
+    PartitionId::new("killed", i)
 }
 
 fn partition_config() -> PartitionConfig {
@@ -34,37 +60,56 @@ fn partition_config() -> PartitionConfig {
     }
 }
 
-/// The child: append forever (until killed), printing `ack <offset> <tag>` after each completes.
-fn child(dir: &str, start_tag: u64) {
-    let engine = Engine::open(uring_config(std::path::Path::new(dir), 1)).unwrap();
-    let p = partition();
+fn engine_config(dir: &std::path::Path) -> keel_engine::EngineConfig {
+    let mut config = uring_config(dir, 1);
+    config.journal_bytes = keel_engine::constants::journal_bytes_min;
+    config
+}
+
+/// The child: append forever (until killed), printing `ack <partition> <offset> <tag>` after
+/// each completes.
+fn child(s: Scenario, dir: &str, start_tag: u64) {
+    let engine = Engine::open(engine_config(std::path::Path::new(dir))).unwrap();
+    let parts: Vec<_> = (0..s.partitions).map(partition).collect();
     block_on(async {
-        engine
-            .create_partition(&p, partition_config())
-            .await
-            .unwrap();
+        for p in &parts {
+            engine
+                .create_partition(p, partition_config())
+                .await
+                .unwrap();
+        }
         let mut inflight = FuturesUnordered::new();
         let mut tag = start_tag;
         loop {
-            while inflight.len() < 8 {
-                let size = 100 + (tag as usize * 7919) % 100_000;
-                let (e, p) = (&engine, &p);
+            while inflight.len() < s.inflight {
+                let size = 100 + (tag as usize * 7919) % s.max_batch_bytes;
+                let (e, i) = (&engine, (tag % s.partitions as u64) as u32);
+                let p = &parts[i as usize];
                 let t = tag;
-                inflight.push(async move { (t, e.append(p, batch(t, 1, size, 0), 0).await) });
+                inflight.push(async move { (i, t, e.append(p, batch(t, 1, size, 0), 0).await) });
                 tag += 1;
             }
-            let (t, result) = inflight.next().await.unwrap();
+            let (i, t, result) = inflight.next().await.unwrap();
             let out = result.unwrap();
-            println!("ack {} {t}", out.base_offset);
+            println!("ack {i} {} {t}", out.base_offset);
         }
     });
 }
 
 #[test]
 fn sigkill_at_random_moments_loses_no_acknowledged_append() {
+    kill_rounds(ONE_PARTITION);
+}
+
+#[test]
+fn sigkill_with_many_partitions_loses_nothing_the_journal_acknowledged() {
+    kill_rounds(MANY_PARTITIONS);
+}
+
+fn kill_rounds(s: Scenario) {
     if let Ok(dir) = std::env::var(CHILD_DIR) {
         let start: u64 = std::env::var(CHILD_START_TAG).unwrap().parse().unwrap();
-        child(&dir, start);
+        child(s, &dir, start);
         return;
     }
     let rounds: u64 = std::env::var("KEEL_KILL_ROUNDS")
@@ -75,10 +120,11 @@ fn sigkill_at_random_moments_loses_no_acknowledged_append() {
     println!("seed {seed}");
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
-    let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut acked: BTreeMap<u32, BTreeMap<u64, u64>> = BTreeMap::new();
+    let mut replayed = 0;
     for round in 0..rounds {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
+            .args(["--exact", s.test_name, "--nocapture", "--test-threads=1"])
             .env(CHILD_DIR, dir.path())
             .env(CHILD_START_TAG, (round * 1_000_000).to_string())
             .stdout(Stdio::piped())
@@ -90,18 +136,19 @@ fn sigkill_at_random_moments_loses_no_acknowledged_append() {
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(rest) = line.strip_prefix("ack ") {
-                    let (o, t) = rest.split_once(' ').unwrap();
-                    let _ = tx.send((o.parse::<u64>().unwrap(), t.parse::<u64>().unwrap()));
+                    let mut words = rest.split(' ').map(|w| w.parse::<u64>().unwrap());
+                    let (i, o, t) = (words.next(), words.next(), words.next());
+                    let _ = tx.send((i.unwrap() as u32, o.unwrap(), t.unwrap()));
                 }
             }
         });
         // Kill after a random number of acknowledgements (bounded in time either way).
-        let kill_after = rng.random_range(1..400);
+        let kill_after = rng.random_range(1..400 * s.partitions as usize);
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut seen = 0;
         while seen < kill_after && Instant::now() < deadline {
-            if let Ok((offset, tag)) = rx.recv_timeout(Duration::from_millis(100)) {
-                acked.insert(offset, tag);
+            if let Ok((i, offset, tag)) = rx.recv_timeout(Duration::from_millis(100)) {
+                acked.entry(i).or_default().insert(offset, tag);
                 seen += 1;
             }
         }
@@ -112,27 +159,39 @@ fn sigkill_at_random_moments_loses_no_acknowledged_append() {
         child.kill().unwrap();
         child.wait().unwrap();
         reader.join().unwrap();
-        acked.extend(rx.try_iter());
-
-        let engine = Engine::open(uring_config(dir.path(), 1)).unwrap();
-        let p = partition();
-        let log = log_contents(&engine, &p);
-        for (offset, tag) in &acked {
-            assert_eq!(
-                log.get(offset),
-                Some(tag),
-                "seed {seed} round {round}: acknowledged offset {offset} lost"
-            );
+        for (i, offset, tag) in rx.try_iter() {
+            acked.entry(i).or_default().insert(offset, tag);
         }
-        assert_eq!(
-            log.keys().copied().collect::<Vec<_>>(),
-            (0..log.len() as u64).collect::<Vec<_>>(),
-            "seed {seed}: gap"
-        );
-        // Unacknowledged appends that survived are kept: later rounds must see them unchanged.
-        acked = log;
+
+        let engine = Engine::open(engine_config(dir.path())).unwrap();
+        replayed += engine.metrics().journal_replayed;
+        for (&i, expected) in acked.iter_mut() {
+            let log = log_contents(&engine, &partition(i));
+            for (offset, tag) in expected.iter() {
+                assert_eq!(
+                    log.get(offset),
+                    Some(tag),
+                    "seed {seed} round {round}: {} acknowledged offset {offset} lost",
+                    partition(i)
+                );
+            }
+            assert_eq!(
+                log.keys().copied().collect::<Vec<_>>(),
+                (0..log.len() as u64).collect::<Vec<_>>(),
+                "seed {seed}: gap in {}",
+                partition(i)
+            );
+            // Unacknowledged appends that survived are kept: later rounds must see them unchanged.
+            *expected = log;
+        }
         if round % 2 == 0 {
             block_on(engine.shutdown()).unwrap();
         }
+    }
+    if s.partitions > 1 {
+        assert!(
+            replayed > 0,
+            "seed {seed}: nothing was ever replayed from the journal"
+        );
     }
 }

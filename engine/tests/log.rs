@@ -524,23 +524,22 @@ fn truncating_to_the_log_start_empties_the_log_on_disk_too() {
     assert_eq!(tags(&engine, &p, 0), vec![7]);
 }
 
-#[test]
-fn partitions_share_their_shards_cache() {
-    // Four partitions of one shard, each allowed 8 MiB on its own, share a 512 KiB shard cache:
-    // each keeps about 128 KiB of its newest batches in memory, and older reads go to disk.
-    let fs = SimFs::default();
-    let mut config = without_journal(sim_config(&fs, 1));
+/// Whether a read at `offset` is answered from the in-memory tail (the engine's counter says).
+fn read_is_from_memory(engine: &Engine, p: &PartitionId, offset: u64) -> bool {
+    block_on(async {
+        let before = engine.metrics().reads_from_memory;
+        let read = engine.read(p, offset, everything()).await.unwrap();
+        assert!(!read.is_empty());
+        engine.metrics().reads_from_memory > before
+    })
+}
+
+/// An engine of one shard with a 512 KiB cache, `n` partitions each given 64 batches of 8 KiB.
+fn shared_cache_engine(fs: &SimFs, n: u32) -> (Engine, Vec<PartitionId>) {
+    let mut config = without_journal(sim_config(fs, 1));
     config.shard_cache_bytes = 512 * 1024;
     let engine = Engine::open(config).unwrap();
-    let ids: Vec<_> = (0..4).map(|i| PartitionId::new("shared", i)).collect();
-    let is_from_memory = |p: &PartitionId, offset: u64| {
-        block_on(async {
-            let before = engine.metrics().reads_from_memory;
-            let read = engine.read(p, offset, everything()).await.unwrap();
-            assert!(!read.is_empty());
-            engine.metrics().reads_from_memory > before
-        })
-    };
+    let ids: Vec<_> = (0..n).map(|i| PartitionId::new("shared", i)).collect();
     block_on(async {
         for id in &ids {
             engine
@@ -557,33 +556,33 @@ fn partitions_share_their_shards_cache() {
             }
         }
     });
+    (engine, ids)
+}
+
+#[test]
+fn partitions_share_their_shards_cache() {
+    // Four partitions of one shard, each allowed 8 MiB on its own, share a 512 KiB shard cache:
+    // each keeps about 128 KiB of its newest batches in memory, and older reads go to disk.
+    let (engine, ids) = shared_cache_engine(&SimFs::default(), 4);
     for id in &ids {
-        assert!(is_from_memory(id, 63), "{id}: the newest batch is cached");
-        assert!(is_from_memory(id, 52), "{id}: ~100 KiB back is cached");
-        assert!(!is_from_memory(id, 40), "{id}: ~200 KiB back is not");
+        assert!(
+            read_is_from_memory(&engine, id, 63),
+            "{id}: the newest batch is cached"
+        );
+        assert!(
+            read_is_from_memory(&engine, id, 52),
+            "{id}: ~100 KiB back is cached"
+        );
+        assert!(
+            !read_is_from_memory(&engine, id, 40),
+            "{id}: ~200 KiB back is not"
+        );
         assert_eq!(tags(&engine, id, 0), (0..64).collect::<Vec<_>>());
     }
     // One partition alone keeps the whole shard cache (up to its own cache.bytes).
-    let fs = SimFs::default();
-    let mut config = without_journal(sim_config(&fs, 1));
-    config.shard_cache_bytes = 512 * 1024;
-    let engine = Engine::open(config).unwrap();
-    block_on(async {
-        engine
-            .create_partition(&ids[0], PartitionConfig::default())
-            .await
-            .unwrap();
-        for tag in 0..64 {
-            engine
-                .append(&ids[0], batch(tag, 1, 8 * 1024, 0), 0)
-                .await
-                .unwrap();
-        }
-        let before = engine.metrics().reads_from_memory;
-        engine.read(&ids[0], 8, everything()).await.unwrap();
-        assert!(
-            engine.metrics().reads_from_memory > before,
-            "~450 KiB back is cached"
-        );
-    });
+    let (engine, ids) = shared_cache_engine(&SimFs::default(), 1);
+    assert!(
+        read_is_from_memory(&engine, &ids[0], 8),
+        "~450 KiB back is cached"
+    );
 }
