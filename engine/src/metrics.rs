@@ -48,7 +48,8 @@ counters!(
     journal_bytes,
     /// Checkpoints that let the journal reuse its ring.
     journal_checkpoints,
-    /// Times a journal write waited for a checkpoint because the ring was full.
+    /// Times a journal write had to wait: the ring was full until a checkpoint, or a write that
+    /// starts a new lap waited for the writes before it to become durable.
     journal_full,
     /// Journal records appended to logs at start-up.
     journal_replayed,
