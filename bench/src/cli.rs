@@ -206,6 +206,13 @@ struct BrokerArgs {
     /// closed-loop peak.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// With `--rate`: like a client's `linger.ms`, send a batch when it is full or when this many
+    /// ms have passed since its first message, so each batch holds what one producer's share of
+    /// the rate brings in that time (at most `--messages-per-batch`). Produce latency still counts
+    /// from the batch's send; a message also waited up to this long before it (the Kafka
+    /// producer's record-queue-time).
+    #[arg(long)]
+    linger_ms: Option<f64>,
     /// Broker/engine shards (0: one per core).
     #[arg(long, default_value_t = 0)]
     shards: usize,
@@ -555,10 +562,40 @@ fn broker(args: BrokerArgs) -> Result<(), String> {
     write_markdown(&args.common, std::slice::from_ref(&result))
 }
 
+/// Messages in each produce request: `messages_per_batch`, or with a linger in an open loop,
+/// what one producer's share of `rate` (messages/s over `producers`) brings in `linger_ms`.
+fn lingered_batch(
+    messages_per_batch: usize,
+    rate: f64,
+    producers: usize,
+    linger_ms: Option<f64>,
+) -> Result<usize, String> {
+    let Some(linger_ms) = linger_ms else {
+        return Ok(messages_per_batch);
+    };
+    if rate <= 0.0 {
+        return Err(
+            "--linger-ms needs --rate: in a closed loop a full batch is always ready".into(),
+        );
+    }
+    if !(linger_ms >= 0.0 && linger_ms.is_finite()) {
+        return Err(format!("--linger-ms {linger_ms}: not a duration"));
+    }
+    let per_producer = rate / producers.max(1) as f64;
+    let filled = (per_producer * linger_ms / 1000.0).floor().max(1.0) as usize;
+    Ok(filled.min(messages_per_batch))
+}
+
 /// One broker run (and the engine alone with the same settings); `base` is the raw baseline
 /// measured once by the caller.
 fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, String> {
     let common = &args.common;
+    let messages_per_batch = lingered_batch(
+        args.messages_per_batch,
+        args.rate,
+        args.producers,
+        args.linger_ms,
+    )?;
     std::fs::create_dir_all(&common.dir)
         .map_err(|e| format!("create {}: {e}", common.dir.display()))?;
     let (policy_name, flush) = match args.policy {
@@ -616,7 +653,7 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
         producers: args.producers,
         consumers: args.consumers,
         message_bytes: args.message_bytes as usize,
-        messages_per_batch: args.messages_per_batch,
+        messages_per_batch,
         acks,
         inflight: args.inflight,
         duration: args.duration,
@@ -633,7 +670,7 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
     }
     let _ = std::fs::remove_dir_all(&data);
     let r = r?;
-    let batch_bytes = (args.message_bytes as usize * args.messages_per_batch + 61) as u64;
+    let batch_bytes = (args.message_bytes as usize * messages_per_batch + 61) as u64;
     let engine = if args.no_engine {
         None
     } else {
@@ -642,7 +679,7 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
                 dir: common.dir.clone(),
                 partitions: args.partitions,
                 batch_bytes: batch_bytes as usize,
-                records_per_batch: args.messages_per_batch as i32,
+                records_per_batch: messages_per_batch as i32,
                 flush,
                 concurrency: (args.producers * args.inflight).max(1),
                 duration: args.duration,
@@ -662,7 +699,7 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
     };
     println!(
         "broker: {} partition(s), {} producer(s) x {} in flight, {} consumer(s), {} B messages x {} per batch, acks={acks_name}, {policy_name}",
-        args.partitions, args.producers, args.inflight, args.consumers, args.message_bytes, args.messages_per_batch
+        args.partitions, args.producers, args.inflight, args.consumers, args.message_bytes, messages_per_batch
     );
     println!(
         "broker: {:.0} MB/s, {:.0} msgs/s over {:.2} s ({} batches, {} errors); consumers read {:.0} MB",
@@ -699,10 +736,10 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
         "config": {
             "dir": common.dir, "bootstrap": args.bootstrap.map(|a| a.to_string()), "partitions": args.partitions,
             "producers": args.producers, "consumers": args.consumers, "message_bytes": args.message_bytes,
-            "messages_per_batch": args.messages_per_batch, "batch_bytes": batch_bytes, "acks": acks_name,
+            "messages_per_batch": messages_per_batch, "batch_bytes": batch_bytes, "acks": acks_name,
             "inflight": args.inflight, "flush_policy": policy_name, "duration_s": args.duration.as_secs_f64(),
             "warmup_s": args.warmup.as_secs_f64(), "max_messages": args.max_messages, "shards": args.shards,
-            "rate_messages_per_s": args.rate,
+            "rate_messages_per_s": args.rate, "linger_ms": args.linger_ms,
             "baseline": !common.no_baseline, "engine": !args.no_engine,
         },
         "throughput_mb_s": r.throughput_mb_s,
@@ -736,4 +773,22 @@ fn write_json(common: &Common, value: &Value) -> Result<(), String> {
         std::fs::write(path, text + "\n").map_err(|e| format!("write {}: {e}", path.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lingered_batch;
+
+    #[test]
+    fn a_linger_fills_batches_with_what_the_rate_brings_in_that_time() {
+        // 100,000 msgs/s over 4 producers = 25 per ms each: 2 ms of linger fill 50.
+        assert_eq!(lingered_batch(64, 100_000.0, 4, Some(2.0)), Ok(50));
+        // Capped by the batch size, at least one message.
+        assert_eq!(lingered_batch(64, 100_000.0, 4, Some(10.0)), Ok(64));
+        assert_eq!(lingered_batch(64, 10.0, 1, Some(1.0)), Ok(1));
+        // Without a linger the batch size stands; without a rate a linger means nothing.
+        assert_eq!(lingered_batch(64, 0.0, 1, None), Ok(64));
+        assert!(lingered_batch(64, 0.0, 1, Some(5.0)).is_err());
+        assert!(lingered_batch(64, 1000.0, 1, Some(f64::NAN)).is_err());
+    }
 }
