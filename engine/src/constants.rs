@@ -105,6 +105,12 @@ pub const journal_write_bytes_max: usize = write_bytes_max;
 /// some are in flight the next starts, and one fdatasync covers every write completed before it.
 pub const journal_writes_inflight_max: usize = 4;
 
+/// Segment writes in flight on a shard beyond which a checkpoint's writes wait (the small rests
+/// of journaled partitions it forces out). A checkpoint issues one for every partition at once;
+/// queued ahead of the journal's writes and syncs they slowed the journal for the checkpoint's
+/// length (ARCHITECTURE.md, decision 12).
+pub const checkpoint_writes_inflight_max: usize = 4;
+
 /// A partition's not yet durable data goes through the journal only while it is smaller than
 /// this; a larger group is written and synced in its own segment (one copy of the bytes, not two).
 /// Below it, a journaled partition's segment writes wait until this much is pending.
@@ -150,3 +156,5 @@ const _: () = assert!(journal_bytes_default >= journal_bytes_min);
 const _: () = assert!(journal_bytes_min.is_multiple_of(block_bytes as u64));
 const _: () = assert!((journal_group_bytes_max as usize) < journal_write_bytes_max);
 const _: () = assert!(journal_writes_inflight_max >= 1);
+const _: () = assert!(checkpoint_writes_inflight_max >= 1);
+const _: () = assert!(checkpoint_writes_inflight_max <= shard_writes_inflight_max);

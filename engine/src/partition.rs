@@ -884,6 +884,11 @@ impl Partition {
             if self.lazy_hold(pending) {
                 return false;
             }
+            if self.checkpoint_write(pending)
+                && *io.writes_inflight >= checkpoint_writes_inflight_max
+            {
+                return true; // a checkpoint's write waits for room, not a lazy or a sync's one
+            }
             let want_end = align_up(self.next_write_position + pending.min(write_bytes_max as u64));
             if want_end > self.segments[&self.write_segment].allocated {
                 self.start_allocate(io, want_end);
@@ -1045,6 +1050,14 @@ impl Partition {
             && self
                 .checkpoint_target
                 .is_none_or(|target| self.copied_offset >= target)
+    }
+
+    /// Is the next segment write (of `pending` bytes) one only a shard checkpoint asks for: a
+    /// journaled partition's small rest, which its lazy writes would otherwise hold back?
+    fn checkpoint_write(&self, pending: u64) -> bool {
+        self.checkpoint_target.is_some()
+            && self.journal_active()
+            && pending < journal_group_bytes_max
     }
 
     /// Lay out the next stretch of the write segment with zeros while the partition is lightly
