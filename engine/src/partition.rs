@@ -697,17 +697,8 @@ impl Partition {
         if from >= end {
             return None;
         }
-        // The batches from `from` on, found from the newest back: the cost is bounded by the
-        // group limit, not by the length of the cached tail.
-        let mut first = self.tail.len();
-        let mut bytes = 0;
-        while first > 0 && self.tail[first - 1].next_offset > from {
-            first -= 1;
-            bytes += self.tail[first].bytes.len() as u64;
-            if bytes >= journal_group_bytes_max {
-                return None; // not a small group: the segment path makes it durable
-            }
-        }
+        // Not a small group, or not in memory: the segment path makes it durable.
+        let first = self.journal_group_start()?;
         if self.tail.get(first).is_none_or(|b| b.base_offset != from) {
             return None; // not in memory: the segment path makes it durable
         }
@@ -733,21 +724,26 @@ impl Partition {
         self.journal_offset.max(self.offsets.durable().0)
     }
 
-    /// Is what the journal would have to take a small group? (Counted from the newest batch back,
-    /// so the cost is bounded by the group limit, not by the tail.)
+    /// Is what the journal would have to take a small group?
     fn journal_can_take(&self) -> bool {
+        self.journal_group_start().is_some()
+    }
+
+    /// Where in `tail` the batches the journal would take (from `journal_from` on) begin, if
+    /// they are a small group. Found from the newest batch back, so the cost is bounded by the
+    /// group limit, not by the length of the cached tail.
+    fn journal_group_start(&self) -> Option<usize> {
         let from = self.journal_from();
+        let mut first = self.tail.len();
         let mut bytes = 0;
-        for b in self.tail.iter().rev() {
-            if b.next_offset <= from {
-                break;
-            }
-            bytes += b.bytes.len() as u64;
+        while first > 0 && self.tail[first - 1].next_offset > from {
+            first -= 1;
+            bytes += self.tail[first].bytes.len() as u64;
             if bytes >= journal_group_bytes_max {
-                return false;
+                return None;
             }
         }
-        true
+        Some(first)
     }
 
     /// A journal write with this partition's batches up to `end` is being issued.

@@ -387,20 +387,19 @@ impl Shard {
             entries.push(entry);
         }
         self.journal_candidates.extend(full);
+        if entries.is_empty() {
+            j.pipeline.give_back(buf);
+            return false;
+        }
         let padded = align_up(len as u64);
-        let start = match j.pipeline.place(padded) {
-            Some(start) if !entries.is_empty() => start,
-            not_now => {
-                if not_now.is_none() && !entries.is_empty() {
-                    // The ring is full until a checkpoint completes, or a new lap waits for
-                    // the writes before it.
-                    bump(&self.metrics.journal_full, 1);
-                }
-                self.journal_candidates
-                    .extend(entries.into_iter().map(|e| e.id));
-                j.pipeline.give_back(buf);
-                return false;
-            }
+        let Some(start) = j.pipeline.place(padded) else {
+            // The ring is full until a checkpoint completes, or a new lap waits for the writes
+            // before it.
+            bump(&self.metrics.journal_full, 1);
+            self.journal_candidates
+                .extend(entries.into_iter().map(|e| e.id));
+            j.pipeline.give_back(buf);
+            return false;
         };
         journal::encode_write(start, &entries, &mut buf);
         let members: Vec<(PartitionId, u64)> = entries
@@ -412,7 +411,6 @@ impl Shard {
                 (e.id, e.end_offset)
             })
             .collect();
-
         j.pipeline.begin_write(start, padded, members);
         bump(&self.metrics.journal_writes, 1);
         bump(&self.metrics.journal_bytes, padded);
@@ -421,7 +419,6 @@ impl Shard {
         let end = start + padded;
         self.inflight.push(Box::pin(async move {
             let (result, buf) = file.write_at(position, buf).await;
-
             (
                 journal_event_id(),
                 Event::JournalWritten { end, result, buf },
