@@ -45,7 +45,8 @@ pub struct EngineConfig {
     /// 0 turns the journal off (every partition syncs its own segment).
     pub journal_bytes: u64,
     /// Each shard's memory for recently appended batches (served to tailing readers without a
-    /// disk read), split evenly among its partitions; each keeps at most its own `cache_bytes`.
+    /// disk read), shared by its partitions: the oldest batches go first, whichever partition
+    /// holds them; each keeps at most its own `cache_bytes`.
     /// Batches not yet durable in their segment stay in memory whatever this says.
     pub shard_cache_bytes: usize,
 }

@@ -46,10 +46,14 @@ pub const index_interval_bytes: u64 = 4096;
 /// disk read.
 pub const partition_cache_bytes_default: usize = 8 * 1024 * 1024;
 
-/// Memory each shard keeps for recently appended batches, shared by its partitions: with many
-/// partitions each keeps a small share (1,000 partitions × `partition_cache_bytes_default` would
-/// pin 8 GiB), with few each keeps up to its own limit.
+/// Memory each shard keeps for recently appended batches, shared by its partitions (the oldest
+/// batches of any partition go first): 1,000 partitions × `partition_cache_bytes_default` would
+/// otherwise pin 8 GiB.
 pub const shard_cache_bytes_default: usize = 64 * 1024 * 1024;
+
+/// How often a shard holds its cache to `shard_cache_bytes` (it may overshoot by what arrives
+/// meanwhile).
+pub const cache_check_interval: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Commands queued to one shard before senders wait (back-pressure instead of unbounded memory).
 pub const shard_inbox_count_max: usize = 4096;

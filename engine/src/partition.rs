@@ -20,8 +20,9 @@
 //!   other in-flight write touches, so while others run it stops at a block boundary.
 //! * `written` advances over the contiguous prefix of completed writes; one fdatasync then covers
 //!   every write completed before it was issued, and `durable` moves to what `written` was then.
-//! * Written batches stay in `tail` as a read cache until it exceeds the partition's share of the
-//!   shard's cache (or its own `cache_bytes`); what is not durable in the segment always stays.
+//! * Written batches stay in `tail` as a read cache while it is within `cache_bytes` and the
+//!   shard's cache (which evicts the oldest batches of all its partitions first); what is not
+//!   durable in the segment always stays.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
@@ -150,8 +151,6 @@ pub(crate) struct IoCtx<'a> {
     pub runways_inflight: &'a mut usize,
     pub metrics: &'a Metrics,
     pub max_batch_bytes: usize,
-    /// Memory for recent batches each partition of the shard may keep (its share of the shard's).
-    pub cache_share: usize,
 }
 
 impl IoCtx<'_> {
@@ -196,6 +195,8 @@ struct TailBatch {
     segment: u64,
     position: u64,
     bytes: Bytes,
+    /// When it was appended: the shard's cache evicts the oldest batches of all its partitions.
+    appended_at: Instant,
 }
 
 struct InflightWrite {
@@ -601,6 +602,7 @@ impl Partition {
             segment,
             position,
             bytes,
+            appended_at: Instant::now(),
         });
     }
 
@@ -1404,7 +1406,7 @@ impl Partition {
         if self.unsynced_since.is_none() && self.offsets.written().0 > before {
             self.unsynced_since = Some(Instant::now());
         }
-        self.evict_cache(io.cache_share);
+        self.evict_cache();
     }
 
     fn on_synced(&mut self, result: io::Result<()>, io: &mut IoCtx<'_>) {
@@ -1897,24 +1899,35 @@ impl Partition {
             .collect()
     }
 
-    /// Drop the oldest cached batches beyond this partition's cache (its own `cache.bytes`, and
-    /// its `share` of the shard's).
-    fn evict_cache(&mut self, share: usize) {
-        let cache_bytes = self.config.cache_bytes.min(share);
+    /// Drop the oldest cached batches beyond this partition's own `cache.bytes`.
+    fn evict_cache(&mut self) {
+        while self.tail_bytes > self.config.cache_bytes && self.evict_oldest().is_some() {}
+    }
+
+    /// Bytes of batches held in memory (the read cache, and what is not yet written or durable).
+    pub fn cached_bytes(&self) -> usize {
+        self.tail_bytes
+    }
+
+    /// When the oldest batch that could be evicted now was appended.
+    pub fn oldest_evictable(&self) -> Option<Instant> {
         // Every-batch logs keep what is not yet durable in the segment: the journal may need it,
         // and a rollback after a failed sync writes it again if the journal made it durable.
         let limit = match self.config.flush {
             FlushPolicy::EveryBatch => self.offsets.durable().0,
             FlushPolicy::Interval { .. } => self.offsets.written().0,
         };
-        while self.tail_bytes > cache_bytes
-            && self.copy_index > 0
-            && self.tail.front().is_some_and(|b| b.next_offset <= limit)
-        {
-            let b = self.tail.pop_front().expect("checked");
-            self.tail_bytes -= b.bytes.len();
-            self.copy_index -= 1;
-        }
+        let front = self.tail.front()?;
+        (self.copy_index > 0 && front.next_offset <= limit).then_some(front.appended_at)
+    }
+
+    /// Drop the oldest cached batch if it may go; returns the bytes freed.
+    pub fn evict_oldest(&mut self) -> Option<usize> {
+        self.oldest_evictable()?;
+        let b = self.tail.pop_front().expect("checked");
+        self.tail_bytes -= b.bytes.len();
+        self.copy_index -= 1;
+        Some(b.bytes.len())
     }
 
     // ---------------------------------------------------------------------------------------------

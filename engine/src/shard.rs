@@ -5,7 +5,8 @@
 //! one group commit (write + fdatasync) serves every append that arrived meanwhile. Completions
 //! are handled one at a time from the in-flight queue; no completion handler runs another.
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,7 +17,8 @@ use futures::{FutureExt, StreamExt};
 use crate::batch::BatchHeader;
 use crate::config::{EngineConfig, PartitionConfig};
 use crate::constants::{
-    journal_write_bytes_max, journal_writes_inflight_max, shard_tick_ms, shard_write_buffers_count,
+    cache_check_interval, journal_write_bytes_max, journal_writes_inflight_max, shard_tick_ms,
+    shard_write_buffers_count,
 };
 use crate::error::{Error, Result};
 use crate::io::aligned::align_up;
@@ -146,6 +148,8 @@ pub(crate) fn run(
         metrics,
         shutdown: None,
         last_retention: Instant::now(),
+        last_cache_check: Instant::now(),
+        appended_since_cache_check: 0,
     };
     runtime.block_on(async move {
         shard.serve(inbox).await;
@@ -182,6 +186,9 @@ struct Shard {
     metrics: Arc<Metrics>,
     shutdown: Option<Reply<()>>,
     last_retention: Instant,
+    last_cache_check: Instant,
+    /// Bytes appended since the cache was last held to its budget.
+    appended_since_cache_check: usize,
 }
 
 impl Shard {
@@ -213,6 +220,13 @@ impl Shard {
     }
 
     fn schedule(&mut self) {
+        if self.appended_since_cache_check >= self.config.shard_cache_bytes / 8
+            || self.last_cache_check.elapsed() >= cache_check_interval
+        {
+            self.appended_since_cache_check = 0;
+            self.last_cache_check = Instant::now();
+            self.enforce_cache_budget();
+        }
         self.schedule_journal();
         let Shard {
             storage,
@@ -225,7 +239,6 @@ impl Shard {
             metrics,
             sync_waiting,
             journal_candidates,
-            config,
             ..
         } = self;
         let mut io = IoCtx {
@@ -236,7 +249,6 @@ impl Shard {
             runways_inflight,
             metrics,
             max_batch_bytes: 0,
-            cache_share: cache_share(config, partitions.len()),
         };
         let ids: Vec<PartitionId> = dirty.drain().collect();
         for id in ids {
@@ -516,10 +528,8 @@ impl Shard {
             runways_inflight,
             dirty,
             metrics,
-            config,
             ..
         } = self;
-        let cache_share = cache_share(config, partitions.len());
         match partitions.get_mut(&id) {
             Some(p) => {
                 let mut io = IoCtx {
@@ -530,7 +540,6 @@ impl Shard {
                     runways_inflight,
                     metrics,
                     max_batch_bytes: p.config.max_message_bytes,
-                    cache_share,
                 };
                 p.on_event(event, &mut io);
                 dirty.insert(id);
@@ -587,6 +596,7 @@ impl Shard {
                     return;
                 }
                 bump(&self.metrics.append_bytes, bytes.len() as u64);
+                self.appended_since_cache_check += bytes.len();
                 match self.partitions.get_mut(&id) {
                     Some(p) => {
                         p.append(bytes, kind, wait, reply, &self.metrics);
@@ -913,6 +923,33 @@ impl Shard {
         }
     }
 
+    /// Keep the batches cached by all of the shard's partitions within `shard_cache_bytes`,
+    /// evicting the oldest first whichever partition holds them: a hot partition keeps a long
+    /// tail for its readers while idle ones give theirs up. (Checked every `cache_check_interval`
+    /// and every eighth of the budget appended, so it overshoots by at most about that.)
+    fn enforce_cache_budget(&mut self) {
+        let budget = self.config.shard_cache_bytes;
+        let mut total: usize = self.partitions.values().map(Partition::cached_bytes).sum();
+        if total <= budget {
+            return;
+        }
+        let mut oldest: BinaryHeap<Reverse<(Instant, PartitionId)>> = self
+            .partitions
+            .iter()
+            .filter_map(|(id, p)| Some(Reverse((p.oldest_evictable()?, id.clone()))))
+            .collect();
+        while total > budget {
+            let Some(Reverse((_, id))) = oldest.pop() else {
+                return; // the rest is not durable yet
+            };
+            let p = self.partitions.get_mut(&id).expect("listed");
+            total -= p.evict_oldest().expect("listed as evictable");
+            if let Some(next) = p.oldest_evictable() {
+                oldest.push(Reverse((next, id)));
+            }
+        }
+    }
+
     fn enforce_retention(&mut self, id: &PartitionId) -> usize {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -993,12 +1030,6 @@ async fn header_io(file: Rc<dyn StorageFile>, header: Header) -> (std::io::Resul
 async fn write_header(file: Rc<dyn StorageFile>, header: Header) -> (PartitionId, Event) {
     let (result, ()) = header_io(file, header).await;
     (journal_event_id(), Event::JournalHeader { header, result })
-}
-
-/// The memory for recent batches each of a shard's `partitions` may keep: the shard's cache split
-/// evenly (a partition's own `cache.bytes` may lower it further).
-fn cache_share(config: &EngineConfig, partitions: usize) -> usize {
-    config.shard_cache_bytes / partitions.max(1)
 }
 
 /// Shard-level events still travel with a partition id; a journal's is never looked up.
