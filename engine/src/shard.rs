@@ -143,6 +143,7 @@ pub(crate) fn run(
         writes_inflight: 0,
         runways_inflight: 0,
         dirty: HashSet::new(),
+        starved: HashSet::new(),
         sync_inflight: false,
         sync_waiting: HashSet::new(),
         metrics,
@@ -179,6 +180,9 @@ struct Shard {
     writes_inflight: usize,
     runways_inflight: usize,
     dirty: HashSet<PartitionId>,
+    /// Partitions with a write waiting for a shard-wide resource (a write buffer, a slot of the
+    /// writes in flight): scheduled again when a segment write completes, not on every event.
+    starved: HashSet<PartitionId>,
     /// A shard-level sync (fdatasync of one partition, or syncfs for several) is in flight.
     sync_inflight: bool,
     /// Partitions due for a sync, waiting for the next one.
@@ -236,6 +240,7 @@ impl Shard {
             writes_inflight,
             runways_inflight,
             dirty,
+            starved,
             metrics,
             sync_waiting,
             journal_candidates,
@@ -255,7 +260,7 @@ impl Shard {
             if let Some(p) = partitions.get_mut(&id) {
                 io.max_batch_bytes = p.config.max_message_bytes;
                 if p.schedule(&mut io) {
-                    dirty.insert(id.clone());
+                    starved.insert(id.clone());
                 }
                 if p.wants_journal() {
                     // After a sync the rest may have become small enough for the journal.
@@ -507,6 +512,10 @@ impl Shard {
         if event.is_journal() {
             self.on_journal_event(event);
             return;
+        }
+        if matches!(event, Event::Written { .. } | Event::RunwayWritten { .. }) {
+            // A write buffer and a slot of the shard's writes in flight come free.
+            self.dirty.extend(self.starved.drain());
         }
         if let Event::GroupSynced { members, result } = event {
             self.sync_inflight = false;
