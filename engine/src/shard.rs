@@ -942,19 +942,20 @@ impl Shard {
         if total <= budget {
             return;
         }
-        let mut oldest: BinaryHeap<Reverse<(Instant, PartitionId)>> = self
-            .partitions
+        let mut partitions: Vec<&mut Partition> = self.partitions.values_mut().collect();
+        let mut oldest: BinaryHeap<Reverse<(Instant, usize)>> = partitions
             .iter()
-            .filter_map(|(id, p)| Some(Reverse((p.oldest_evictable()?, id.clone()))))
+            .enumerate()
+            .filter_map(|(i, p)| Some(Reverse((p.oldest_evictable()?, i))))
             .collect();
         while total > budget {
-            let Some(Reverse((_, id))) = oldest.pop() else {
+            let Some(Reverse((_, i))) = oldest.pop() else {
                 return; // the rest is not durable yet
             };
-            let p = self.partitions.get_mut(&id).expect("listed");
+            let p = &mut partitions[i];
             total -= p.evict_oldest().expect("listed as evictable");
             if let Some(next) = p.oldest_evictable() {
-                oldest.push(Reverse((next, id)));
+                oldest.push(Reverse((next, i)));
             }
         }
     }

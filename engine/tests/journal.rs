@@ -63,11 +63,7 @@ fn small_appends(
 }
 
 fn create(engine: &Engine, parts: &[PartitionId]) {
-    block_on(async {
-        for p in parts {
-            engine.create_partition(p, config()).await.unwrap();
-        }
-    });
+    create_partitions(engine, parts, &config());
 }
 
 /// Every acknowledged append is there, in a gap-free log from 0.

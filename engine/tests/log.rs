@@ -540,14 +540,7 @@ fn shared_cache_engine(fs: &SimFs, n: u32) -> (Engine, Vec<PartitionId>) {
     config.shard_cache_bytes = 512 * 1024;
     let engine = Engine::open(config).unwrap();
     let ids: Vec<_> = (0..n).map(|i| PartitionId::new("shared", i)).collect();
-    block_on(async {
-        for id in &ids {
-            engine
-                .create_partition(id, PartitionConfig::default())
-                .await
-                .unwrap();
-        }
-    });
+    create_partitions(&engine, &ids, &PartitionConfig::default());
     (engine, ids)
 }
 

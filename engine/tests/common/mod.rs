@@ -7,7 +7,9 @@ use bytes::Bytes;
 use keel_engine::batch::BatchBuilder;
 use keel_engine::io::sim::SimFs;
 use keel_engine::io::Backend;
-use keel_engine::{block_on, Engine, EngineConfig, PartitionId, ReadOptions, ReadUpper};
+use keel_engine::{
+    block_on, Engine, EngineConfig, PartitionConfig, PartitionId, ReadOptions, ReadUpper,
+};
 
 /// A producer batch of `records` records whose payload encodes `tag` (so reads can be checked).
 pub fn batch(tag: u64, records: i32, payload_bytes: usize, timestamp_ms: i64) -> Bytes {
@@ -106,4 +108,13 @@ pub async fn create_all(
     for id in ids {
         engine.create_partition(id, config.clone()).await.unwrap();
     }
+}
+
+/// Create (or open) each of `ids` with `config`.
+pub fn create_partitions(engine: &Engine, ids: &[PartitionId], config: &PartitionConfig) {
+    block_on(async {
+        for id in ids {
+            engine.create_partition(id, config.clone()).await.unwrap();
+        }
+    });
 }
