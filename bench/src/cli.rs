@@ -426,6 +426,7 @@ fn in_rounds(
     mut round: impl FnMut(Option<RawResult>) -> Result<Value, String>,
 ) -> Result<Value, String> {
     let mut results = Vec::new();
+    let mut baselines = Vec::new();
     for i in 0..common.rounds {
         if common.rounds > 1 {
             println!("== round {} of {}", i + 1, common.rounds);
@@ -435,7 +436,29 @@ fn in_rounds(
         } else {
             Some(baseline(common, 1 << 20, 4, 0, 4096, false)?)
         };
+        baselines.extend(base);
         results.push(round(base)?);
+    }
+    if !common.no_baseline {
+        // Each run lies between two baselines (its own and the next round's, or this last one):
+        // its ratios divide by their mean (`report::bracket`).
+        baselines.push(baseline(common, 1 << 20, 4, 0, 4096, false)?);
+        for (i, result) in results.iter_mut().enumerate() {
+            let after = baselines[i + 1];
+            crate::report::bracket(result, after.bandwidth_mb_s, after.sync_latency);
+            println!(
+                "bracketed{}: baseline {:.0} MB/s before, {:.0} after (4 KiB write+fdatasync p99 {:.0} µs after); ratio {:.3} of their mean ({:.3} of the one before){}",
+                if common.rounds > 1 { format!(" round {}", i + 1) } else { String::new() },
+                result["baseline_before_mb_s"].as_f64().unwrap_or(f64::NAN),
+                after.bandwidth_mb_s,
+                after.sync_latency.p99,
+                result["ratio"].as_f64().unwrap_or(f64::NAN),
+                result["ratio_before"].as_f64().unwrap_or(f64::NAN),
+                result["latency_ratio"]
+                    .as_f64()
+                    .map_or(String::new(), |r| format!("; p99 latency {r:.2} x their mean")),
+            );
+        }
     }
     if results.len() == 1 {
         let mut result = results.pop().expect("one round");

@@ -62,14 +62,41 @@ pub fn median(values: &[f64]) -> Option<f64> {
 }
 
 /// The figures of each round that a summary of several rounds reports as medians.
-pub const round_figures: [&str; 6] = [
+pub const round_figures: [&str; 7] = [
     "throughput_mb_s",
     "baseline_mb_s",
     "ratio",
+    "ratio_before",
     "latency_ratio",
     "engine_mb_s",
     "engine_ratio",
 ];
+
+/// Bracket a run between its baseline (taken just before it, in `baseline_mb_s` and
+/// `baseline_latency_us`) and the next one (taken just after): its ratios then divide by the mean
+/// of the two, so a device whose speed drifts steadily during the run is compared with what it
+/// could do on average over that time, not only at its start. Keeps the before-only ratio as
+/// `ratio_before` and both baselines as `baseline_before_mb_s` / `baseline_after_mb_s`.
+pub fn bracket(result: &mut Value, after_mb_s: f64, after_latency: Percentiles) {
+    let Some(before_mb_s) = result["baseline_mb_s"].as_f64().filter(|b| *b > 0.0) else {
+        return;
+    };
+    let throughput = result["throughput_mb_s"].as_f64().unwrap_or(f64::NAN);
+    let mean_mb_s = (before_mb_s + after_mb_s) / 2.0;
+    result["ratio_before"] = json!(ratio(throughput, before_mb_s));
+    result["baseline_before_mb_s"] = json!(before_mb_s);
+    result["baseline_after_mb_s"] = json!(after_mb_s);
+    result["baseline_mb_s"] = json!(mean_mb_s);
+    result["ratio"] = json!(ratio(throughput, mean_mb_s));
+    result["baseline_after_latency_us"] = after_latency.to_json();
+    if !result["latency_ratio"].is_null() {
+        let p99 = result["latency_us"]["p99"].as_f64().unwrap_or(f64::NAN);
+        let before_p99 = result["baseline_latency_us"]["p99"]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        result["latency_ratio"] = json!(ratio(p99, (before_p99 + after_latency.p99) / 2.0));
+    }
+}
 
 /// One result from several interleaved rounds of the same measurement: each figure in
 /// `round_figures` is the median over the rounds (a ratio is the median of the per-round ratios,
@@ -208,6 +235,44 @@ mod tests {
         assert_eq!(s["rounds"][2]["latency_p99_us"], 30.0);
         assert!(s.get("engine_ratio").is_none());
         assert!(summarize_rounds(&[]).is_none());
+    }
+
+    #[test]
+    fn a_bracketed_run_divides_by_the_mean_of_the_baselines_around_it() {
+        let latency = |p99: f64| Percentiles {
+            p99,
+            ..Default::default()
+        };
+        let mut r = json!({ "mode": "engine", "throughput_mb_s": 900.0, "baseline_mb_s": 1200.0,
+                            "ratio": 0.75, "latency_ratio": 2.0,
+                            "latency_us": { "p99": 600.0 }, "baseline_latency_us": { "p99": 300.0 } });
+        // The device slowed from 1200 to 800 MB/s during the run: it averaged about 1000.
+        bracket(&mut r, 800.0, latency(500.0));
+        assert_eq!(r["baseline_mb_s"], 1000.0);
+        assert_eq!(r["baseline_before_mb_s"], 1200.0);
+        assert_eq!(r["baseline_after_mb_s"], 800.0);
+        assert!((r["ratio"].as_f64().unwrap() - 0.9).abs() < 1e-12, "{r}");
+        assert!(
+            (r["ratio_before"].as_f64().unwrap() - 0.75).abs() < 1e-12,
+            "{r}"
+        );
+        assert!(
+            (r["latency_ratio"].as_f64().unwrap() - 1.5).abs() < 1e-12,
+            "{r}"
+        );
+        assert_eq!(r["baseline_after_latency_us"]["p99"], 500.0);
+
+        // A broker result has no latency ratio, and a run without a baseline is left alone.
+        let mut b = json!({ "mode": "broker", "throughput_mb_s": 300.0, "baseline_mb_s": 1000.0,
+                            "ratio": 0.3, "latency_ratio": null, "latency_us": { "p99": 1.0 } });
+        bracket(&mut b, 2000.0, latency(1.0));
+        assert!((b["ratio"].as_f64().unwrap() - 0.2).abs() < 1e-12, "{b}");
+        assert!(b["latency_ratio"].is_null());
+        let mut none = json!({ "mode": "engine", "throughput_mb_s": 300.0, "baseline_mb_s": 0.0,
+                               "ratio": null });
+        let before = none.clone();
+        bracket(&mut none, 2000.0, latency(1.0));
+        assert_eq!(none, before);
     }
 
     #[test]

@@ -120,6 +120,19 @@ fn engine_mode_in_rounds() {
         rounds[median_round]["throughput_mb_s"], v["throughput_mb_s"],
         "the reported latencies come from the median round"
     );
+    // Each round lies between two baselines and divides by their mean.
+    let (before, after) = (
+        v["baseline_before_mb_s"].as_f64().unwrap(),
+        v["baseline_after_mb_s"].as_f64().unwrap(),
+    );
+    assert!(before > 0.0 && after > 0.0, "{v}");
+    let mean = (before + after) / 2.0;
+    let ratio = v["throughput_mb_s"].as_f64().unwrap() / mean;
+    assert!(
+        (rounds[median_round]["ratio"].as_f64().unwrap() - ratio).abs() < 1e-9,
+        "{v}"
+    );
+    has_percentiles(&v["baseline_after_latency_us"], "baseline_after_latency_us");
 }
 
 #[test]
