@@ -686,6 +686,17 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
         topic_configs,
     };
     let r = broker_load::run(&load);
+    let broker_engine = server.as_ref().map(|s| s.broker().engine.metrics());
+    if let Some(m) = &broker_engine {
+        println!(
+            "broker's engine: {} appends, {} writes ({} of a carried block queued behind the write before), {} fdatasyncs ({:.1} appends per fdatasync)",
+            m.appends,
+            m.writes,
+            m.deferred_writes,
+            m.fsyncs,
+            m.appends as f64 / m.fsyncs.max(1) as f64
+        );
+    }
     if let Some(server) = server {
         server
             .shutdown()

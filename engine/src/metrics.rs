@@ -27,6 +27,9 @@ counters!(
     appends_rejected,
     writes,
     write_bytes,
+    /// Writes of a carried block queued until the earlier write of that block completed, while
+    /// the blocks after it were written at once.
+    deferred_writes,
     /// Partition syncs requested (each fdatasync, and each member of a syncfs group).
     fsyncs,
     /// syncfs calls that made several partitions durable at once.

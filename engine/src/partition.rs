@@ -16,8 +16,10 @@
 //! * A write copies the next bytes into an aligned buffer from the shard's pool, starting with the
 //!   partial block the previous write ended in (the "carry"), so every write is block-aligned and
 //!   the partial tail block is rewritten by the next write.
-//! * Up to `partition_writes_inflight_max` writes run at once; a write may only start on a block no
-//!   other in-flight write touches, so while others run it stops at a block boundary.
+//! * Up to `partition_writes_inflight_max` writes run at once, and no two writes of one block are
+//!   ever in flight together (they may reach the device in either order): a write whose carried
+//!   block an earlier write is still writing sends its later blocks at once and queues that
+//!   block's piece until the earlier write completes.
 //! * `written` advances over the contiguous prefix of completed writes; one fdatasync then covers
 //!   every write completed before it was issued, and `durable` moves to what `written` was then.
 //! * Written batches stay in `tail` as a read cache while it is within `cache_bytes` and the
@@ -201,6 +203,8 @@ struct TailBatch {
 
 struct InflightWrite {
     serial: u64,
+    /// File position of this write's first byte (block-aligned).
+    position: u64,
     /// File position after the last meaningful byte of this write.
     end_position: u64,
     /// The offset after the last batch this write completes.
@@ -210,6 +214,10 @@ struct InflightWrite {
     large: bool,
     done: bool,
     failed: bool,
+    /// Not yet submitted: a carried block completed with the next bytes, waiting until the
+    /// earlier write of that block is done (two writes of one block in flight may reach the
+    /// device in either order). See `start_write`.
+    deferred: Option<AlignedBuf>,
 }
 
 struct Waiter {
@@ -904,8 +912,16 @@ impl Partition {
             {
                 return false;
             }
-            // The block the next write starts in is being written by the last write issued.
-            if self.carry_len > 0 && self.writes.back().is_some_and(|w| !w.done) {
+            // The block the next write starts in (the carried block) is still being written by
+            // an earlier write: the blocks after it can go now and the carried block's piece
+            // waits for that write (`start_write`), if there is a whole block after it to write
+            // and an append waits for this one; otherwise the whole write waits.
+            let defer_head = self.carry_len > 0
+                && self.block_in_flight(align_down(self.next_write_position), self.writes.len());
+            if defer_head
+                && (self.write_in_background()
+                    || (self.carry_len as u64 + pending) < 2 * block_bytes as u64)
+            {
                 return false;
             }
             if self.config.flush == FlushPolicy::EveryBatch
@@ -917,7 +933,7 @@ impl Partition {
             if !io.buffers.has_large() || *io.writes_inflight >= shard_writes_inflight_max {
                 return true;
             }
-            if !self.start_write(io) {
+            if !self.start_write(io, defer_head) {
                 return false;
             }
         }
@@ -933,13 +949,26 @@ impl Partition {
     /// spanning both kinds is refused to io_uring's non-blocking attempt and punted to an io-wq
     /// worker, which runs one file's writes one at a time. And the next write, which has to
     /// rewrite the partial last block, waits only for that small write, not for the large one.
-    fn start_write(&mut self, io: &mut IoCtx<'_>) -> bool {
+    ///
+    /// With `defer_head`, the carried block is still being written by an earlier write: its
+    /// piece is queued (`InflightWrite::deferred`) and submitted once that write completes,
+    /// while the pieces after it go now. A producer whose requests arrive one by one (each
+    /// batch ending inside a block) would otherwise have each write wait for the one before.
+    /// `written` still advances only over a contiguous prefix of completed pieces, so nothing
+    /// after the queued block counts as written before it does.
+    fn start_write(&mut self, io: &mut IoCtx<'_>, defer_head: bool) -> bool {
         let segment_size = self.segments[&self.write_segment].size;
         let pending = (segment_size - self.next_write_position) as usize;
         let start_position = align_down(self.next_write_position);
-        let mut total = (self.carry_len + pending).min(write_bytes_max);
-        if !self.writes.is_empty() {
-            // Leave the partial last block for a write that starts once the others are done.
+        let all = self.carry_len + pending;
+        let mut total = all.min(write_bytes_max);
+        // End on a block boundary, leaving the partial last block for the next write, when more
+        // follows at once (the write is capped), or when no append waits for this write and
+        // others are in flight (it is then coalesced with what comes next). Otherwise the
+        // partial block goes now: an append waits for it, and the next write defers its
+        // carried block instead of waiting (`defer_head`).
+        let hold_back = total < all || (self.write_in_background() && !self.writes.is_empty());
+        if hold_back {
             total = align_down(total as u64) as usize;
             if total <= self.carry_len {
                 return false;
@@ -978,7 +1007,13 @@ impl Partition {
                 self.carry_len = buf.len() - tail_start;
                 self.carry[..self.carry_len].copy_from_slice(&buf.as_slice()[tail_start..]);
             }
-            self.submit_write(io, &file, start_position + from as u64, buf, large);
+            if defer_head && from == 0 {
+                debug_assert_eq!(to, block_bytes, "the carried block is a piece of its own");
+                self.queue_write(start_position, buf, false);
+                bump(&io.metrics.deferred_writes, 1);
+            } else {
+                self.submit_write(io, &file, start_position + from as u64, buf, large);
+            }
             from = to;
         }
         self.next_write_position = start_position + total as u64;
@@ -1009,16 +1044,79 @@ impl Partition {
         buf: AlignedBuf,
         large: bool,
     ) {
+        let serial = self.queue_write(position, buf, large);
+        let buf = self
+            .writes
+            .back_mut()
+            .and_then(|w| w.deferred.take())
+            .expect("just queued");
+        self.issue_write(io, file, serial, position, buf);
+    }
+
+    /// Record a write at `position` in `writes` (in position order); its buffer stays in the
+    /// record until it is issued.
+    fn queue_write(&mut self, position: u64, buf: AlignedBuf, large: bool) -> u64 {
         self.write_serial += 1;
-        let serial = self.write_serial;
         self.writes.push_back(InflightWrite {
-            serial,
+            serial: self.write_serial,
+            position,
             end_position: position + buf.len() as u64,
             end_offset: self.copied_offset,
             large,
             done: false,
             failed: false,
+            deferred: Some(buf),
         });
+        self.write_serial
+    }
+
+    /// Does no append wait for this partition's segment writes (the journal has taken all it
+    /// holds)? Then they may be held back and coalesced; otherwise they are on the append path.
+    fn write_in_background(&self) -> bool {
+        self.journal_active() && self.journal_offset >= self.offsets.appended().0
+    }
+
+    /// Is a write before `writes[before]` that touches the block at `block` not yet done?
+    fn block_in_flight(&self, block: u64, before: usize) -> bool {
+        self.writes
+            .iter()
+            .take(before)
+            .any(|w| !w.done && w.position < block + block_bytes as u64 && w.end_position > block)
+    }
+
+    /// Issue each queued carried-block write whose block no earlier write is writing any more.
+    fn issue_deferred(&mut self, io: &mut IoCtx<'_>) {
+        for i in 0..self.writes.len() {
+            let position = self.writes[i].position;
+            if self.writes[i].deferred.is_none() || self.block_in_flight(position, i) {
+                continue;
+            }
+            let w = &mut self.writes[i];
+            let (serial, buf) = (w.serial, w.deferred.take().expect("checked"));
+            let file = self.write_file();
+            self.issue_write(io, &file, serial, position, buf);
+        }
+    }
+
+    /// A failure: a queued write is never issued (the rollback waits for every write to be done).
+    fn cancel_deferred(&mut self, io: &mut IoCtx<'_>) {
+        for w in self.writes.iter_mut() {
+            if let Some(buf) = w.deferred.take() {
+                io.buffers.give_back(buf);
+                w.done = true;
+                w.failed = true;
+            }
+        }
+    }
+
+    fn issue_write(
+        &mut self,
+        io: &mut IoCtx<'_>,
+        file: &Rc<dyn StorageFile>,
+        serial: u64,
+        position: u64,
+        buf: AlignedBuf,
+    ) {
         *io.writes_inflight += 1;
         bump(&io.metrics.writes, 1);
         bump(&io.metrics.write_bytes, buf.padded_len() as u64);
@@ -1395,6 +1493,7 @@ impl Partition {
             self.fail(Error::io("write", path, e), false, io);
             return;
         }
+        self.issue_deferred(io);
         let before = self.offsets.written().0;
         while self.writes.front().is_some_and(|w| w.done && !w.failed) {
             let w = self.writes.pop_front().expect("checked");
@@ -1509,6 +1608,7 @@ impl Partition {
 
     /// Something failed: refuse new appends, wait for in-flight I/O, then roll back.
     fn fail(&mut self, error: Error, back_to_durable: bool, io: &mut IoCtx<'_>) {
+        self.cancel_deferred(io);
         match &error {
             Error::Full { .. } => bump(&io.metrics.disk_full_errors, 1),
             _ => bump(&io.metrics.io_errors, 1),

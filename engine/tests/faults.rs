@@ -131,19 +131,31 @@ fn failed_writes_and_fdatasyncs_roll_back_and_the_log_carries_on() {
 
 #[test]
 fn random_io_errors_never_lose_or_invent_an_acknowledged_append() {
-    for seed in 1..=4 {
+    let mut deferred_writes = 0;
+    // Seeds 5 to 8: a few appends in flight on a disk that completes out of order, without the
+    // journal, so that failures also hit writes whose carried block is queued behind another.
+    for seed in 1..=8 {
+        let queued = seed > 4;
         let fs = SimFs::new(FaultConfig {
             seed,
             write_error_rate: 0.03,
             sync_error_rate: 0.03,
+            latency: Duration::from_micros(if queued { 20 } else { 0 }),
+            latency_jitter: Duration::from_millis(if queued { 2 } else { 0 }),
             ..Default::default()
         });
         let p = PartitionId::new("flaky", 0);
-        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+        let engine = Engine::open(if queued {
+            without_journal(sim_config(&fs, 1))
+        } else {
+            sim_config(&fs, 1)
+        })
+        .unwrap();
         let (acked, failed) = block_on(async {
             engine.create_partition(&p, config()).await.unwrap();
-            append_many(&engine, &p, 0..600, 16).await
+            append_many(&engine, &p, 0..600, if queued { 4 } else { 16 }).await
         });
+        deferred_writes += engine.metrics().deferred_writes;
         assert!(
             failed > 0,
             "seed {seed}: the faults should have hit something"
@@ -155,24 +167,40 @@ fn random_io_errors_never_lose_or_invent_an_acknowledged_append() {
         let engine = Engine::open(sim_config(&fs, 1)).unwrap();
         assert_eq!(log_contents(&engine, &p), acked, "seed {seed} after reopen");
     }
+    assert!(deferred_writes > 0, "no carried block was ever queued");
 }
 
 /// Writes complete in any order on a real device. With batches that are not whole blocks a
 /// write's partial last block is rewritten by the next write, so two writes of one block must
 /// never be in flight together, or the older version could land last. Random completion order,
-/// many unaligned appends in flight; then every acknowledged append is read back from memory and,
-/// after a crash that keeps completed writes, from disk.
+/// many unaligned appends in flight (a deep pipeline, then a few at a time, where a write's
+/// carried block is queued behind the write before while its later blocks go at once); then
+/// every acknowledged append is read back from memory and, after a crash that keeps completed
+/// writes, from disk.
 #[test]
 fn writes_completing_out_of_order_never_mix_up_a_block() {
-    for seed in 0..4u64 {
+    for (seed, concurrency) in [(0u64, 64), (1, 64), (2, 3), (3, 3), (4, 5), (5, 5)] {
         let fs = out_of_order_disk(seed, 2);
         let p = PartitionId::new("jitter", 0);
-        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+        // A few in flight: without the journal (which would take such small groups and leave
+        // the segment writes to the background), every append waits for its segment write.
+        let engine = Engine::open(if concurrency < 64 {
+            without_journal(sim_config(&fs, 1))
+        } else {
+            sim_config(&fs, 1)
+        })
+        .unwrap();
         let (acked, failed) = block_on(async {
             engine.create_partition(&p, config()).await.unwrap();
-            append_many(&engine, &p, 0..800, 64).await
+            append_many(&engine, &p, 0..800, concurrency).await
         });
         assert_eq!((acked.len(), failed), (800, 0), "seed {seed}");
+        if concurrency < 64 {
+            assert!(
+                engine.metrics().deferred_writes > 0,
+                "seed {seed}: no carried block was queued behind an earlier write"
+            );
+        }
         assert_log_is(engine, &fs, &p, &acked, &[CrashKind::Process], seed);
     }
 }
@@ -283,6 +311,7 @@ fn a_slow_disk_delays_but_loses_nothing() {
 /// Guarantee 3 with `every-batch`: an acknowledged append survives a power cut at any moment.
 #[test]
 fn power_cuts_at_random_moments_keep_every_acknowledged_append() {
+    let mut deferred_writes = 0;
     for seed in 0..12u64 {
         let fs = SimFs::new(FaultConfig {
             seed,
@@ -313,6 +342,7 @@ fn power_cuts_at_random_moments_keep_every_acknowledged_append() {
             }
             unreachable!("the cut happens before the loop ends");
         });
+        deferred_writes += engine.metrics().deferred_writes;
         drop(engine);
         let engine = Engine::open(sim_config(&image, 1)).unwrap();
         let recovered = log_contents(&engine, &p);
@@ -334,6 +364,10 @@ fn power_cuts_at_random_moments_keep_every_acknowledged_append() {
         let out = block_on(engine.append(&p, batch(1_000_000, 1, 100, 0), 0)).unwrap();
         assert_eq!(out.base_offset, recovered.len() as u64);
     }
+    assert!(
+        deferred_writes > 0,
+        "no carried block was ever queued behind an earlier write"
+    );
 }
 
 /// A failed fdatasync rolls back to the durable offset even when the batches since then have

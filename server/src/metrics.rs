@@ -138,6 +138,7 @@ impl Metrics {
             ("appends_rejected", engine.appends_rejected),
             ("writes", engine.writes),
             ("write_bytes", engine.write_bytes),
+            ("deferred_writes", engine.deferred_writes),
             ("fsyncs", engine.fsyncs),
             ("group_syncs", engine.group_syncs),
             ("crc_failures", engine.crc_failures),
@@ -149,6 +150,10 @@ impl Metrics {
             ("segments_deleted", engine.segments_deleted),
             ("runway_writes", engine.runway_writes),
             ("runway_bytes", engine.runway_bytes),
+            ("journal_writes", engine.journal_writes),
+            ("journal_bytes", engine.journal_bytes),
+            ("journal_checkpoints", engine.journal_checkpoints),
+            ("journal_full", engine.journal_full),
         ];
         for (name, value) in engine_values {
             let _ = writeln!(out, "# TYPE keel_engine_{name} counter");
