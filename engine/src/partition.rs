@@ -1009,7 +1009,7 @@ impl Partition {
             }
             if defer_head && from == 0 {
                 debug_assert_eq!(to, block_bytes, "the carried block is a piece of its own");
-                self.queue_write(start_position, buf, false);
+                self.record_write(start_position, buf.len(), false, Some(buf));
                 bump(&io.metrics.deferred_writes, 1);
             } else {
                 self.submit_write(io, &file, start_position + from as u64, buf, large);
@@ -1044,28 +1044,29 @@ impl Partition {
         buf: AlignedBuf,
         large: bool,
     ) {
-        let serial = self.queue_write(position, buf, large);
-        let buf = self
-            .writes
-            .back_mut()
-            .and_then(|w| w.deferred.take())
-            .expect("just queued");
+        let serial = self.record_write(position, buf.len(), large, None);
         self.issue_write(io, file, serial, position, buf);
     }
 
-    /// Record a write at `position` in `writes` (in position order); its buffer stays in the
-    /// record until it is issued.
-    fn queue_write(&mut self, position: u64, buf: AlignedBuf, large: bool) -> u64 {
+    /// Record a write of `len` bytes at `position` in `writes` (in position order); a queued
+    /// write keeps its buffer there until it is issued.
+    fn record_write(
+        &mut self,
+        position: u64,
+        len: usize,
+        large: bool,
+        deferred: Option<AlignedBuf>,
+    ) -> u64 {
         self.write_serial += 1;
         self.writes.push_back(InflightWrite {
             serial: self.write_serial,
             position,
-            end_position: position + buf.len() as u64,
+            end_position: position + len as u64,
             end_offset: self.copied_offset,
             large,
             done: false,
             failed: false,
-            deferred: Some(buf),
+            deferred,
         });
         self.write_serial
     }
