@@ -120,12 +120,19 @@ enum Policy {
     Interval,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct EngineArgs {
     #[command(flatten)]
     common: Common,
     #[arg(long, default_value_t = 1)]
     partitions: u32,
+    /// Also run the same load over each of these partition counts (comma-separated; appends in
+    /// flight: the larger of `--concurrency` and the count), interleaved with the `--partitions`
+    /// run in every round, and report each one's throughput ÷ the `--partitions` runs just
+    /// before and after it (their mean). No raw baseline in this mode. The engine issue's
+    /// many-partitions target: `--compare-partitions 256,1000`.
+    #[arg(long, value_delimiter = ',')]
+    compare_partitions: Vec<u32>,
     /// Size of each appended batch, header included.
     #[arg(long, default_value = "64KiB", value_parser = parse_bytes)]
     batch_bytes: u64,
@@ -414,6 +421,10 @@ fn baseline(
 }
 
 fn engine(args: EngineArgs) -> Result<(), String> {
+    if !args.compare_partitions.is_empty() {
+        let result = engine_compare(&args)?;
+        return write_json(&args.common, &result);
+    }
     let results = in_rounds(&args.common, |base| engine_run(&args, base))?;
     write_json(&args.common, &results)?;
     write_markdown(&args.common, std::slice::from_ref(&results))
@@ -488,6 +499,53 @@ fn in_rounds(
         }
     }
     Ok(summary)
+}
+
+/// `--compare-partitions`: in each round the reference run (`--partitions`), then one run per
+/// listed count; one more reference run closes the last round. Each compared run divides by the
+/// mean of the reference runs around it (`report::compare_to_reference`).
+fn engine_compare(args: &EngineArgs) -> Result<Value, String> {
+    let rounds = args.common.rounds.max(1) as usize;
+    let variant = |partitions: u32| {
+        let mut a = args.clone();
+        a.partitions = partitions;
+        a.concurrency = args.concurrency.max(partitions as usize);
+        a.compare_partitions.clear();
+        a
+    };
+    let mut reference = Vec::with_capacity(rounds + 1);
+    let mut compared: Vec<Vec<Value>> =
+        vec![Vec::with_capacity(rounds); args.compare_partitions.len()];
+    for i in 0..rounds {
+        println!("== round {} of {rounds}", i + 1);
+        reference.push(engine_run(args, None)?);
+        for (j, &p) in args.compare_partitions.iter().enumerate() {
+            compared[j].push(engine_run(&variant(p), None)?);
+        }
+    }
+    println!("== closing reference run");
+    reference.push(engine_run(args, None)?);
+    let mut result =
+        crate::report::compare_to_reference(&reference, &compared).ok_or("no reference runs")?;
+    result["config"]["rounds"] = json!(rounds);
+    result["config"]["compare_partitions"] = json!(args.compare_partitions);
+    for c in result["compared"].as_array().into_iter().flatten() {
+        println!(
+            "{} partitions: median {:.0} MB/s, {:.3} of {} partition(s) (rounds: {})",
+            c["partitions"],
+            c["throughput_mb_s"].as_f64().unwrap_or(f64::NAN),
+            c["ratio"].as_f64().unwrap_or(f64::NAN),
+            args.partitions,
+            c["rounds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| format!("{:.3}", r["ratio"].as_f64().unwrap_or(f64::NAN)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(result)
 }
 
 /// One engine run after `base`, the baseline measured just before it (if any).

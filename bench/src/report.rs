@@ -98,6 +98,69 @@ pub fn bracket(result: &mut Value, after_mb_s: f64, after_latency: Percentiles) 
     }
 }
 
+/// Runs compared with a reference configuration (`keel-bench engine --compare-partitions`):
+/// `reference` holds one run per round plus a closing one, `compared[j]` one run per round of
+/// configuration j. Round i of configuration j divides its throughput by the mean of reference
+/// runs i and i + 1 (taken just before and just after it, as `bracket` does for the device);
+/// each configuration reports the median of those ratios and of its throughputs, with the
+/// latencies of its median-throughput round. The result is the reference runs' summary
+/// (`summarize_rounds` over all of them) with a `compared` array.
+pub fn compare_to_reference(reference: &[Value], compared: &[Vec<Value>]) -> Option<Value> {
+    let mut out = summarize_rounds(reference)?;
+    out["mode"] = json!("engine-partitions");
+    let reference_mb_s: Vec<f64> = reference
+        .iter()
+        .map(|r| r["throughput_mb_s"].as_f64().unwrap_or(f64::NAN))
+        .collect();
+    let mut list = Vec::new();
+    for runs in compared {
+        let mut rounds = Vec::new();
+        for (i, r) in runs.iter().enumerate() {
+            let throughput = r["throughput_mb_s"].as_f64().unwrap_or(f64::NAN);
+            let around = match (reference_mb_s.get(i), reference_mb_s.get(i + 1)) {
+                (Some(a), Some(b)) => (a + b) / 2.0,
+                (Some(a), None) => *a,
+                _ => f64::NAN,
+            };
+            rounds.push(json!({
+                "throughput_mb_s": throughput,
+                "reference_mb_s": around,
+                "ratio": ratio(throughput, around),
+                "latency_p99_us": r["latency_us"]["p99"],
+            }));
+        }
+        let column =
+            |key: &str| -> Vec<f64> { rounds.iter().filter_map(|r| r[key].as_f64()).collect() };
+        let Some(first) = runs.first() else {
+            continue;
+        };
+        let median_mb_s = median(&column("throughput_mb_s"));
+        let pick = runs
+            .iter()
+            .enumerate()
+            .min_by(|(_, a), (_, b)| {
+                let d = |r: &Value| {
+                    (r["throughput_mb_s"].as_f64().unwrap_or(f64::NAN) - median_mb_s.unwrap_or(0.0))
+                        .abs()
+                };
+                d(a).total_cmp(&d(b))
+            })
+            .map_or(0, |(i, _)| i);
+        list.push(json!({
+            "partitions": first["config"]["partitions"],
+            "concurrency": first["config"]["concurrency"],
+            "throughput_mb_s": median_mb_s,
+            "ratio": median(&column("ratio")),
+            "latency_us": runs[pick]["latency_us"],
+            "median_round": pick,
+            "rounds": rounds,
+        }));
+    }
+    out["compared"] = Value::Array(list);
+    out["reference_runs_mb_s"] = json!(reference_mb_s);
+    Some(out)
+}
+
 /// One result from several interleaved rounds of the same measurement: each figure in
 /// `round_figures` is the median over the rounds (a ratio is the median of the per-round ratios,
 /// each taken between measurements seconds apart, not a ratio of medians); the latency
@@ -273,6 +336,27 @@ mod tests {
         let before = none.clone();
         bracket(&mut none, 2000.0, latency(1.0));
         assert_eq!(none, before);
+    }
+
+    #[test]
+    fn compared_runs_divide_by_the_reference_runs_around_them() {
+        let run = |partitions: u32, mb: f64| {
+            json!({ "mode": "engine", "config": { "partitions": partitions, "concurrency": 256 },
+                    "throughput_mb_s": mb, "latency_us": { "p99": mb } })
+        };
+        // The reference drifts from 800 to 1200 MB/s; the compared runs sit between.
+        let reference = [run(1, 800.0), run(1, 1000.0), run(1, 1200.0)];
+        let compared = vec![vec![run(256, 720.0), run(256, 990.0)]];
+        let out = compare_to_reference(&reference, &compared).unwrap();
+        assert_eq!(out["mode"], "engine-partitions");
+        let c = &out["compared"][0];
+        assert_eq!(c["partitions"], 256);
+        // 720 / 900 = 0.8 and 990 / 1100 = 0.9: median 0.85.
+        assert!((c["ratio"].as_f64().unwrap() - 0.85).abs() < 1e-12, "{out}");
+        assert_eq!(c["rounds"][1]["reference_mb_s"], 1100.0);
+        assert_eq!(c["throughput_mb_s"], 855.0);
+        assert_eq!(out["reference_runs_mb_s"], json!([800.0, 1000.0, 1200.0]));
+        assert!(compare_to_reference(&[], &compared).is_none());
     }
 
     #[test]

@@ -136,6 +136,48 @@ fn engine_mode_in_rounds() {
 }
 
 #[test]
+fn engine_mode_comparing_partition_counts() {
+    let v = tiny_engine(
+        "engine-compare",
+        "200ms",
+        &["--rounds", "2", "--compare-partitions", "3,8"],
+    );
+    assert_eq!(v["mode"], "engine-partitions");
+    assert_eq!(v["config"]["partitions"], 1);
+    assert_eq!(v["config"]["compare_partitions"], serde_json::json!([3, 8]));
+    // Two rounds and a closing reference run.
+    let reference: Vec<f64> = v["reference_runs_mb_s"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(reference.len(), 3, "{v}");
+    let compared = v["compared"].as_array().unwrap();
+    assert_eq!(compared.len(), 2);
+    for (c, partitions) in compared.iter().zip([3, 8]) {
+        assert_eq!(c["partitions"], partitions);
+        // Four in flight, but at least one per partition.
+        assert_eq!(c["concurrency"], 4.max(partitions));
+        has_percentiles(&c["latency_us"], "latency_us");
+        let rounds = c["rounds"].as_array().unwrap();
+        assert_eq!(rounds.len(), 2);
+        for (i, r) in rounds.iter().enumerate() {
+            // Each round divides by the reference runs just before and after it.
+            let around = (reference[i] + reference[i + 1]) / 2.0;
+            let expect = r["throughput_mb_s"].as_f64().unwrap() / around;
+            assert!((r["ratio"].as_f64().unwrap() - expect).abs() < 1e-9, "{v}");
+        }
+        let ratios: Vec<f64> = rounds
+            .iter()
+            .map(|r| r["ratio"].as_f64().unwrap())
+            .collect();
+        let median = (ratios[0] + ratios[1]) / 2.0;
+        assert!((c["ratio"].as_f64().unwrap() - median).abs() < 1e-9, "{v}");
+    }
+}
+
+#[test]
 fn broker_mode() {
     let v = run(
         &scratch("broker"),
