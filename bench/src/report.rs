@@ -98,6 +98,24 @@ pub fn bracket(result: &mut Value, after_mb_s: f64, after_latency: Percentiles) 
     }
 }
 
+/// The median throughput of `runs` and the run closest to it (the lower of the middle two for
+/// an even count), whose latencies a summary reports.
+fn median_round(runs: &[Value]) -> Option<(f64, usize)> {
+    let throughputs: Vec<f64> = runs
+        .iter()
+        .map(|r| r["throughput_mb_s"].as_f64().unwrap_or(f64::NAN))
+        .collect();
+    let mid = median(&throughputs)?;
+    let pick = (0..runs.len())
+        .min_by(|&a, &b| {
+            (throughputs[a] - mid)
+                .abs()
+                .total_cmp(&(throughputs[b] - mid).abs())
+        })
+        .expect("a median implies a run");
+    Some((mid, pick))
+}
+
 /// Runs compared with a reference configuration (`keel-bench engine --compare-partitions`):
 /// `reference` holds one run per round plus a closing one, `compared[j]` one run per round of
 /// configuration j. Round i of configuration j divides its throughput by the mean of reference
@@ -131,21 +149,10 @@ pub fn compare_to_reference(reference: &[Value], compared: &[Vec<Value>]) -> Opt
         }
         let column =
             |key: &str| -> Vec<f64> { rounds.iter().filter_map(|r| r[key].as_f64()).collect() };
-        let Some(first) = runs.first() else {
+        let Some((median_mb_s, pick)) = median_round(runs) else {
             continue;
         };
-        let median_mb_s = median(&column("throughput_mb_s"));
-        let pick = runs
-            .iter()
-            .enumerate()
-            .min_by(|(_, a), (_, b)| {
-                let d = |r: &Value| {
-                    (r["throughput_mb_s"].as_f64().unwrap_or(f64::NAN) - median_mb_s.unwrap_or(0.0))
-                        .abs()
-                };
-                d(a).total_cmp(&d(b))
-            })
-            .map_or(0, |(i, _)| i);
+        let first = &runs[0];
         list.push(json!({
             "partitions": first["config"]["partitions"],
             "concurrency": first["config"]["concurrency"],
@@ -167,19 +174,7 @@ pub fn compare_to_reference(reference: &[Value], compared: &[Vec<Value>]) -> Opt
 /// distributions and timelines are those of the round whose throughput is the median
 /// (`median_round`); `rounds` lists every round's figures.
 pub fn summarize_rounds(rounds: &[Value]) -> Option<Value> {
-    let throughputs: Vec<f64> = rounds
-        .iter()
-        .map(|r| r["throughput_mb_s"].as_f64().unwrap_or(f64::NAN))
-        .collect();
-    let mid = median(&throughputs)?;
-    // The round closest to the median throughput (the lower of the middle two for an even count).
-    let pick = (0..rounds.len())
-        .min_by(|&a, &b| {
-            (throughputs[a] - mid)
-                .abs()
-                .total_cmp(&(throughputs[b] - mid).abs())
-        })
-        .expect("at least one round");
+    let (_, pick) = median_round(rounds)?;
     let mut out = rounds[pick].clone();
     let mut listed = Vec::with_capacity(rounds.len());
     for r in rounds {
