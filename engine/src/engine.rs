@@ -456,6 +456,20 @@ impl Engine {
     pub async fn enforce_retention(&self, id: &PartitionId) -> Result<usize> {
         self.call(id, |reply| Command::EnforceRetention {
             id: id.clone(),
+            below: None,
+            reply,
+        })
+        .await
+    }
+
+    /// Delete the sealed segments that hold only offsets below `offset` (and whatever retention
+    /// would delete now); the log then starts at the first segment left. The active segment
+    /// stays. For a log whose older records are kept elsewhere (the broker's offsets store keeps
+    /// snapshots). Returns the number of segments deleted.
+    pub async fn delete_segments_below(&self, id: &PartitionId, offset: u64) -> Result<usize> {
+        self.call(id, |reply| Command::EnforceRetention {
+            id: id.clone(),
+            below: Some(offset),
             reply,
         })
         .await

@@ -2036,7 +2036,10 @@ impl Partition {
 
     /// Segments that retention removes now (never the active one). They leave the log at once;
     /// the caller deletes their files.
-    pub fn expire_segments(&mut self, now_ms: i64) -> Vec<Segment> {
+    /// Remove (and return) the oldest sealed segments that retention (`retention.bytes`,
+    /// `retention.ms`) or `below` (every offset in the segment is below it) lets go. The active
+    /// segment always stays.
+    pub fn expire_segments(&mut self, now_ms: i64, below: Option<u64>) -> Vec<Segment> {
         let mut expired = Vec::new();
         let mut total: u64 = self.segments.values().map(|s| s.size).sum();
         while self.segments.len() > 1 {
@@ -2049,7 +2052,8 @@ impl Partition {
                 .config
                 .retention_ms
                 .is_some_and(|ms| first.max_timestamp < now_ms.saturating_sub(ms as i64));
-            if !first.sealed || !(by_size || by_time) {
+            let by_offset = below.is_some_and(|o| first.next_offset <= o);
+            if !first.sealed || !(by_size || by_time || by_offset) {
                 break;
             }
             let (_, segment) = self.segments.pop_first().expect("non-empty");

@@ -89,6 +89,8 @@ pub(crate) enum Command {
     },
     EnforceRetention {
         id: PartitionId,
+        /// Also delete the segments that hold only offsets below this.
+        below: Option<u64>,
         reply: Reply<usize>,
     },
     List {
@@ -660,9 +662,9 @@ impl Shard {
             Command::State { id, reply } => {
                 let _ = reply.send(self.partition(&id).map(|p| p.state()));
             }
-            Command::EnforceRetention { id, reply } => {
+            Command::EnforceRetention { id, below, reply } => {
                 let result = match self.partitions.contains_key(&id) {
-                    true => Ok(self.enforce_retention(&id)),
+                    true => Ok(self.enforce_retention(&id, below)),
                     false => Err(Error::UnknownPartition(id)),
                 };
                 let _ = reply.send(result);
@@ -927,7 +929,7 @@ impl Shard {
             self.last_retention = Instant::now();
             let ids: Vec<_> = self.partitions.keys().cloned().collect();
             for id in ids {
-                self.enforce_retention(&id);
+                self.enforce_retention(&id, None);
             }
         }
     }
@@ -960,14 +962,14 @@ impl Shard {
         }
     }
 
-    fn enforce_retention(&mut self, id: &PartitionId) -> usize {
+    fn enforce_retention(&mut self, id: &PartitionId, below: Option<u64>) -> usize {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let Some(p) = self.partitions.get_mut(id) else {
             return 0;
         };
-        let expired = p.expire_segments(now_ms);
+        let expired = p.expire_segments(now_ms, below);
         for segment in &expired {
             for path in [
                 segment.log_path.clone(),

@@ -136,6 +136,55 @@ fn retention_by_size_and_time_deletes_whole_old_segments() {
             || !f.to_string_lossy().contains("by-size")));
 }
 
+/// A log whose old records are kept elsewhere drops the segments below an offset: only whole
+/// sealed segments, never the active one, and the new start survives a restart.
+#[test]
+fn segments_below_an_offset_are_deleted_whole() {
+    let fs = SimFs::default();
+    let p = PartitionId::new("below", 0);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    let segments = block_on(async {
+        engine.create_partition(&p, small_segments()).await.unwrap();
+        for tag in 0..600 {
+            engine
+                .append(&p, batch(tag, 1, 10_000, 0), 0)
+                .await
+                .unwrap();
+        }
+        let before = engine.partition_state(&p).await.unwrap();
+        assert!(before.segments >= 4, "{before:?}");
+        // Offset 0 lies in the first segment: nothing goes.
+        assert_eq!(engine.delete_segments_below(&p, 0).await.unwrap(), 0);
+        assert!(engine.delete_segments_below(&p, 250).await.unwrap() > 0);
+        let after = engine.partition_state(&p).await.unwrap();
+        // The segment holding offset 250 stays, so the log starts at or below it.
+        assert!(
+            after.log_start_offset > 0 && after.log_start_offset <= 250,
+            "{after:?}"
+        );
+        assert!(matches!(
+            engine.read(&p, 0, everything()).await,
+            Err(Error::OffsetOutOfRange { .. })
+        ));
+        // Everything below the end: all sealed segments go, the active one stays.
+        engine.delete_segments_below(&p, u64::MAX).await.unwrap();
+        let last = engine.partition_state(&p).await.unwrap();
+        assert_eq!(last.segments, 1, "{last:?}");
+        assert_eq!(last.appended.0, 600);
+        (last.segments, last.log_start_offset)
+    });
+    let start = segments.1;
+    assert_eq!(tags(&engine, &p, start), (start..600).collect::<Vec<_>>());
+    drop(engine);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    let state = block_on(engine.partition_state(&p)).unwrap();
+    assert_eq!((state.segments, state.log_start_offset), segments);
+    assert!(matches!(
+        block_on(engine.delete_segments_below(&PartitionId::new("none", 0), 1)),
+        Err(Error::UnknownPartition(_))
+    ));
+}
+
 #[test]
 fn truncate_to_in_memory_and_on_disk_then_append_again() {
     let fs = SimFs::default();

@@ -104,6 +104,7 @@ impl Broker {
             engine.clone(),
             &config.data_dir,
             config.offsets_topic_num_partitions,
+            config.offsets_topic_segment_bytes,
         ))?;
         let groups = crate::groups::Coordinator::start(config.groups.clone());
         let broker = Arc::new(Broker {

@@ -110,6 +110,8 @@ pub struct BrokerConfig {
     pub groups: crate::groups::GroupConfig,
     /// `offsets.topic.num.partitions`: partitions of `__consumer_offsets` (fixed at first start).
     pub offsets_topic_num_partitions: u32,
+    /// `offsets.topic.segment.bytes`: segment size of `__consumer_offsets` (fixed at first start).
+    pub offsets_topic_segment_bytes: u64,
     /// `offset.metadata.max.bytes`
     pub offset_metadata_max_bytes: usize,
     /// The engine's storage backend: the real disk, or (tests, embedders) the fault-injecting
@@ -142,6 +144,7 @@ impl Default for BrokerConfig {
             cluster_id: "keel-cluster".into(),
             groups: crate::groups::GroupConfig::default(),
             offsets_topic_num_partitions: 8,
+            offsets_topic_segment_bytes: crate::offsets::offsets_segment_bytes_default,
             offset_metadata_max_bytes: 4096,
             backend: keel_engine::io::Backend::Uring,
         }
@@ -241,6 +244,17 @@ impl BrokerConfig {
                 if self.offsets_topic_num_partitions == 0 {
                     return Err(bad("must be at least 1"));
                 }
+            }
+            "offsets.topic.segment.bytes" => {
+                let bytes: u64 = number(key, value)?;
+                let (min, max) = (
+                    keel_engine::constants::segment_bytes_min,
+                    keel_engine::constants::segment_bytes_max,
+                );
+                if !(min..=max).contains(&bytes) {
+                    return Err(bad(&format!("between {min} and {max}")));
+                }
+                self.offsets_topic_segment_bytes = bytes;
             }
             "offset.metadata.max.bytes" => {
                 self.offset_metadata_max_bytes = number(key, value)?;

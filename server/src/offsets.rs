@@ -7,7 +7,10 @@
 //! applied to the in-memory table only once durable, so a commit is acknowledged only when it
 //! survives a power cut. Each partition writes a snapshot of its table every
 //! `snapshot_every_commits` commits and at shutdown; a start loads the snapshot and replays only
-//! the log after it, so restart time does not grow with history.
+//! the log after it, so restart time does not grow with history. The snapshot before the latest
+//! is kept too (`.previous-snapshot`), and once a new one is durable the log's segments below the
+//! previous one's end are deleted: the log stays a few segments long whatever the history, and
+//! either snapshot can restore the table if the other is unreadable.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -47,6 +50,8 @@ pub type GroupOffsets = BTreeMap<(String, i32), Committed>;
 struct Table {
     groups: HashMap<String, GroupOffsets>,
     commits_since_snapshot: u64,
+    /// The log offset the latest snapshot file covers up to (none yet).
+    snapshot_end: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -69,9 +74,15 @@ fn group_hash(group: &str) -> u64 {
     })
 }
 
-fn internal_config() -> PartitionConfig {
+/// `offsets.topic.segment.bytes` unless set.
+pub const offsets_segment_bytes_default: u64 = 16 * 1024 * 1024;
+
+fn internal_config(segment_bytes: u64) -> PartitionConfig {
     PartitionConfig {
-        segment_bytes: 16 * 1024 * 1024,
+        segment_bytes,
+        max_message_bytes: PartitionConfig::default()
+            .max_message_bytes
+            .min(segment_bytes as usize),
         preallocate_bytes: 1024 * 1024,
         cache_bytes: 1024 * 1024,
         flush: FlushPolicy::EveryBatch,
@@ -86,6 +97,7 @@ impl OffsetStore {
         engine: Engine,
         data_dir: &std::path::Path,
         wanted: u32,
+        segment_bytes: u64,
     ) -> Result<OffsetStore, Error> {
         let existing = engine
             .partitions()
@@ -103,7 +115,9 @@ impl OffsetStore {
         for i in 0..count {
             let id = PartitionId::new(offsets_topic, i);
             if existing == 0 {
-                engine.create_partition(&id, internal_config()).await?;
+                engine
+                    .create_partition(&id, internal_config(segment_bytes))
+                    .await?;
             }
             partitions.push(Shard {
                 id,
@@ -137,21 +151,48 @@ impl OffsetStore {
         self.snapshot_dir.join(format!("{id}.snapshot"))
     }
 
+    fn previous_snapshot_path(&self, id: &PartitionId) -> PathBuf {
+        self.snapshot_dir.join(format!("{id}.previous-snapshot"))
+    }
+
     async fn load(&self, shard: &Shard) -> Result<(), Error> {
         let state = self.engine.partition_state(&shard.id).await?;
         let mut table = Table::default();
         let mut from = state.log_start_offset;
-        let path = self.snapshot_path(&shard.id);
-        if let Ok(text) = std::fs::read_to_string(&path) {
+        let latest = self.snapshot_path(&shard.id);
+        let previous = self.previous_snapshot_path(&shard.id);
+        for path in [&latest, &previous] {
+            let Ok(text) = std::fs::read_to_string(path) else {
+                continue;
+            };
             match parse_snapshot(&text) {
                 Some((groups, end)) if end >= state.log_start_offset && end <= state.durable.0 => {
                     table.groups = groups;
+                    table.snapshot_end = Some(end);
                     from = end;
+                    if path == &previous {
+                        // The latest is unusable: the previous one takes its place, so the next
+                        // snapshot keeps it as the previous and deletes nothing it still needs.
+                        let (previous, latest) = (previous.clone(), latest.clone());
+                        blocking(move || {
+                            std::fs::rename(&previous, &latest)
+                                .map_err(|e| Error::io("rename", previous.display(), e))
+                        })
+                        .await?;
+                    }
+                    break;
                 }
                 _ => {
-                    tracing::warn!(path = %path.display(), "ignoring an offsets snapshot that does not fit the log; replaying it all")
+                    tracing::warn!(path = %path.display(), "ignoring an offsets snapshot that does not fit the log")
                 }
             }
+        }
+        if table.snapshot_end.is_none() && state.log_start_offset > 0 {
+            tracing::error!(
+                partition = %shard.id,
+                log_start = state.log_start_offset,
+                "no usable offsets snapshot and the log's older segments are deleted: commits older than what the log still holds are lost"
+            );
         }
         let end = state.durable.0;
         while from < end {
@@ -274,10 +315,41 @@ impl OffsetStore {
         };
         // Commits are applied only once durable and serialised by the table lock: the table is
         // exactly the log up to its durable end.
-        let text = render_snapshot(&table.groups, state.durable.0);
-        let path = self.snapshot_path(&shard.id);
-        match blocking(move || write_durably(&path, text.as_bytes())).await {
-            Ok(()) => table.commits_since_snapshot = 0,
+        let end = state.durable.0;
+        if table.snapshot_end == Some(end) {
+            table.commits_since_snapshot = 0;
+            return; // nothing committed since the latest snapshot
+        }
+        let text = render_snapshot(&table.groups, end);
+        let latest = self.snapshot_path(&shard.id);
+        let previous = self.previous_snapshot_path(&shard.id);
+        let keep_from = table.snapshot_end;
+        let written = blocking(move || {
+            // The latest becomes the previous (a crash in between leaves one of them in place;
+            // `write_durably` syncs the directory, so both renames are durable after it).
+            if keep_from.is_some() {
+                match std::fs::rename(&latest, &previous) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(Error::io("rename", latest.display(), e));
+                    }
+                    _ => {}
+                }
+            }
+            write_durably(&latest, text.as_bytes())
+        })
+        .await;
+        match written {
+            Ok(()) => {
+                table.commits_since_snapshot = 0;
+                table.snapshot_end = Some(end);
+                // Both snapshots now cover the log from the previous one's end: the segments
+                // below it are not needed any more.
+                if let Some(below) = keep_from {
+                    if let Err(e) = self.engine.delete_segments_below(&shard.id, below).await {
+                        tracing::warn!(partition = %shard.id, error = %e, "cannot delete old offsets segments");
+                    }
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot write an offsets snapshot (the log is replayed instead)")
             }
@@ -481,5 +553,113 @@ mod tests {
         apply_record(&mut groups, &record(1, key("g 1", "orders", 7), None));
         assert!(groups.is_empty(), "a tombstone deletes");
         assert!(parse_snapshot("end 1\nzz").is_none());
+    }
+}
+
+#[cfg(test)]
+mod trim_tests {
+    use super::*;
+    use keel_engine::{block_on, EngineConfig};
+
+    fn engine(dir: &std::path::Path) -> Engine {
+        let mut c = EngineConfig::new(dir);
+        c.shards = 1;
+        c.pin_threads = false;
+        Engine::open(c).unwrap()
+    }
+
+    fn commit_round(store: &OffsetStore, round: i64) {
+        let entries = (0..100)
+            .map(|p| {
+                (
+                    ("orders".to_string(), p),
+                    Committed {
+                        offset: round,
+                        leader_epoch: 0,
+                        metadata: String::new(),
+                        commit_ms: round,
+                    },
+                )
+            })
+            .collect();
+        block_on(store.commit("billing", entries)).unwrap();
+    }
+
+    fn assert_all_at(store: &OffsetStore, round: i64) {
+        let offsets = block_on(store.fetch("billing"));
+        assert_eq!(offsets.len(), 100);
+        assert!(offsets.values().all(|c| c.offset == round), "{offsets:?}");
+        // Committed once, before everything else: only the snapshots hold it once the oldest
+        // segments are gone.
+        let early = block_on(store.fetch("early"));
+        assert_eq!(
+            early.get(&("audit".to_string(), 7)).map(|c| c.offset),
+            Some(12_345)
+        );
+    }
+
+    /// The offsets log is trimmed behind its snapshots: after two snapshots the segments below
+    /// the older one's end are gone, the table still has every commit after a restart, and when
+    /// the latest snapshot is unreadable the previous one (with the log after it) restores it.
+    #[test]
+    fn old_segments_go_once_two_snapshots_cover_them_and_either_snapshot_restores_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = PartitionId::new(offsets_topic, 0);
+        let (e, segment) = (engine(dir.path()), 1024 * 1024);
+        let store = block_on(OffsetStore::open(e.clone(), dir.path(), 1, segment)).unwrap();
+        let early = Committed {
+            offset: 12_345,
+            leader_epoch: 0,
+            metadata: "once".into(),
+            commit_ms: 0,
+        };
+        block_on(store.commit("early", vec![(("audit".to_string(), 7), early)])).unwrap();
+        // ~13 KB per commit: 2100 commits are ~27 MB of log in 1 MiB segments, and two
+        // snapshots.
+        for round in 0..2100 {
+            commit_round(&store, round);
+        }
+        let state = block_on(e.partition_state(&id)).unwrap();
+        assert!(state.log_start_offset > 0, "nothing was deleted: {state:?}");
+        // What is left starts in the segment holding the first snapshot's end (1000 commits of
+        // 100 records and the early one, ~130 B each: a 1 MiB segment holds ~8000).
+        assert!(
+            (90_000..=100_001).contains(&state.log_start_offset),
+            "{state:?}"
+        );
+        assert_all_at(&store, 2099);
+        drop(store);
+        block_on(e.shutdown()).unwrap();
+        drop(e);
+
+        // Restart: the latest snapshot and the log after it.
+        let e = engine(dir.path());
+        let store = block_on(OffsetStore::open(e.clone(), dir.path(), 1, segment)).unwrap();
+        assert_all_at(&store, 2099);
+        drop(store);
+        block_on(e.shutdown()).unwrap();
+        drop(e);
+
+        // An unreadable latest snapshot: the previous one and the log after it.
+        let latest = dir
+            .path()
+            .join(".keel/offsets")
+            .join(format!("{id}.snapshot"));
+        std::fs::write(&latest, b"not a snapshot").unwrap();
+        let e = engine(dir.path());
+        let store = block_on(OffsetStore::open(e.clone(), dir.path(), 1, segment)).unwrap();
+        assert_all_at(&store, 2099);
+        // The previous snapshot took the latest's place, and snapshots carry on.
+        assert!(parse_snapshot(&std::fs::read_to_string(&latest).unwrap()).is_some());
+        for round in 2100..3100 {
+            commit_round(&store, round);
+        }
+        assert_all_at(&store, 3099);
+        drop(store);
+        block_on(e.shutdown()).unwrap();
+        drop(e);
+        let e = engine(dir.path());
+        let store = block_on(OffsetStore::open(e.clone(), dir.path(), 1, segment)).unwrap();
+        assert_all_at(&store, 3099);
     }
 }
