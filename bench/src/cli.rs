@@ -290,11 +290,16 @@ fn run(cli: Cli) -> Result<(), String> {
 
 fn sweep(args: SweepArgs) -> Result<(), String> {
     let common = args.broker.common.clone();
-    let base = if common.no_baseline {
-        None
-    } else {
-        Some(baseline(&common, 1 << 20, 4, 0, 4096, false)?)
+    let measure = || -> Result<Option<RawResult>, String> {
+        if common.no_baseline {
+            Ok(None)
+        } else {
+            baseline(&common, 1 << 20, 4, 0, 4096, false).map(Some)
+        }
     };
+    // A baseline between every two cells: each cell's ratio divides by the mean of the two
+    // around it (`report::bracket`), as in the engine and broker modes.
+    let mut before = measure()?;
     let mut results = Vec::new();
     for &size in &args.sizes {
         for &partitions in &args.partition_counts {
@@ -304,7 +309,13 @@ fn sweep(args: SweepArgs) -> Result<(), String> {
                 run.partitions = partitions;
                 run.acks = acks;
                 println!("== sweep: {size} B messages, {partitions} partition(s), acks={acks:?}");
-                results.push(broker_run(&run, base)?);
+                let mut result = broker_run(&run, before)?;
+                let after = measure()?;
+                if let Some(a) = after {
+                    crate::report::bracket(&mut result, a.bandwidth_mb_s, a.sync_latency);
+                }
+                results.push(result);
+                before = after;
             }
         }
     }

@@ -280,4 +280,18 @@ fn sweep_mode() {
     for r in runs {
         common_fields(r, "broker");
     }
+    // A baseline between every two cells: each cell's "after" is the next one's "before".
+    for pair in runs.windows(2) {
+        assert_eq!(
+            pair[0]["baseline_after_mb_s"], pair[1]["baseline_before_mb_s"],
+            "{v}"
+        );
+    }
+    let mean = |r: &Value| {
+        (r["baseline_before_mb_s"].as_f64().unwrap() + r["baseline_after_mb_s"].as_f64().unwrap())
+            / 2.0
+    };
+    assert!(runs
+        .iter()
+        .all(|r| (r["baseline_mb_s"].as_f64().unwrap() - mean(r)).abs() < 1e-9));
 }
