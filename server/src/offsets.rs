@@ -561,11 +561,20 @@ mod trim_tests {
     use super::*;
     use keel_engine::{block_on, EngineConfig};
 
-    fn engine(dir: &std::path::Path) -> Engine {
+    /// An engine on `dir` with 1 MiB segments for the offsets log, and its store.
+    fn start(dir: &std::path::Path) -> (Engine, OffsetStore) {
         let mut c = EngineConfig::new(dir);
         c.shards = 1;
         c.pin_threads = false;
-        Engine::open(c).unwrap()
+        let engine = Engine::open(c).unwrap();
+        let store = block_on(OffsetStore::open(engine.clone(), dir, 1, 1024 * 1024)).unwrap();
+        (engine, store)
+    }
+
+    /// Stop as a crash would leave the store (no final snapshot), the engine cleanly.
+    fn stop((engine, store): (Engine, OffsetStore)) {
+        drop(store);
+        block_on(engine.shutdown()).unwrap();
     }
 
     fn commit_round(store: &OffsetStore, round: i64) {
@@ -605,8 +614,7 @@ mod trim_tests {
     fn old_segments_go_once_two_snapshots_cover_them_and_either_snapshot_restores_the_table() {
         let dir = tempfile::tempdir().unwrap();
         let id = PartitionId::new(offsets_topic, 0);
-        let (e, segment) = (engine(dir.path()), 1024 * 1024);
-        let store = block_on(OffsetStore::open(e.clone(), dir.path(), 1, segment)).unwrap();
+        let (e, store) = start(dir.path());
         let early = Committed {
             offset: 12_345,
             leader_epoch: 0,
@@ -628,17 +636,12 @@ mod trim_tests {
             "{state:?}"
         );
         assert_all_at(&store, 2099);
-        drop(store);
-        block_on(e.shutdown()).unwrap();
-        drop(e);
+        stop((e, store));
 
         // Restart: the latest snapshot and the log after it.
-        let e = engine(dir.path());
-        let store = block_on(OffsetStore::open(e.clone(), dir.path(), 1, segment)).unwrap();
-        assert_all_at(&store, 2099);
-        drop(store);
-        block_on(e.shutdown()).unwrap();
-        drop(e);
+        let node = start(dir.path());
+        assert_all_at(&node.1, 2099);
+        stop(node);
 
         // An unreadable latest snapshot: the previous one and the log after it.
         let latest = dir
@@ -646,20 +649,16 @@ mod trim_tests {
             .join(".keel/offsets")
             .join(format!("{id}.snapshot"));
         std::fs::write(&latest, b"not a snapshot").unwrap();
-        let e = engine(dir.path());
-        let store = block_on(OffsetStore::open(e.clone(), dir.path(), 1, segment)).unwrap();
-        assert_all_at(&store, 2099);
+        let node = start(dir.path());
+        assert_all_at(&node.1, 2099);
         // The previous snapshot took the latest's place, and snapshots carry on.
         assert!(parse_snapshot(&std::fs::read_to_string(&latest).unwrap()).is_some());
         for round in 2100..3100 {
-            commit_round(&store, round);
+            commit_round(&node.1, round);
         }
-        assert_all_at(&store, 3099);
-        drop(store);
-        block_on(e.shutdown()).unwrap();
-        drop(e);
-        let e = engine(dir.path());
-        let store = block_on(OffsetStore::open(e.clone(), dir.path(), 1, segment)).unwrap();
-        assert_all_at(&store, 3099);
+        assert_all_at(&node.1, 3099);
+        stop(node);
+        let node = start(dir.path());
+        assert_all_at(&node.1, 3099);
     }
 }
