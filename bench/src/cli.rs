@@ -290,13 +290,7 @@ fn run(cli: Cli) -> Result<(), String> {
 
 fn sweep(args: SweepArgs) -> Result<(), String> {
     let common = args.broker.common.clone();
-    let measure = || -> Result<Option<RawResult>, String> {
-        if common.no_baseline {
-            Ok(None)
-        } else {
-            baseline(&common, 1 << 20, 4, 0, 4096, false).map(Some)
-        }
-    };
+    let measure = || ratio_baseline(&common);
     // A baseline between every two cells: each cell's ratio divides by the mean of the two
     // around it (`report::bracket`), as in the engine and broker modes.
     let mut before = measure()?;
@@ -407,6 +401,15 @@ fn write_markdown(common: &Common, results: &[Value]) -> Result<(), String> {
     Ok(())
 }
 
+/// The baseline the engine, broker and sweep modes divide by (the (a) and (b): 1 MiB
+/// writes at queue depth 4, 4 KiB write+fdatasync), unless `--no-baseline`.
+fn ratio_baseline(common: &Common) -> Result<Option<RawResult>, String> {
+    if common.no_baseline {
+        return Ok(None);
+    }
+    baseline(common, 1 << 20, 4, 0, 4096, false).map(Some)
+}
+
 fn baseline(
     common: &Common,
     block: usize,
@@ -453,18 +456,14 @@ fn in_rounds(
         if common.rounds > 1 {
             println!("== round {} of {}", i + 1, common.rounds);
         }
-        let base = if common.no_baseline {
-            None
-        } else {
-            Some(baseline(common, 1 << 20, 4, 0, 4096, false)?)
-        };
+        let base = ratio_baseline(common)?;
         baselines.extend(base);
         results.push(round(base)?);
     }
-    if !common.no_baseline {
+    if let Some(last) = ratio_baseline(common)? {
         // Each run lies between two baselines (its own and the next round's, or this last one):
         // its ratios divide by their mean (`report::bracket`).
-        baselines.push(baseline(common, 1 << 20, 4, 0, 4096, false)?);
+        baselines.push(last);
         for (i, result) in results.iter_mut().enumerate() {
             let after = baselines[i + 1];
             crate::report::bracket(result, after.bandwidth_mb_s, after.sync_latency);

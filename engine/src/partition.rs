@@ -1007,12 +1007,14 @@ impl Partition {
                 self.carry_len = buf.len() - tail_start;
                 self.carry[..self.carry_len].copy_from_slice(&buf.as_slice()[tail_start..]);
             }
+            let position = start_position + from as u64;
             if defer_head && from == 0 {
                 debug_assert_eq!(to, block_bytes, "the carried block is a piece of its own");
-                self.record_write(start_position, buf.len(), false, Some(buf));
+                self.record_write(position, buf.len(), false, Some(buf));
                 bump(&io.metrics.deferred_writes, 1);
             } else {
-                self.submit_write(io, &file, start_position + from as u64, buf, large);
+                let serial = self.record_write(position, buf.len(), large, None);
+                self.issue_write(io, &file, serial, position, buf);
             }
             from = to;
         }
@@ -1034,18 +1036,6 @@ impl Partition {
                 self.copy_offset = 0;
             }
         }
-    }
-
-    fn submit_write(
-        &mut self,
-        io: &mut IoCtx<'_>,
-        file: &Rc<dyn StorageFile>,
-        position: u64,
-        buf: AlignedBuf,
-        large: bool,
-    ) {
-        let serial = self.record_write(position, buf.len(), large, None);
-        self.issue_write(io, file, serial, position, buf);
     }
 
     /// Record a write of `len` bytes at `position` in `writes` (in position order); a queued
