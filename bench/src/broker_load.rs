@@ -3,7 +3,9 @@
 //!
 //! Its own load generator, so batching is exact: each producer is one connection with an
 //! idempotent producer id, keeping `inflight` produce requests of one batch each in flight (as
-//! librdkafka does with `max.in.flight=5`). A batch is `messages_per_batch` records of
+//! librdkafka does with `max.in.flight=5`). Like a pipelining client it reads every answer that
+//! has arrived, then sends all the requests the window allows in one write (a producer whose
+//! batches are ready does not send them one answer apart). A batch is `messages_per_batch` records of
 //! `message_bytes` each; the record bytes are opaque filler (the broker never parses records, so
 //! their encoding does not change what is measured). Consumers fetch every partition from the
 //! start and match each batch they see, by (producer id, partition, base sequence), to its send time: that is
@@ -16,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
@@ -85,6 +87,9 @@ type SendTimes = Arc<Mutex<HashMap<(i64, i32, i32), Instant>>>;
 struct Conn {
     stream: TcpStream,
     correlation: i32,
+    /// What has been read and not yet taken: a read takes whatever the socket holds, so the
+    /// answers a broker writes together are read together.
+    inbox: BytesMut,
 }
 
 impl Conn {
@@ -95,6 +100,7 @@ impl Conn {
         Ok(Conn {
             stream,
             correlation: 0,
+            inbox: BytesMut::with_capacity(64 << 10),
         })
     }
 
@@ -118,12 +124,33 @@ impl Conn {
         self.stream.write_all(&frame)
     }
 
+    /// The length of the first whole frame in the inbox (size prefix included), if there is one.
+    fn frame_ready(&self) -> Option<usize> {
+        let size = self.inbox.get(..4)?;
+        let size = i32::from_be_bytes(size.try_into().expect("4 bytes")).max(0) as usize;
+        (self.inbox.len() >= 4 + size).then_some(4 + size)
+    }
+
     fn receive<R: Request>(&mut self, version: i16) -> std::io::Result<R::Response> {
-        let mut size = [0u8; 4];
-        self.stream.read_exact(&mut size)?;
-        let mut body = vec![0u8; i32::from_be_bytes(size).max(0) as usize];
-        self.stream.read_exact(&mut body)?;
-        let mut body = Bytes::from(body);
+        let len = loop {
+            if let Some(len) = self.frame_ready() {
+                break len;
+            }
+            // Room for the rest of a large frame whose size is known, else for 64 KiB more.
+            let filled = self.inbox.len();
+            let announced = self.inbox.get(..4).map_or(0, |size| {
+                4 + i32::from_be_bytes(size.try_into().expect("4 bytes")).max(0) as usize
+            });
+            self.inbox.resize(announced.max(filled + (64 << 10)), 0);
+            let n = self.stream.read(&mut self.inbox[filled..]);
+            self.inbox.truncate(filled + *n.as_ref().unwrap_or(&0));
+            match n? {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                _ => continue,
+            }
+        };
+        let mut body = self.inbox.split_to(len).freeze();
+        body.advance(4);
         ResponseHeader::decode(
             &mut body,
             <R::Response as HeaderVersion>::header_version(version),
@@ -350,7 +377,6 @@ fn produce_loop(
     let prefixes: Vec<Vec<u8>> = (0..config.partitions as i32)
         .map(|p| produce_prefix(&config.topic, p, config.acks))
         .collect::<Result<_, _>>()?;
-    let mut frame: Vec<u8> = Vec::with_capacity(prefixes[0].len() + 4 + batch.len());
     let mut seqs = vec![0i32; config.partitions as usize];
     let mut next_partition = index;
     let mut out = ProducerResult {
@@ -369,17 +395,29 @@ fn produce_loop(
         Duration::from_secs_f64(config.messages_per_batch as f64 / per_producer)
     });
     let mut next_scheduled = Instant::now();
+    // Every request the window allows goes out in one write, as a pipelining client sends
+    // what its queue holds: the broker then reads them together and its engine takes them in one
+    // write, as the engine-only run does with its appends.
+    let mut outbox: Vec<u8> =
+        Vec::with_capacity(config.inflight * (prefixes[0].len() + 4 + batch.len()));
     loop {
-        let limit_hit = config.max_messages > 0
-            && shared.sent_messages.load(Ordering::Relaxed) >= config.max_messages;
-        let now = Instant::now();
-        let sending = now < end && !limit_hit && !shared.stop.load(Ordering::Relaxed);
-        // Open loop: not yet time for the next batch? Collect a response meanwhile, or wait.
-        let early = interval.is_some() && now < next_scheduled;
-        if sending && pending.len() < config.inflight && (!early || pending.is_empty()) {
+        let mut built = 0;
+        loop {
+            let limit_hit = config.max_messages > 0
+                && shared.sent_messages.load(Ordering::Relaxed) >= config.max_messages;
+            let now = Instant::now();
+            let sending = now < end && !limit_hit && !shared.stop.load(Ordering::Relaxed);
+            if !sending || pending.len() >= config.inflight || built >= config.inflight {
+                break;
+            }
+            // Open loop: not yet time for the next batch? Send what is built and collect a
+            // response meanwhile, or wait.
             let scheduled = match interval {
                 Some(every) => {
-                    if early {
+                    if now < next_scheduled {
+                        if built > 0 || !pending.is_empty() {
+                            break;
+                        }
                         std::thread::sleep(next_scheduled - now);
                     }
                     let at = next_scheduled;
@@ -398,15 +436,15 @@ fn produce_loop(
             let crc = keel_engine::batch::compute_crc(&batch);
             batch[17..21].copy_from_slice(&crc.to_be_bytes());
             let size = batch.len();
-            let prefix = &prefixes[partition];
-            frame.clear();
-            frame.extend_from_slice(prefix);
-            frame.extend_from_slice(&(size as i32).to_be_bytes());
-            frame.extend_from_slice(&batch);
-            let frame_size = (frame.len() - 4) as i32;
-            frame[0..4].copy_from_slice(&frame_size.to_be_bytes());
+            let at = outbox.len();
+            outbox.extend_from_slice(&prefixes[partition]);
+            outbox.extend_from_slice(&(size as i32).to_be_bytes());
+            outbox.extend_from_slice(&batch);
+            let frame_size = (outbox.len() - at - 4) as i32;
+            outbox[at..at + 4].copy_from_slice(&frame_size.to_be_bytes());
             conn.correlation += 1;
-            frame[8..12].copy_from_slice(&conn.correlation.to_be_bytes());
+            outbox[at + 8..at + 12].copy_from_slice(&conn.correlation.to_be_bytes());
+            built += 1;
             let sent_at = scheduled.unwrap_or_else(Instant::now);
             if config.consumers > 0 {
                 shared
@@ -415,9 +453,6 @@ fn produce_loop(
                     .expect("times")
                     .insert((pid, partition as i32, seq), sent_at);
             }
-            conn.stream
-                .write_all(&frame)
-                .map_err(|e| format!("producer {index}: {e}"))?;
             shared
                 .sent_messages
                 .fetch_add(records as u64, Ordering::Relaxed);
@@ -430,36 +465,49 @@ fn produce_loop(
                     out.messages += records as u64;
                     out.batches += 1;
                 }
-                continue;
+            } else {
+                pending.push_back((sent_at, size));
             }
-            pending.push_back((sent_at, size));
-            continue;
         }
-        let Some((sent_at, size)) = pending.pop_front() else {
+        if !outbox.is_empty() {
+            conn.stream
+                .write_all(&outbox)
+                .map_err(|e| format!("producer {index}: {e}"))?;
+            outbox.clear();
+        }
+        if pending.is_empty() {
+            if built > 0 {
+                continue; // acks=0: nothing comes back
+            }
             break;
-        };
-        let response = conn
-            .receive::<ProduceRequest>(produce_version)
-            .map_err(|e| format!("producer {index}: {e}"))?;
-        let now = Instant::now();
-        let code = response
-            .responses
-            .first()
-            .and_then(|t| t.partition_responses.first())
-            .map_or(-1, |p| p.error_code);
-        if code != 0 {
-            out.errors += 1;
-            continue;
         }
-        if sent_at >= measure_from {
-            out.first.get_or_insert(sent_at);
-            out.last = now;
-            let us = now.duration_since(sent_at).as_micros().max(1) as u64;
-            out.latency.record(us).ok();
-            out.timeline.record(now, size as u64, us);
-            out.bytes += size as u64;
-            out.messages += records as u64;
-            out.batches += 1;
+        // One answer, waiting for it if need be, then every other one already read.
+        loop {
+            let (sent_at, size) = pending.pop_front().expect("an answer is due");
+            let response = conn
+                .receive::<ProduceRequest>(produce_version)
+                .map_err(|e| format!("producer {index}: {e}"))?;
+            let now = Instant::now();
+            let code = response
+                .responses
+                .first()
+                .and_then(|t| t.partition_responses.first())
+                .map_or(-1, |p| p.error_code);
+            if code != 0 {
+                out.errors += 1;
+            } else if sent_at >= measure_from {
+                out.first.get_or_insert(sent_at);
+                out.last = now;
+                let us = now.duration_since(sent_at).as_micros().max(1) as u64;
+                out.latency.record(us).ok();
+                out.timeline.record(now, size as u64, us);
+                out.bytes += size as u64;
+                out.messages += records as u64;
+                out.batches += 1;
+            }
+            if pending.is_empty() || conn.frame_ready().is_none() {
+                break;
+            }
         }
     }
     Ok(out)

@@ -13,13 +13,14 @@ use bytes::{Bytes, BytesMut};
 use compio::buf::{BufResult, IntoInner, IoBuf};
 use compio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use compio::net::{TcpListener, TcpStream};
+use futures::future::Either;
 use kafka_protocol::messages::ApiKey;
 use socket2::{Domain, Socket, Type};
 
 use crate::broker::{Broker, ResponseFuture};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::protocol::{self, FrameError};
+use crate::protocol::{self, FrameError, Request};
 
 /// Requests read ahead of the response being written, per connection (librdkafka and the Java
 /// client keep up to 5 in flight; admin clients more).
@@ -27,6 +28,12 @@ const connection_pipeline_depth: usize = 32;
 /// A request body is read into a buffer grown by at most this much at a time, so a client that
 /// announces a large frame and sends nothing does not pin that much memory.
 const read_step_bytes: usize = 1024 * 1024;
+/// Requests read while more bytes are already waiting are handed to the broker together, up to
+/// this many bytes or requests.
+const hold_bytes_max: usize = 4 * 1024 * 1024;
+const hold_requests_max: usize = 16;
+/// How long held requests wait for the rest of one already arriving.
+const hold_wait_max: std::time::Duration = std::time::Duration::from_millis(1);
 /// Responses gathered into one socket write at most.
 const write_frames_max: usize = 256;
 /// Pieces per writev at most (Linux's IOV_MAX is 1024).
@@ -150,6 +157,7 @@ async fn serve_connection(
     broker: &Arc<Broker>,
     net: &Arc<NetState>,
 ) {
+    let probe = stream.clone();
     let (mut reader, mut writer) = stream.into_split();
     let (tx, rx) = flume::bounded::<Outgoing>(connection_pipeline_depth);
     let writer_broker = broker.clone();
@@ -200,8 +208,44 @@ async fn serve_connection(
     });
     let max = broker.config.socket_request_max_bytes;
     let mut frames = FrameReader::new(max);
+    // Requests read while more bytes are already waiting in the socket are held and handed to
+    // the broker together: a client that pipelines its requests (several produce requests sent
+    // at once) then reaches the engine as one group, which it writes and syncs together, instead
+    // of the first one alone and the rest behind it.
+    let mut held: Vec<Request> = Vec::new();
+    let mut held_bytes = 0usize;
     loop {
-        let frame = match frames.next(&mut reader).await {
+        let more_waiting = || {
+            frames.frame_buffered()
+                || (held_bytes < hold_bytes_max
+                    && held.len() < hold_requests_max
+                    && readable_now(&probe))
+        };
+        if !held.is_empty() && !more_waiting() {
+            held_bytes = 0;
+            if !dispatch_all(&mut held, broker, net, peer, &tx).await {
+                break;
+            }
+        }
+        let next = frames.next(&mut reader);
+        let read = if held.is_empty() {
+            next.await
+        } else {
+            // The rest was on its way; should it stall, what is held goes without it.
+            let mut next = std::pin::pin!(next);
+            let stall = std::pin::pin!(compio::time::sleep(hold_wait_max));
+            match futures::future::select(next.as_mut(), stall).await {
+                Either::Left((read, _)) => read,
+                Either::Right(((), _)) => {
+                    held_bytes = 0;
+                    if !dispatch_all(&mut held, broker, net, peer, &tx).await {
+                        break;
+                    }
+                    next.await
+                }
+            }
+        };
+        let frame = match read {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(ReadError::Io(e)) => {
@@ -218,6 +262,7 @@ async fn serve_connection(
         if net.stopping.load(Ordering::Acquire) {
             break;
         }
+        let len = frame.len();
         let request = match protocol::decode_request(frame) {
             Ok(r) => r,
             Err(e) => {
@@ -230,12 +275,43 @@ async fn serve_connection(
                 };
                 Metrics::bump(counter);
                 tracing::warn!(%peer, error = %e, "bad request; closing the connection");
+                // The requests before it are answered first, in order.
+                if !dispatch_all(&mut held, broker, net, peer, &tx).await {
+                    break;
+                }
                 if let Some(reply) = e.reply() {
                     let _ = tx.send_async(Outgoing::Raw(reply)).await;
                 }
                 break;
             }
         };
+        held.push(request);
+        held_bytes += len;
+    }
+    dispatch_all(&mut held, broker, net, peer, &tx).await;
+    drop(tx);
+    // The writer sends what was already accepted, then the connection closes.
+    let _ = writer_task.await;
+}
+
+/// Whether the socket holds bytes not yet read, without waiting.
+fn readable_now(stream: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    socket2::SockRef::from(stream)
+        .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        .is_ok_and(|n| n > 0)
+}
+
+/// Hand the held requests to the broker in order and their answers to the writer; false once
+/// the writer is gone.
+async fn dispatch_all(
+    held: &mut Vec<Request>,
+    broker: &Arc<Broker>,
+    net: &Arc<NetState>,
+    peer: SocketAddr,
+    tx: &flume::Sender<Outgoing>,
+) -> bool {
+    for request in held.drain(..) {
         let inflight = Inflight::new(net);
         let (key, version, correlation_id) = (
             request.key,
@@ -251,12 +327,10 @@ async fn serve_connection(
             _inflight: inflight,
         };
         if tx.send_async(Outgoing::Response(job)).await.is_err() {
-            break;
+            return false;
         }
     }
-    drop(tx);
-    // The writer sends what was already accepted, then the connection closes.
-    let _ = writer_task.await;
+    true
 }
 
 /// What the writer does with one queued item.
@@ -371,6 +445,14 @@ impl FrameReader {
                 Ok(_) => {}
                 Err(e) => return Err(ReadError::Io(e)),
             }
+        }
+    }
+
+    /// Whether a whole frame is already buffered.
+    fn frame_buffered(&self) -> bool {
+        self.buf.len() >= 4 && {
+            let size = i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+            size < 0 || self.buf.len() >= 4 + size as usize
         }
     }
 

@@ -629,3 +629,64 @@ fn a_fetch_of_thousands_of_small_batches_is_answered_whole() {
     still_serving(&server);
     server.shutdown().unwrap();
 }
+
+/// A Produce answer's (error code, base offset).
+fn produce_answer(w: &mut Wire) -> (i16, i64) {
+    let r = w.receive::<ProduceRequest>(9);
+    let p = &r.responses[0].partition_responses[0];
+    (p.error_code, p.base_offset)
+}
+
+#[test]
+fn pipelined_requests_sent_at_once_are_all_answered_in_order_even_before_a_bad_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let mut w = Wire::connect(server.local_addr());
+    create(&mut w, "piped", "1048588");
+    // 24 requests of ~60 KiB in one write: the broker reads them over many reads and hands
+    // those that arrive together to the engine together. Then a frame it cannot decode.
+    let value = vec![7u8; 60_000];
+    let mut all = BytesMut::new();
+    for _ in 0..24 {
+        all.extend_from_slice(&w.frame(
+            9,
+            &produce("piped", 0, kafka_batch(&[&value[..]], None), -1),
+        ));
+    }
+    all.extend_from_slice(&frame(&[0x27, 0x0f, 0, 0, 0, 0, 0, 1, 0xff, 0xff]));
+    w.send_raw(&all);
+    for i in 0..24 {
+        assert_eq!(produce_answer(&mut w), (0, i), "request {i}");
+    }
+    assert!(w.closed_by_broker(), "the bad frame closes the connection");
+    assert_eq!(
+        log_end(&mut Wire::connect(server.local_addr()), "piped"),
+        24
+    );
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_request_is_answered_while_the_one_behind_it_is_still_arriving() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let mut w = Wire::connect(server.local_addr());
+    create(&mut w, "slow", "2097152");
+    // The first request whole, then half of a 1 MiB one: the broker finds more bytes waiting
+    // after the first and reads on, but must not hold the first back until the second is whole.
+    let first = w.frame(9, &produce("slow", 0, kafka_batch(&[b"first"], None), -1));
+    let big = vec![1u8; 1 << 20];
+    let second = w.frame(9, &produce("slow", 0, kafka_batch(&[&big[..]], None), -1));
+    let half = second.len() / 2;
+    let mut sent = first.to_vec();
+    sent.extend_from_slice(&second[..half]);
+    w.send_raw(&sent);
+    assert_eq!(
+        produce_answer(&mut w),
+        (0, 0),
+        "answered before the rest arrives"
+    );
+    w.send_raw(&second[half..]);
+    assert_eq!(produce_answer(&mut w), (0, 1));
+    server.shutdown().unwrap();
+}

@@ -111,10 +111,12 @@ pub fn consume(
     out
 }
 
-/// A raw Kafka-protocol connection.
+/// A raw Kafka-protocol connection. Requests may be pipelined: responses are matched to the
+/// requests sent, oldest first.
 pub struct Wire {
     pub stream: TcpStream,
     correlation: i32,
+    awaiting: std::collections::VecDeque<i32>,
 }
 
 impl Wire {
@@ -124,6 +126,7 @@ impl Wire {
         Wire {
             stream,
             correlation: 0,
+            awaiting: Default::default(),
         }
     }
 
@@ -134,7 +137,15 @@ impl Wire {
     }
 
     pub fn send<R: Request>(&mut self, version: i16, request: &R) {
+        let frame = self.frame(version, request);
+        self.stream.write_all(&frame).unwrap();
+    }
+
+    /// The frame of a request (size prefix included), counted as sent: the caller sends it, for
+    /// example together with others in one write.
+    pub fn frame<R: Request>(&mut self, version: i16, request: &R) -> BytesMut {
         self.correlation += 1;
+        self.awaiting.push_back(self.correlation);
         let header = RequestHeader::default()
             .with_request_api_key(R::KEY)
             .with_request_api_version(version)
@@ -148,9 +159,10 @@ impl Wire {
         let mut frame = BytesMut::new();
         frame.put_i32(body.len() as i32);
         frame.extend_from_slice(&body);
-        self.stream.write_all(&frame).unwrap();
+        frame
     }
 
+    /// The response to the oldest request not yet answered.
     pub fn receive<R: Request>(&mut self, version: i16) -> R::Response {
         let mut body = self.read_frame().expect("a response");
         let header = kafka_protocol::messages::ResponseHeader::decode(
@@ -159,7 +171,8 @@ impl Wire {
         )
         .unwrap();
         assert_eq!(
-            header.correlation_id, self.correlation,
+            Some(header.correlation_id),
+            self.awaiting.pop_front(),
             "responses come in order"
         );
         R::Response::decode(&mut body, version).unwrap()
