@@ -212,7 +212,7 @@ async fn serve_connection(
     // the broker together: a client that pipelines its requests (several produce requests sent
     // at once) then reaches the engine as one group, which it writes and syncs together, instead
     // of the first one alone and the rest behind it.
-    let mut held: Vec<Request> = Vec::new();
+    let mut held: Vec<(Request, Inflight)> = Vec::new();
     let mut held_bytes = 0usize;
     loop {
         let more_waiting = || {
@@ -223,7 +223,7 @@ async fn serve_connection(
         };
         if !held.is_empty() && !more_waiting() {
             held_bytes = 0;
-            if !dispatch_all(&mut held, broker, net, peer, &tx).await {
+            if !dispatch_all(&mut held, broker, peer, &tx).await {
                 break;
             }
         }
@@ -238,7 +238,7 @@ async fn serve_connection(
                 Either::Left((read, _)) => read,
                 Either::Right(((), _)) => {
                     held_bytes = 0;
-                    if !dispatch_all(&mut held, broker, net, peer, &tx).await {
+                    if !dispatch_all(&mut held, broker, peer, &tx).await {
                         break;
                     }
                     next.await
@@ -276,7 +276,7 @@ async fn serve_connection(
                 Metrics::bump(counter);
                 tracing::warn!(%peer, error = %e, "bad request; closing the connection");
                 // The requests before it are answered first, in order.
-                if !dispatch_all(&mut held, broker, net, peer, &tx).await {
+                if !dispatch_all(&mut held, broker, peer, &tx).await {
                     break;
                 }
                 if let Some(reply) = e.reply() {
@@ -285,10 +285,11 @@ async fn serve_connection(
                 break;
             }
         };
-        held.push(request);
+        // Counted from here: a shutdown waits for held requests too.
+        held.push((request, Inflight::new(net)));
         held_bytes += len;
     }
-    dispatch_all(&mut held, broker, net, peer, &tx).await;
+    dispatch_all(&mut held, broker, peer, &tx).await;
     drop(tx);
     // The writer sends what was already accepted, then the connection closes.
     let _ = writer_task.await;
@@ -305,14 +306,12 @@ fn readable_now(stream: &TcpStream) -> bool {
 /// Hand the held requests to the broker in order and their answers to the writer; false once
 /// the writer is gone.
 async fn dispatch_all(
-    held: &mut Vec<Request>,
+    held: &mut Vec<(Request, Inflight)>,
     broker: &Arc<Broker>,
-    net: &Arc<NetState>,
     peer: SocketAddr,
     tx: &flume::Sender<Outgoing>,
 ) -> bool {
-    for request in held.drain(..) {
-        let inflight = Inflight::new(net);
+    for (request, inflight) in held.drain(..) {
         let (key, version, correlation_id) = (
             request.key,
             request.header.request_api_version,
