@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
@@ -90,6 +90,8 @@ struct Conn {
     /// What has been read and not yet taken: a read takes whatever the socket holds, so the
     /// answers a broker writes together are read together.
     inbox: BytesMut,
+    /// What one read of small frames lands in (zeroed once).
+    scratch: Box<[u8]>,
 }
 
 impl Conn {
@@ -101,6 +103,7 @@ impl Conn {
             stream,
             correlation: 0,
             inbox: BytesMut::with_capacity(64 << 10),
+            scratch: vec![0; 64 << 10].into_boxed_slice(),
         })
     }
 
@@ -132,24 +135,33 @@ impl Conn {
     }
 
     fn receive<R: Request>(&mut self, version: i16) -> std::io::Result<R::Response> {
-        let len = loop {
+        let mut body = loop {
             if let Some(len) = self.frame_ready() {
-                break len;
+                break self.inbox.split_to(len).freeze();
             }
-            // Room for the rest of a large frame whose size is known, else for 64 KiB more.
             let filled = self.inbox.len();
             let announced = self.inbox.get(..4).map_or(0, |size| {
                 4 + i32::from_be_bytes(size.try_into().expect("4 bytes")).max(0) as usize
             });
-            self.inbox.resize(announced.max(filled + (64 << 10)), 0);
-            let n = self.stream.read(&mut self.inbox[filled..]);
-            self.inbox.truncate(filled + *n.as_ref().unwrap_or(&0));
-            match n? {
+            if announced > filled + self.scratch.len() {
+                // A large frame (a fetch response): its rest straight into one buffer, unzeroed.
+                let mut frame = Vec::with_capacity(announced);
+                frame.extend_from_slice(&self.inbox);
+                (&self.stream)
+                    .take((announced - filled) as u64)
+                    .read_to_end(&mut frame)?;
+                if frame.len() < announced {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                self.inbox.clear();
+                break Bytes::from(frame);
+            }
+            // Whatever the socket holds, up to 64 KiB: the answers written together.
+            match self.stream.read(&mut self.scratch[..])? {
                 0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                _ => continue,
+                n => self.inbox.extend_from_slice(&self.scratch[..n]),
             }
         };
-        let mut body = self.inbox.split_to(len).freeze();
         body.advance(4);
         ResponseHeader::decode(
             &mut body,
