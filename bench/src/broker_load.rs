@@ -5,11 +5,12 @@
 //! idempotent producer id, keeping `inflight` produce requests of one batch each in flight (as
 //! librdkafka does with `max.in.flight=5`). Like a pipelining client it reads every answer that
 //! has arrived, then sends all the requests the window allows in one write (a producer whose
-//! batches are ready does not send them one answer apart). A batch is `messages_per_batch` records of
-//! `message_bytes` each; the record bytes are opaque filler (the broker never parses records, so
-//! their encoding does not change what is measured). Consumers fetch every partition from the
-//! start and match each batch they see, by (producer id, partition, base sequence), to its send time: that is
-//! the end-to-end latency, produce request sent → batch fetched by a consumer.
+//! batches are ready does not send them one answer apart); a request's send time is when it was
+//! built, just before that write. A batch is `messages_per_batch` records of `message_bytes`
+//! each; the record bytes are opaque filler (the broker never parses records, so their encoding
+//! does not change what is measured). Consumers fetch every partition from the start and match
+//! each batch they see, by (producer id, partition, base sequence), to its send time: that is the
+//! end-to-end latency, produce request sent → batch fetched by a consumer.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
