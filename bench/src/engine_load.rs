@@ -94,23 +94,27 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
         let (mut bytes, mut batches) = (0u64, 0u64);
         let mut first_in_window: Option<Instant> = None;
         let mut last_completion = start;
+        // Each completion is replaced at once: the replacement is queued at its shard before the
+        // next completion is looked at, so `concurrency` appends stay in flight at the engine
+        // (a generator that first collected every completion of a group commit, then sent the
+        // replacements, left the engine idle while it did).
+        let mut to_issue = config.concurrency;
         loop {
-            while inflight.len() < config.concurrency && Instant::now() < end {
+            while to_issue > 0 && Instant::now() < end {
+                to_issue -= 1;
                 let id = &ids[next_partition % ids.len()];
                 next_partition += 1;
                 // A fresh buffer per append, as a socket read would hand the engine.
                 let batch = Bytes::from(template.clone());
-                let engine = &engine;
-                inflight.push(async move {
-                    let issued = Instant::now();
-                    let result = engine.append(id, batch, 0).await;
-                    (result, issued)
-                });
+                let issued = Instant::now();
+                let pending = engine.append_enqueued(id, batch, 0, None).await?;
+                inflight.push(async move { (pending.await, issued) });
             }
             let Some((result, issued)) = inflight.next().await else {
                 break;
             };
             result?;
+            to_issue += 1;
             done_bytes.fetch_add(template.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let now = Instant::now();
             last_completion = now;
