@@ -822,6 +822,12 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
             e.throughput_mb_s,
             engine_ratio.unwrap_or(f64::NAN)
         );
+        if args.consumers > 0 {
+            println!(
+                "engine alone has no reader; the broker also served {} consumer(s) on the same CPUs (--consumers 0 compares produce alone)",
+                args.consumers
+            );
+        }
         print_latency("engine alone: append latency", &e.latency);
     }
     let baseline_mb_s = base.map_or(0.0, |b| b.bandwidth_mb_s);
