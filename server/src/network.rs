@@ -208,10 +208,10 @@ async fn serve_connection(
     });
     let max = broker.config.socket_request_max_bytes;
     let mut frames = FrameReader::new(max);
-    // Requests read while more bytes are already waiting in the socket are held and handed to
-    // the broker together: a client that pipelines its requests (several produce requests sent
-    // at once) then reaches the engine as one group, which it writes and syncs together, instead
-    // of the first one alone and the rest behind it.
+    // Produce requests read while more bytes are already waiting in the socket are held and
+    // handed to the broker together: a client that pipelines its requests (several produce
+    // requests sent at once) then reaches the engine as one group, which it writes and syncs
+    // together, instead of the first one alone and the rest behind it.
     let mut held: Vec<(Request, Inflight)> = Vec::new();
     let mut held_bytes = 0usize;
     loop {
@@ -285,9 +285,18 @@ async fn serve_connection(
                 break;
             }
         };
+        // Only produce requests gain from arriving together; any other goes at once (with what
+        // is held before it, in order).
+        let produce = request.key == ApiKey::Produce;
         // Counted from here: a shutdown waits for held requests too.
         held.push((request, Inflight::new(net)));
         held_bytes += len;
+        if !produce {
+            held_bytes = 0;
+            if !dispatch_all(&mut held, broker, peer, &tx).await {
+                break;
+            }
+        }
     }
     dispatch_all(&mut held, broker, peer, &tx).await;
     drop(tx);
