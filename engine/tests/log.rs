@@ -70,12 +70,7 @@ fn retention_by_size_and_time_deletes_whole_old_segments() {
             ..small_segments()
         };
         engine.create_partition(&by_size, config).await.unwrap();
-        for tag in 0..1000 {
-            engine
-                .append(&by_size, batch(tag, 1, 10_000, 0), 0)
-                .await
-                .unwrap();
-        }
+        append_tagged(&engine, &by_size, 0..1000, 10_000).await;
         let before = engine.partition_state(&by_size).await.unwrap();
         let deleted = engine.enforce_retention(&by_size).await.unwrap();
         let after = engine.partition_state(&by_size).await.unwrap();
@@ -145,12 +140,7 @@ fn segments_below_an_offset_are_deleted_whole() {
     let engine = Engine::open(sim_config(&fs, 1)).unwrap();
     let segments = block_on(async {
         engine.create_partition(&p, small_segments()).await.unwrap();
-        for tag in 0..600 {
-            engine
-                .append(&p, batch(tag, 1, 10_000, 0), 0)
-                .await
-                .unwrap();
-        }
+        append_tagged(&engine, &p, 0..600, 10_000).await;
         let before = engine.partition_state(&p).await.unwrap();
         assert!(before.segments >= 4, "{before:?}");
         // Offset 0 lies in the first segment: nothing goes.
@@ -595,14 +585,14 @@ fn shared_cache_engine(fs: &SimFs, n: u32) -> (Engine, Vec<PartitionId>) {
 
 /// Append batches `tags` of 8 KiB to `p`.
 fn append_8k(engine: &Engine, p: &PartitionId, tags: std::ops::Range<u64>) {
-    block_on(async {
-        for tag in tags {
-            engine
-                .append(p, batch(tag, 1, 8 * 1024, 0), 0)
-                .await
-                .unwrap();
-        }
-    });
+    block_on(append_tagged(engine, p, tags, 8 * 1024));
+}
+
+/// Append one-record batches `tags` of `size` bytes to `p` (timestamp 0, leader epoch 0).
+async fn append_tagged(engine: &Engine, p: &PartitionId, tags: std::ops::Range<u64>, size: usize) {
+    for tag in tags {
+        engine.append(p, batch(tag, 1, size, 0), 0).await.unwrap();
+    }
 }
 
 #[test]
