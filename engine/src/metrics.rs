@@ -30,7 +30,8 @@ counters!(
     /// Writes of a carried block queued until the earlier write of that block completed, while
     /// the blocks after it were written at once.
     deferred_writes,
-    /// Partition syncs requested (each fdatasync, and each member of a syncfs group).
+    /// Partition segment syncs requested (each fdatasync, and each member of a syncfs group, so a
+    /// checkpoint of a shard's journal counts once per partition it waits for).
     fsyncs,
     /// syncfs calls that made several partitions durable at once.
     group_syncs,
@@ -49,6 +50,9 @@ counters!(
     /// Shard journal writes (each with its fdatasync) and the bytes they wrote.
     journal_writes,
     journal_bytes,
+    /// fdatasyncs of the shard journals (each makes every journal write completed before it
+    /// durable; `fsyncs` counts the partitions' segment syncs).
+    journal_syncs,
     /// Checkpoints that let the journal reuse its ring.
     journal_checkpoints,
     /// Times a journal write had to wait: the ring was full until a checkpoint, or a write that

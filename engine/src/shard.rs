@@ -326,6 +326,7 @@ impl Shard {
             return;
         };
         if let Some(upto) = j.pipeline.next_sync() {
+            bump(&self.metrics.journal_syncs, 1);
             let file = j.file.clone();
             self.inflight.push(Box::pin(async move {
                 let result = file.sync_data().await;

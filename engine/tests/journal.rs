@@ -121,6 +121,12 @@ fn small_appends_of_many_partitions_share_journal_writes_and_survive_power_cuts(
             m.journal_checkpoints > 0,
             "seed {seed}: the ring was never reused"
         );
+        assert!(
+            m.journal_syncs > 0 && m.journal_syncs <= m.journal_writes,
+            "seed {seed}: {} journal syncs for {} journal writes (one sync covers every write completed before it)",
+            m.journal_syncs,
+            m.journal_writes
+        );
         drop(engine);
         let engine = Engine::open(sim_config(&image.unwrap(), 1)).unwrap();
         assert_holds(&engine, &acked, &format!("seed {seed}"));

@@ -152,6 +152,7 @@ impl Metrics {
             ("runway_bytes", engine.runway_bytes),
             ("journal_writes", engine.journal_writes),
             ("journal_bytes", engine.journal_bytes),
+            ("journal_syncs", engine.journal_syncs),
             ("journal_checkpoints", engine.journal_checkpoints),
             ("journal_full", engine.journal_full),
         ];
