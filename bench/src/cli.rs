@@ -605,10 +605,10 @@ fn engine_run(args: &EngineArgs, base: Option<RawResult>) -> Result<Value, Strin
         }
     );
     println!(
-        "engine: {:.0} MB/s, {:.0} batches/s over {:.2} s; {} writes, {} segment fdatasyncs ({:.1} appends per fdatasync); journal: {} writes, {} fdatasyncs, {} checkpoints, {} waits (ring full or new lap)",
+        "engine: {:.0} MB/s, {:.0} batches/s over {:.2} s; {} writes, {} segment fdatasyncs ({:.1} appends per fdatasync); journal: {} writes ({} durable by themselves), {} fdatasyncs, {} checkpoints, {} waits (ring full or new lap)",
         r.throughput_mb_s, r.batches_per_s, r.seconds, r.metrics.writes, r.metrics.fsyncs,
         r.metrics.appends as f64 / (r.metrics.fsyncs + r.metrics.journal_syncs).max(1) as f64,
-        r.metrics.journal_writes, r.metrics.journal_syncs,
+        r.metrics.journal_writes, r.metrics.journal_durable_writes, r.metrics.journal_syncs,
         r.metrics.journal_checkpoints, r.metrics.journal_full
     );
     print_latency("engine: append latency", &r.latency);

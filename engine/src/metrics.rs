@@ -53,6 +53,9 @@ counters!(
     /// fdatasyncs of the shard journals (each makes every journal write completed before it
     /// durable; `fsyncs` counts the partitions' segment syncs).
     journal_syncs,
+    /// Journal writes issued durable by themselves (`RWF_DSYNC`: nothing else was pending, so
+    /// no fdatasync follows them).
+    journal_durable_writes,
     /// Checkpoints that let the journal reuse its ring.
     journal_checkpoints,
     /// Times a journal write had to wait: the ring was full until a checkpoint, or a write that

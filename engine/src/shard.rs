@@ -431,14 +431,22 @@ impl Shard {
                 (e.id, e.end_offset)
             })
             .collect();
-        j.pipeline.begin_write(start, padded, members);
+        let durable = j.pipeline.next_write_durable();
+        j.pipeline.begin_write(start, padded, members, durable);
         bump(&self.metrics.journal_writes, 1);
+        if durable {
+            bump(&self.metrics.journal_durable_writes, 1);
+        }
         bump(&self.metrics.journal_bytes, padded);
         let file = j.file.clone();
         let position = journal::HEADER_AREA + start % j.pipeline.header.capacity;
         let end = start + padded;
         self.inflight.push(Box::pin(async move {
-            let (result, buf) = file.write_at(position, buf).await;
+            let (result, buf) = if durable {
+                file.write_at_durable(position, buf).await
+            } else {
+                file.write_at(position, buf).await
+            };
             (
                 journal_event_id(),
                 Event::JournalWritten { end, result, buf },
@@ -456,7 +464,12 @@ impl Shard {
             Event::JournalWritten { end, result, buf } => {
                 j.pipeline.give_back(buf);
                 if result.is_ok() {
-                    j.pipeline.on_written(end);
+                    for (id, offset) in j.pipeline.on_written(end) {
+                        if let Some(p) = self.partitions.get_mut(&id) {
+                            p.on_journaled(offset, true);
+                            self.dirty.insert(id);
+                        }
+                    }
                 }
                 result
             }

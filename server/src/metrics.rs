@@ -153,6 +153,7 @@ impl Metrics {
             ("journal_writes", engine.journal_writes),
             ("journal_bytes", engine.journal_bytes),
             ("journal_syncs", engine.journal_syncs),
+            ("journal_durable_writes", engine.journal_durable_writes),
             ("journal_checkpoints", engine.journal_checkpoints),
             ("journal_full", engine.journal_full),
         ];

@@ -50,6 +50,24 @@ pub trait StorageFile {
     fn write_at(&self, position: u64, buf: AlignedBuf) -> IoFuture<(io::Result<()>, AlignedBuf)>;
     /// Read up to `buf.capacity()` bytes at `position`; `buf.len()` is what was read (short at EOF).
     fn read_at(&self, position: u64, buf: AlignedBuf) -> IoFuture<(io::Result<()>, AlignedBuf)>;
+    /// [`write_at`](Self::write_at), and this write is durable when it completes (io_uring: one
+    /// `RWF_DSYNC` write, no separate fdatasync). Only this write: others completed before it
+    /// still need a sync. The default is the write followed by `sync_data`.
+    fn write_at_durable(
+        &self,
+        position: u64,
+        buf: AlignedBuf,
+    ) -> IoFuture<(io::Result<()>, AlignedBuf)> {
+        let write = self.write_at(position, buf);
+        let sync = self.sync_data();
+        Box::pin(async move {
+            let (result, buf) = write.await;
+            if result.is_err() {
+                return (result, buf);
+            }
+            (sync.await, buf)
+        })
+    }
     fn sync_data(&self) -> IoFuture<io::Result<()>>;
     /// syncfs(2) on this file's file system: everything written to any file on it before the call
     /// is durable when it returns (one journal commit and one device flush for many files).

@@ -76,6 +76,21 @@ impl SimFile {
             .push((self.completed_writes, position, bytes.to_vec()));
     }
 
+    /// A write issued durable (`RWF_DSYNC`): it alone becomes durable; writes completed before
+    /// it stay as they were.
+    fn write_durable(&mut self, position: u64, bytes: &[u8]) {
+        self.write(position, bytes);
+        let n = self.completed_writes;
+        let (mine, rest) = std::mem::take(&mut self.unsynced)
+            .into_iter()
+            .partition(|(m, _, _)| *m == n);
+        self.unsynced = rest;
+        for (_, position, bytes) in mine {
+            put(&mut self.durable, position, &bytes);
+            self.durable_len = self.durable_len.max(position + bytes.len() as u64);
+        }
+    }
+
     /// The writes completed up to `upto` (a sync's snapshot of `completed_writes` when it was
     /// issued) become durable; later ones stay unsynced, as with fdatasync(2).
     fn sync(&mut self, upto: u64) {
@@ -442,15 +457,13 @@ impl Storage for SimFs {
     }
 }
 
-impl StorageFile for SimHandle {
-    fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn write_at(
+impl SimHandle {
+    /// A write; `durable`: issued with `RWF_DSYNC` (durable itself once it completes).
+    fn write(
         &self,
         position: u64,
         mut buf: AlignedBuf,
+        durable: bool,
     ) -> IoFuture<(io::Result<()>, AlignedBuf)> {
         buf.zero_padding();
         let fs = self.fs.clone();
@@ -476,10 +489,39 @@ impl StorageFile for SimHandle {
             if !state.has_room(current_len, end) {
                 return (Err(enospc()), buf);
             }
-            state.writes += 1;
-            lock(&file).write(position, bytes);
+            if durable {
+                // RWF_DSYNC: the write and its flush, so a sync fault applies too.
+                // A failed flush leaves the data written but not durable.
+                state.writes += 1;
+                if let Err(e) = state.begin_sync() {
+                    lock(&file).write(position, bytes);
+                    return (Err(e), buf);
+                }
+                lock(&file).write_durable(position, bytes);
+            } else {
+                state.writes += 1;
+                lock(&file).write(position, bytes);
+            }
             (Ok(()), buf)
         })
+    }
+}
+
+impl StorageFile for SimHandle {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn write_at(&self, position: u64, buf: AlignedBuf) -> IoFuture<(io::Result<()>, AlignedBuf)> {
+        self.write(position, buf, false)
+    }
+
+    fn write_at_durable(
+        &self,
+        position: u64,
+        buf: AlignedBuf,
+    ) -> IoFuture<(io::Result<()>, AlignedBuf)> {
+        self.write(position, buf, true)
     }
 
     fn read_at(

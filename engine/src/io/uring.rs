@@ -167,6 +167,45 @@ impl StorageFile for UringFile {
         })
     }
 
+    fn write_at_durable(
+        &self,
+        position: u64,
+        mut buf: AlignedBuf,
+    ) -> IoFuture<(io::Result<()>, AlignedBuf)> {
+        let file = self.file.clone();
+        Box::pin(async move {
+            let meaningful = buf.len();
+            buf.zero_padding();
+            buf.set_len(buf.padded_len());
+            let mut op = DsyncWrite {
+                file,
+                buf,
+                done: 0,
+                position,
+            };
+            let result = loop {
+                let total = op.buf.len();
+                let BufResult(result, back) = compio::runtime::submit(op).await;
+                op = back;
+                match result {
+                    Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) if n % block_bytes != 0 && op.done + n < total => {
+                        break Err(io::Error::other(format!(
+                            "unaligned short O_DIRECT write of {n} bytes"
+                        )))
+                    }
+                    Ok(n) if op.done + n >= total => break Ok(()),
+                    Ok(n) => op.done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            let mut buf = op.buf;
+            buf.set_len(meaningful);
+            (result, buf)
+        })
+    }
+
     fn read_at(
         &self,
         position: u64,
@@ -260,5 +299,32 @@ impl OpCode for Fallocate {
             .mode(0)
             .build()
             .into()
+    }
+}
+
+/// `pwritev2(fd, buf[done..], position + done, RWF_DSYNC)` as an io_uring operation: the write
+/// is durable when it completes (with O_DIRECT into blocks already written, the block layer sends
+/// it with FUA, or as write + flush where the device has no FUA, merging concurrent flushes).
+struct DsyncWrite {
+    file: Rc<File>,
+    buf: AlignedBuf,
+    done: usize,
+    position: u64,
+}
+
+impl OpCode for DsyncWrite {
+    fn create_entry(self: Pin<&mut Self>) -> OpEntry {
+        // The buffer is a heap allocation owned by this op, which compio keeps alive (and the
+        // allocation in place) until the kernel completes the operation.
+        let bytes = &self.buf.as_slice()[self.done..];
+        opcode::Write::new(
+            Fd(self.file.as_raw_fd()),
+            bytes.as_ptr(),
+            bytes.len() as u32,
+        )
+        .offset(self.position + self.done as u64)
+        .rw_flags(libc::RWF_DSYNC)
+        .build()
+        .into()
     }
 }

@@ -36,6 +36,8 @@ struct Pending {
     /// Each member partition and the offset its record covers up to.
     members: Vec<(PartitionId, u64)>,
     written: bool,
+    /// Issued durable by itself (`RWF_DSYNC`): durable once written, no sync needed.
+    durable_when_written: bool,
 }
 
 /// The pipeline of one shard's journal.
@@ -103,8 +105,24 @@ impl Pipeline {
         (start == self.head || self.pending.is_empty()).then_some(start)
     }
 
-    /// A write of `len` bytes at `start` (from [`place`](Self::place)) is being issued.
-    pub fn begin_write(&mut self, start: u64, len: u64, members: Vec<(PartitionId, u64)>) {
+    /// Does the next write go out durable by itself (`StorageFile::write_at_durable`)? Yes when
+    /// nothing else is pending: the write would otherwise be followed by a sync of its own, and
+    /// one durable write is one I/O instead of two (and no punt to a worker thread, which
+    /// io_uring does for every fsync). With writes pending, the next one is a plain write that a
+    /// sync covers together with them: one flush for many writes.
+    pub fn next_write_durable(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// A write of `len` bytes at `start` (from [`place`](Self::place)) is being issued, durable
+    /// by itself if `durable` (as [`next_write_durable`](Self::next_write_durable) said).
+    pub fn begin_write(
+        &mut self,
+        start: u64,
+        len: u64,
+        members: Vec<(PartitionId, u64)>,
+        durable: bool,
+    ) {
         assert!(start >= self.head, "journal writes go forward");
         assert!(
             start == self.head || self.pending.is_empty(),
@@ -115,13 +133,15 @@ impl Pipeline {
             end: self.head,
             members,
             written: false,
+            durable_when_written: durable,
         });
     }
 
-    /// The write ending at `end` completed successfully.
-    pub fn on_written(&mut self, end: u64) {
+    /// The write ending at `end` completed successfully. Returns, in journal order, the members
+    /// of the writes that are durable now: written durable writes at the front of the journal.
+    pub fn on_written(&mut self, end: u64) -> Vec<(PartitionId, u64)> {
         if self.failed {
-            return;
+            return Vec::new();
         }
         let write = self
             .pending
@@ -130,6 +150,17 @@ impl Pipeline {
             .expect("a completed journal write is pending");
         assert!(!write.written, "a journal write completes once");
         write.written = true;
+        let mut members = Vec::new();
+        while self
+            .pending
+            .front()
+            .is_some_and(|w| w.written && w.durable_when_written)
+        {
+            let write = self.pending.pop_front().expect("checked");
+            members.extend(write.members);
+            self.durable_head = write.end;
+        }
+        members
     }
 
     /// A sync to issue now, if none is in flight and written writes wait for one: it covers the
@@ -193,10 +224,32 @@ mod tests {
         vec![(PartitionId::new("t", p), offset)]
     }
 
+    /// A plain write (covered by a sync).
     fn issue(j: &mut Pipeline, len: u64, members: Vec<(PartitionId, u64)>) -> u64 {
         let start = j.place(len).expect("room");
-        j.begin_write(start, len, members);
+        j.begin_write(start, len, members, false);
         start + len
+    }
+
+    #[test]
+    fn a_write_issued_alone_is_durable_when_written_and_those_behind_it_wait_for_a_sync() {
+        let mut j = pipeline(64 * B, 0, 3);
+        assert!(j.next_write_durable(), "nothing pending");
+        let start = j.place(B).expect("room");
+        j.begin_write(start, B, member(1, 10), true);
+        let w1 = start + B;
+        assert!(!j.next_write_durable(), "w1 is pending");
+        let w2 = issue(&mut j, B, member(2, 20));
+        // w2 completes first: nothing is durable (w1 is still in flight, and w2 needs a sync).
+        assert_eq!(j.on_written(w2), Vec::new());
+        assert_eq!(j.next_sync(), None, "w1 in flight holds the prefix");
+        // w1 completes: durable by itself, acknowledged at once, no sync for it.
+        assert_eq!(j.on_written(w1), member(1, 10));
+        assert_eq!(j.durable_head(), w1);
+        // w2 still needs its sync.
+        assert_eq!(j.next_sync(), Some(w2));
+        assert_eq!(j.on_synced(w2), member(2, 20));
+        assert!(j.next_write_durable());
     }
 
     #[test]
