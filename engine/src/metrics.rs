@@ -47,7 +47,7 @@ counters!(
     /// Zero writes that laid out a partition's file ahead of its write head (the runway).
     runway_writes,
     runway_bytes,
-    /// Shard journal writes (each with its fdatasync) and the bytes they wrote.
+    /// Shard journal writes and the bytes they wrote.
     journal_writes,
     journal_bytes,
     /// fdatasyncs of the shard journals (each makes every journal write completed before it

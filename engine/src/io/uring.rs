@@ -303,8 +303,10 @@ impl OpCode for Fallocate {
 }
 
 /// `pwritev2(fd, buf[done..], position + done, RWF_DSYNC)` as an io_uring operation: the write
-/// is durable when it completes (with O_DIRECT into blocks already written, the block layer sends
-/// it with FUA, or as write + flush where the device has no FUA, merging concurrent flushes).
+/// is durable when it completes. The file system sends it with FUA where it can (an overwrite on
+/// a device with FUA) and otherwise does the fdatasync work itself when the write completes; the
+/// ring issues it inline (a trace of one append in flight: 7 of 3,736 such writes went to an
+/// io-wq worker, while io_uring hands every fsync to one).
 struct DsyncWrite {
     file: Rc<File>,
     buf: AlignedBuf,
