@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::rc::Rc;
 
-use compio::buf::{BufResult, IntoInner, IoBuf};
+use compio::buf::BufResult;
 use compio::driver::{OpCode, OpEntry};
 use compio::fs::{File, OpenOptions};
-use compio::io::{AsyncReadAt, AsyncWriteAt};
+use compio::io::AsyncReadAt;
 use io_uring::{opcode, types::Fd};
 
 use super::{temp_path, AlignedBuf, IoFuture, Storage, StorageFile};
@@ -122,88 +122,21 @@ impl StorageFile for UringFile {
         &self.path
     }
 
-    fn write_at(
-        &self,
-        position: u64,
-        mut buf: AlignedBuf,
-    ) -> IoFuture<(io::Result<()>, AlignedBuf)> {
-        let file = self.file.clone();
-        Box::pin(async move {
-            let meaningful = buf.len();
-            buf.zero_padding();
-            buf.set_len(buf.padded_len());
-            let total = buf.len();
-            let mut done = 0;
-            while done < total {
-                let mut writer = &*file;
-                let BufResult(result, slice) = writer
-                    .write_at(buf.slice(done..total), position + done as u64)
-                    .await;
-                buf = slice.into_inner();
-                match result {
-                    Ok(0) => {
-                        buf.set_len(meaningful);
-                        return (Err(io::ErrorKind::WriteZero.into()), buf);
-                    }
-                    Ok(n) if n % block_bytes != 0 && done + n < total => {
-                        buf.set_len(meaningful);
-                        return (
-                            Err(io::Error::other(format!(
-                                "unaligned short O_DIRECT write of {n} bytes"
-                            ))),
-                            buf,
-                        );
-                    }
-                    Ok(n) => done += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        buf.set_len(meaningful);
-                        return (Err(e), buf);
-                    }
-                }
-            }
-            buf.set_len(meaningful);
-            (Ok(()), buf)
-        })
+    fn write_at(&self, position: u64, buf: AlignedBuf) -> IoFuture<(io::Result<()>, AlignedBuf)> {
+        Box::pin(write_whole(self.file.clone(), position, buf, 0))
     }
 
     fn write_at_durable(
         &self,
         position: u64,
-        mut buf: AlignedBuf,
+        buf: AlignedBuf,
     ) -> IoFuture<(io::Result<()>, AlignedBuf)> {
-        let file = self.file.clone();
-        Box::pin(async move {
-            let meaningful = buf.len();
-            buf.zero_padding();
-            buf.set_len(buf.padded_len());
-            let mut op = DsyncWrite {
-                file,
-                buf,
-                done: 0,
-                position,
-            };
-            let result = loop {
-                let total = op.buf.len();
-                let BufResult(result, back) = compio::runtime::submit(op).await;
-                op = back;
-                match result {
-                    Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) if n % block_bytes != 0 && op.done + n < total => {
-                        break Err(io::Error::other(format!(
-                            "unaligned short O_DIRECT write of {n} bytes"
-                        )))
-                    }
-                    Ok(n) if op.done + n >= total => break Ok(()),
-                    Ok(n) => op.done += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => break Err(e),
-                }
-            };
-            let mut buf = op.buf;
-            buf.set_len(meaningful);
-            (result, buf)
-        })
+        Box::pin(write_whole(
+            self.file.clone(),
+            position,
+            buf,
+            libc::RWF_DSYNC,
+        ))
     }
 
     fn read_at(
@@ -302,19 +235,69 @@ impl OpCode for Fallocate {
     }
 }
 
-/// `pwritev2(fd, buf[done..], position + done, RWF_DSYNC)` as an io_uring operation: the write
-/// is durable when it completes. The file system sends it with FUA where it can (an overwrite on
-/// a device with FUA) and otherwise does the fdatasync work itself when the write completes; the
-/// ring issues it inline (a trace of one append in flight: 7 of 3,736 such writes went to an
-/// io-wq worker, while io_uring hands every fsync to one).
-struct DsyncWrite {
+/// Write the whole of `buf` (padded to blocks) at `position`, resubmitting after a short write;
+/// `flags` are `pwritev2(2)` flags (`RWF_DSYNC`, or none). The buffer comes back with its
+/// meaningful length.
+async fn write_whole(
+    file: Rc<File>,
+    position: u64,
+    mut buf: AlignedBuf,
+    flags: i32,
+) -> (io::Result<()>, AlignedBuf) {
+    let meaningful = buf.len();
+    buf.zero_padding();
+    buf.set_len(buf.padded_len());
+    let total = buf.len();
+    if total == 0 {
+        buf.set_len(meaningful);
+        return (Ok(()), buf);
+    }
+    let mut op = WriteOp {
+        file,
+        buf,
+        done: 0,
+        position,
+        flags,
+    };
+    let result = loop {
+        let BufResult(result, back) = compio::runtime::submit(op).await;
+        op = back;
+        match result {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) if n % block_bytes != 0 && op.done + n < total => {
+                break Err(io::Error::other(format!(
+                    "unaligned short O_DIRECT write of {n} bytes"
+                )))
+            }
+            Ok(n) => {
+                op.done += n;
+                if op.done >= total {
+                    break Ok(());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    let mut buf = op.buf;
+    buf.set_len(meaningful);
+    (result, buf)
+}
+
+/// `pwritev2(fd, buf[done..], position + done, flags)` as an io_uring operation. With
+/// `RWF_DSYNC` the write is durable when it completes: the file system sends it with FUA where it
+/// can (an overwrite on a device with FUA) and otherwise does the fdatasync work itself when the
+/// write completes; the ring issues it inline (a trace of one append in flight: 7 of 3,736 such
+/// writes went to an io-wq worker, while io_uring hands every fsync to one).
+struct WriteOp {
     file: Rc<File>,
     buf: AlignedBuf,
     done: usize,
     position: u64,
+    flags: i32,
 }
 
-impl OpCode for DsyncWrite {
+impl OpCode for WriteOp {
     fn create_entry(self: Pin<&mut Self>) -> OpEntry {
         // The buffer is a heap allocation owned by this op, which compio keeps alive (and the
         // allocation in place) until the kernel completes the operation.
@@ -325,7 +308,7 @@ impl OpCode for DsyncWrite {
             bytes.len() as u32,
         )
         .offset(self.position + self.done as u64)
-        .rw_flags(libc::RWF_DSYNC)
+        .rw_flags(self.flags)
         .build()
         .into()
     }
