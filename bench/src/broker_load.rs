@@ -128,11 +128,16 @@ impl Conn {
         self.stream.write_all(&frame)
     }
 
+    /// The length of the first frame in the inbox (size prefix included), once its prefix is
+    /// there.
+    fn announced(&self) -> Option<usize> {
+        let size = self.inbox.get(..4)?;
+        Some(4 + i32::from_be_bytes(size.try_into().expect("4 bytes")).max(0) as usize)
+    }
+
     /// The length of the first whole frame in the inbox (size prefix included), if there is one.
     fn frame_ready(&self) -> Option<usize> {
-        let size = self.inbox.get(..4)?;
-        let size = i32::from_be_bytes(size.try_into().expect("4 bytes")).max(0) as usize;
-        (self.inbox.len() >= 4 + size).then_some(4 + size)
+        self.announced().filter(|&len| self.inbox.len() >= len)
     }
 
     fn receive<R: Request>(&mut self, version: i16) -> std::io::Result<R::Response> {
@@ -141,9 +146,7 @@ impl Conn {
                 break self.inbox.split_to(len).freeze();
             }
             let filled = self.inbox.len();
-            let announced = self.inbox.get(..4).map_or(0, |size| {
-                4 + i32::from_be_bytes(size.try_into().expect("4 bytes")).max(0) as usize
-            });
+            let announced = self.announced().unwrap_or(0);
             if announced > filled + self.scratch.len() {
                 // A large frame (a fetch response): its rest straight into one buffer, unzeroed.
                 let mut frame = Vec::with_capacity(announced);

@@ -211,21 +211,19 @@ async fn serve_connection(
     // Produce requests read while more bytes are already waiting in the socket are held and
     // handed to the broker together: a client that pipelines its requests (several produce
     // requests sent at once) then reaches the engine as one group, which it writes and syncs
-    // together, instead of the first one alone and the rest behind it.
-    let mut held: Vec<(Request, Inflight)> = Vec::new();
-    let mut held_bytes = 0usize;
+    // together, instead of the first one alone and the rest behind it. Each is held with its
+    // frame's length.
+    let mut held: Vec<(Request, Inflight, usize)> = Vec::new();
     loop {
         let more_waiting = || {
             frames.frame_buffered()
-                || (held_bytes < hold_bytes_max
+                || (held.iter().map(|h| h.2).sum::<usize>() < hold_bytes_max
                     && held.len() < hold_requests_max
                     && readable_now(&probe))
         };
-        if !held.is_empty() && !more_waiting() {
-            held_bytes = 0;
-            if !dispatch_all(&mut held, broker, peer, &tx).await {
-                break;
-            }
+        if !held.is_empty() && !more_waiting() && !dispatch_all(&mut held, broker, peer, &tx).await
+        {
+            break;
         }
         let next = frames.next(&mut reader);
         let read = if held.is_empty() {
@@ -237,7 +235,6 @@ async fn serve_connection(
             match futures::future::select(next.as_mut(), stall).await {
                 Either::Left((read, _)) => read,
                 Either::Right(((), _)) => {
-                    held_bytes = 0;
                     if !dispatch_all(&mut held, broker, peer, &tx).await {
                         break;
                     }
@@ -289,13 +286,9 @@ async fn serve_connection(
         // is held before it, in order).
         let produce = request.key == ApiKey::Produce;
         // Counted from here: a shutdown waits for held requests too.
-        held.push((request, Inflight::new(net)));
-        held_bytes += len;
-        if !produce {
-            held_bytes = 0;
-            if !dispatch_all(&mut held, broker, peer, &tx).await {
-                break;
-            }
+        held.push((request, Inflight::new(net), len));
+        if !produce && !dispatch_all(&mut held, broker, peer, &tx).await {
+            break;
         }
     }
     dispatch_all(&mut held, broker, peer, &tx).await;
@@ -315,12 +308,12 @@ fn readable_now(stream: &TcpStream) -> bool {
 /// Hand the held requests to the broker in order and their answers to the writer; false once
 /// the writer is gone.
 async fn dispatch_all(
-    held: &mut Vec<(Request, Inflight)>,
+    held: &mut Vec<(Request, Inflight, usize)>,
     broker: &Arc<Broker>,
     peer: SocketAddr,
     tx: &flume::Sender<Outgoing>,
 ) -> bool {
-    for (request, inflight) in held.drain(..) {
+    for (request, inflight, _) in held.drain(..) {
         let (key, version, correlation_id) = (
             request.key,
             request.header.request_api_version,
@@ -456,20 +449,23 @@ impl FrameReader {
         }
     }
 
-    /// Whether a whole frame is already buffered.
+    /// The size the next frame announces, once its 4-byte prefix is buffered.
+    fn announced_size(&self) -> Option<i32> {
+        Some(i32::from_be_bytes(self.buf.get(..4)?.try_into().ok()?))
+    }
+
+    /// Whether a whole frame (or a size prefix [`buffered_frame`](Self::buffered_frame) rejects)
+    /// is already buffered.
     fn frame_buffered(&self) -> bool {
-        self.buf.len() >= 4 && {
-            let size = i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
-            size < 0 || self.buf.len() >= 4 + size as usize
-        }
+        self.announced_size()
+            .is_some_and(|size| size < 0 || self.buf.len() >= 4 + size as usize)
     }
 
     /// A complete frame split off the buffer, or how many more bytes the next frame needs.
     fn buffered_frame(&mut self) -> Result<Result<Bytes, usize>, ReadError> {
-        if self.buf.len() < 4 {
+        let Some(size) = self.announced_size() else {
             return Ok(Err(4 - self.buf.len()));
-        }
-        let size = i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+        };
         if size < 0 || size as usize > self.max {
             return Err(ReadError::Size(size as i64));
         }

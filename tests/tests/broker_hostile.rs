@@ -40,8 +40,8 @@ fn produce(
 }
 
 fn produce_code(w: &mut Wire, request: &ProduceRequest) -> i16 {
-    let r = w.call(9, request);
-    r.responses[0].partition_responses[0].error_code
+    w.send(9, request);
+    produce_answer(w).0
 }
 
 /// A Fetch of one partition from `offset`: up to `max_bytes` in all and for the partition, waiting
@@ -387,12 +387,11 @@ fn a_full_disk_is_kafka_storage_error_and_nothing_is_lost() {
     assert_eq!(log_end(&mut w, "filling"), stored);
     // Space comes back: appends continue right after the last acknowledged one.
     fs.set_faults(FaultConfig::default());
-    let r = w.call(
+    w.send(
         9,
         &produce("filling", 0, kafka_batch(&[b"again"], None), -1),
     );
-    let p = &r.responses[0].partition_responses[0];
-    assert_eq!((p.error_code, p.base_offset), (0, stored));
+    assert_eq!(produce_answer(&mut w), (0, stored));
     server.shutdown().unwrap();
 }
 
@@ -630,7 +629,7 @@ fn a_fetch_of_thousands_of_small_batches_is_answered_whole() {
     server.shutdown().unwrap();
 }
 
-/// A Produce answer's (error code, base offset).
+/// The answer to the oldest Produce request sent on `w`: (error code, base offset).
 fn produce_answer(w: &mut Wire) -> (i16, i64) {
     let r = w.receive::<ProduceRequest>(9);
     let p = &r.responses[0].partition_responses[0];
