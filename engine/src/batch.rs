@@ -111,14 +111,16 @@ impl BatchHeader {
         })
     }
 
-    /// Offset of the last record: base + lastOffsetDelta.
+    /// Offset of the last record: base + lastOffsetDelta. Saturates on a header no one validated
+    /// (a validated one fits Kafka's range, see [`validate`]), so damaged bytes cannot overflow it.
     pub fn last_offset(&self) -> u64 {
-        self.base_offset + self.last_offset_delta as u64
+        self.base_offset
+            .saturating_add(self.last_offset_delta.max(0) as u64)
     }
 
     /// The offset after this batch.
     pub fn next_offset(&self) -> u64 {
-        self.last_offset() + 1
+        self.last_offset().saturating_add(1)
     }
 
     pub fn compression(&self) -> u8 {
@@ -156,6 +158,11 @@ pub enum BatchError {
     #[error("recordsCount {records_count} does not match lastOffsetDelta {last_offset_delta}")]
     RecordCount {
         records_count: i32,
+        last_offset_delta: i32,
+    },
+    #[error("offsets {base_offset}..+{last_offset_delta} lie outside Kafka's offset range")]
+    OffsetRange {
+        base_offset: i64,
         last_offset_delta: i32,
     },
     #[error("empty input: no batch")]
@@ -214,6 +221,17 @@ pub fn validate(bytes: &[u8], check: OffsetCheck) -> Result<BatchHeader, BatchEr
     if !count_ok {
         return Err(BatchError::RecordCount {
             records_count: header.records_count,
+            last_offset_delta: header.last_offset_delta,
+        });
+    }
+    // Offsets a caller keeps (a replica's, a stored batch's) must fit Kafka's signed range with
+    // room for the next offset: the base offset is outside the CRC'd range, so damage there
+    // passes the CRC. A producer's base offset is replaced on append and not checked.
+    let base = header.base_offset as i64;
+    let range_ok = base >= 0 && base < i64::MAX - header.last_offset_delta as i64;
+    if check == OffsetCheck::Sparse && !range_ok {
+        return Err(BatchError::OffsetRange {
+            base_offset: base,
             last_offset_delta: header.last_offset_delta,
         });
     }
@@ -360,6 +378,40 @@ mod tests {
             validate_all(&[], OffsetCheck::Dense),
             Err(BatchError::Empty)
         );
+    }
+
+    #[test]
+    fn kept_offsets_must_fit_kafkas_range_and_a_producers_are_not_checked() {
+        let three = BatchBuilder {
+            records_count: 3,
+            ..Default::default()
+        }
+        .build(b"abc");
+        for (base, fits) in [
+            (0i64, true),
+            (i64::MAX - 3, true),
+            (i64::MAX - 2, false),
+            (i64::MAX, false),
+            (-1, false),
+            (i64::MIN, false),
+        ] {
+            let mut b = three.clone();
+            set_base_offset(&mut b, base as u64);
+            let sparse = validate(&b, OffsetCheck::Sparse);
+            if fits {
+                let h = sparse.unwrap();
+                assert!(h.next_offset() <= i64::MAX as u64, "{base}");
+            } else {
+                assert_eq!(
+                    sparse,
+                    Err(BatchError::OffsetRange {
+                        base_offset: base,
+                        last_offset_delta: 2
+                    })
+                );
+            }
+            assert!(validate(&b, OffsetCheck::Dense).is_ok(), "{base}");
+        }
     }
 
     #[test]

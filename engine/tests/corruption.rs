@@ -307,3 +307,46 @@ fn a_batch_starting_a_few_bytes_before_a_read_boundary_is_recovered_and_read() {
         assert_eq!(read.next_offset, 1, "{short}");
     }
 }
+
+#[test]
+fn a_stored_offset_outside_kafkas_range_is_damage_not_a_panic() {
+    // The base offset lies outside the CRC'd range, so a damaged one still passes the CRC. Offsets
+    // that do not fit Kafka's signed 64-bit range (negative, or a last offset at i64::MAX) made
+    // recovery overflow its offset arithmetic and take the shard down (found by the recovery fuzz
+    // target). They are damage like any other: refused in Strict, cut in TruncateTail.
+    let (pristine, p, logs) = build_log();
+    let last = logs.last().unwrap().clone();
+    // The position of the last batch of the last segment.
+    let last_batch = pristine
+        .with_file(&last, |data| {
+            let (mut at, mut previous) = (0, None);
+            // Zeros past the log's end parse as magic 0, an error: the walk stops there.
+            while let Ok(h) = keel_engine::batch::BatchHeader::parse(&data[at..]) {
+                previous = Some(at);
+                at += h.size_bytes;
+            }
+            previous
+        })
+        .unwrap()
+        .expect("the last segment holds batches");
+    // The last batch holds one record: i64::MAX - 1 would still fit (its next offset is i64::MAX).
+    for bad in [-1i64, -2_000_000_000, i64::MIN, i64::MAX] {
+        let fs = copy(&pristine);
+        fs.with_file(&last, |data| {
+            keel_engine::batch::set_base_offset(&mut data[last_batch..], bad as u64)
+        })
+        .unwrap();
+        match open(&fs, RecoveryMode::Strict) {
+            Err(Error::Corruption { file, position, .. }) => {
+                assert_eq!(file, last, "{bad}");
+                assert_eq!(position as usize, last_batch, "{bad}");
+            }
+            Err(other) => panic!("{bad}: unexpected {other}"),
+            Ok(_) => panic!("{bad}: a log holding offset {bad} opened in Strict mode"),
+        }
+        let engine = open(&fs, RecoveryMode::TruncateTail).unwrap();
+        let (tags, error) = read_all(&engine, &p);
+        assert!(error.is_none(), "{bad}: {error:?}");
+        assert_eq!(tags, (0..BATCHES - 1).collect::<Vec<_>>(), "{bad}");
+    }
+}
