@@ -35,6 +35,9 @@ counters!(
     fsyncs,
     /// syncfs calls that made several partitions durable at once.
     group_syncs,
+    /// Sync calls for partitions' segments as the device sees them: each fdatasync of one file,
+    /// and each syncfs once however many partitions it served (`fsyncs` counts those).
+    segment_sync_calls,
     /// Batches that failed their integrity checks (CRC or header) on a read; never served.
     crc_failures,
     io_errors,

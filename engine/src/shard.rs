@@ -306,6 +306,7 @@ impl Shard {
         if group {
             bump(&metrics.group_syncs, 1);
         }
+        bump(&metrics.segment_sync_calls, 1);
         *sync_inflight = true;
         inflight.push(Box::pin(async move {
             let result = if group {

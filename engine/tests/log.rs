@@ -464,6 +464,7 @@ fn partitions_due_together_share_one_filesystem_sync() {
             ..Default::default()
         });
         let (_, syncs_before) = fs.op_counts();
+        let metrics_before = engine.metrics();
         let appends = ids
             .iter()
             .map(|id| engine.append(id, batch(id.partition as u64, 1, 100, 0), 0));
@@ -475,6 +476,14 @@ fn partitions_due_together_share_one_filesystem_sync() {
             syncs_after - syncs_before < 16,
             "32 partitions took {} syncs",
             syncs_after - syncs_before
+        );
+        // `fsyncs` counts a partition sync per member; `segment_sync_calls` what the device saw.
+        let m = engine.metrics();
+        let calls = m.segment_sync_calls - metrics_before.segment_sync_calls;
+        assert!(m.fsyncs - metrics_before.fsyncs >= ids.len() as u64);
+        assert!(
+            calls >= 1 && calls <= syncs_after - syncs_before,
+            "{calls} sync calls"
         );
     });
     assert!(engine.metrics().group_syncs >= 1);

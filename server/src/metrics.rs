@@ -141,6 +141,7 @@ impl Metrics {
             ("deferred_writes", engine.deferred_writes),
             ("fsyncs", engine.fsyncs),
             ("group_syncs", engine.group_syncs),
+            ("segment_sync_calls", engine.segment_sync_calls),
             ("crc_failures", engine.crc_failures),
             ("io_errors", engine.io_errors),
             ("disk_full_errors", engine.disk_full_errors),
