@@ -605,9 +605,9 @@ fn engine_run(args: &EngineArgs, base: Option<RawResult>) -> Result<Value, Strin
         }
     );
     println!(
-        "engine: {:.0} MB/s, {:.0} batches/s over {:.2} s; {} writes, {} segment syncs ({} of them syncfs, for {} partition syncs; {:.1} appends per sync call); journal: {} writes ({} durable by themselves), {} fdatasyncs, {} checkpoints, {} waits (ring full or new lap)",
+        "engine: {:.0} MB/s, {:.0} batches/s over {:.2} s; {} writes ({} durable by themselves), {} segment syncs ({} of them syncfs, for {} partition syncs; {:.1} appends per sync call); journal: {} writes ({} durable by themselves), {} fdatasyncs, {} checkpoints, {} waits (ring full or new lap)",
         r.throughput_mb_s, r.batches_per_s, r.seconds, r.metrics.writes,
-        r.metrics.segment_sync_calls, r.metrics.group_syncs, r.metrics.fsyncs,
+        r.metrics.segment_durable_writes, r.metrics.segment_sync_calls, r.metrics.group_syncs, r.metrics.fsyncs,
         r.metrics.appends as f64
             / (r.metrics.segment_sync_calls + r.metrics.journal_syncs).max(1) as f64,
         r.metrics.journal_writes, r.metrics.journal_durable_writes, r.metrics.journal_syncs,
@@ -645,7 +645,7 @@ fn engine_run(args: &EngineArgs, base: Option<RawResult>) -> Result<Value, Strin
         "baseline_latency_us": baseline_latency.to_json(),
         "timeline": r.timeline,
         "latency_curve": r.curve,
-        "engine": { "writes": r.metrics.writes, "write_bytes": r.metrics.write_bytes, "fsyncs": r.metrics.fsyncs, "segment_sync_calls": r.metrics.segment_sync_calls, "group_syncs": r.metrics.group_syncs, "journal_writes": r.metrics.journal_writes, "journal_syncs": r.metrics.journal_syncs, "appends": r.metrics.appends },
+        "engine": { "writes": r.metrics.writes, "write_bytes": r.metrics.write_bytes, "fsyncs": r.metrics.fsyncs, "segment_sync_calls": r.metrics.segment_sync_calls, "segment_durable_writes": r.metrics.segment_durable_writes, "group_syncs": r.metrics.group_syncs, "journal_writes": r.metrics.journal_writes, "journal_syncs": r.metrics.journal_syncs, "appends": r.metrics.appends },
     });
     Ok(result)
 }
@@ -760,10 +760,11 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
     let broker_engine = server.as_ref().map(|s| s.broker().engine.metrics());
     if let Some(m) = &broker_engine {
         println!(
-            "broker's engine: {} appends, {} writes ({} of a carried block queued behind the write before), {} segment syncs ({} of them syncfs), {} journal fdatasyncs ({:.1} appends per sync call)",
+            "broker's engine: {} appends, {} writes ({} of a carried block queued behind the write before, {} durable by themselves), {} segment syncs ({} of them syncfs), {} journal fdatasyncs ({:.1} appends per sync call)",
             m.appends,
             m.writes,
             m.deferred_writes,
+            m.segment_durable_writes,
             m.segment_sync_calls,
             m.group_syncs,
             m.journal_syncs,

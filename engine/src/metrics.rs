@@ -30,6 +30,9 @@ counters!(
     /// Writes of a carried block queued until the earlier write of that block completed, while
     /// the blocks after it were written at once.
     deferred_writes,
+    /// Segment writes issued durable by themselves (`RWF_DSYNC`: the write was all an
+    /// `every-batch` partition had pending, so no fdatasync follows it).
+    segment_durable_writes,
     /// Partition segment syncs requested (each fdatasync, and each member of a syncfs group, so a
     /// checkpoint of a shard's journal counts once per partition it waits for).
     fsyncs,

@@ -212,6 +212,9 @@ struct InflightWrite {
     /// More than one block: counts against `partition_writes_inflight_max` (the carried block and
     /// a partial last block go out as small writes of their own, see `start_write`).
     large: bool,
+    /// Issued durable by itself (`RWF_DSYNC`, see `start_write`): durable once done, if every
+    /// write before it is.
+    durable: bool,
     done: bool,
     failed: bool,
     /// Not yet submitted: a carried block completed with the next bytes, waiting until the
@@ -301,6 +304,8 @@ pub(crate) struct Partition {
     runway_off: bool,
     /// Bytes the last completed sync made durable (the size of the last group commit).
     last_group_bytes: u64,
+    /// Appends (and flushes) the last group commit answered.
+    last_group_waiters: usize,
     pub deleted: bool,
     // --- The shard journal (ARCHITECTURE.md, decision 10) ---
     /// Written in every journal record of this partition; see [`path::INCARNATION_FILE`].
@@ -387,6 +392,7 @@ impl Partition {
             runway_inflight: None,
             runway_off: false,
             last_group_bytes: 0,
+            last_group_waiters: 0,
             deleted: false,
             incarnation,
             journaled: false,
@@ -631,6 +637,7 @@ impl Partition {
             };
             complete(w, level, log_start);
         }
+        let mut completed = 0;
         while self
             .durable_waiters
             .front()
@@ -639,6 +646,10 @@ impl Partition {
             let w = self.durable_waiters.pop_front().expect("checked");
             self.flush_waiters -= usize::from(w.flush);
             complete(w, Durability::Durable, log_start);
+            completed += 1;
+        }
+        if completed > 0 {
+            self.last_group_waiters = completed;
         }
     }
 
@@ -956,6 +967,10 @@ impl Partition {
     /// batch ending inside a block) would otherwise have each write wait for the one before.
     /// `written` still advances only over a contiguous prefix of completed pieces, so nothing
     /// after the queued block counts as written before it does.
+    ///
+    /// A write durable by itself ([`lone_write`](Self::lone_write)) is not split: it goes out as
+    /// one `RWF_DSYNC` write, possibly through an io-wq worker, instead of three writes and an
+    /// fdatasync (the fdatasync is punted to a worker anyway).
     fn start_write(&mut self, io: &mut IoCtx<'_>, defer_head: bool) -> bool {
         let segment_size = self.segments[&self.write_segment].size;
         let pending = (segment_size - self.next_write_position) as usize;
@@ -974,17 +989,24 @@ impl Partition {
                 return false;
             }
         }
-        let head = if self.carry_len > 0 && total > block_bytes {
+        let durable = !hold_back && self.lone_write();
+        // A write durable by itself goes out whole: split, each piece would carry a flush of
+        // its own (measured: 65,597-byte appends, one in flight, 148 MB/s in three durable
+        // pieces, 177.5 with only single-piece writes durable, 217 whole, against 167 without).
+        let head = if !durable && self.carry_len > 0 && total > block_bytes {
             block_bytes
         } else {
             0
         };
         let last_block = align_down(total as u64) as usize;
-        let tail = if last_block > head && last_block < total {
+        let tail = if !durable && last_block > head && last_block < total {
             total - last_block
         } else {
             0
         };
+        if durable {
+            bump(&io.metrics.segment_durable_writes, 1);
+        }
         let file = self.write_file();
         let mut from = 0;
         for to in [head, total - tail, total] {
@@ -1010,11 +1032,11 @@ impl Partition {
             let position = start_position + from as u64;
             if defer_head && from == 0 {
                 debug_assert_eq!(to, block_bytes, "the carried block is a piece of its own");
-                self.record_write(position, buf.len(), false, Some(buf));
+                self.record_write(position, buf.len(), false, false, Some(buf));
                 bump(&io.metrics.deferred_writes, 1);
             } else {
-                let serial = self.record_write(position, buf.len(), large, None);
-                self.issue_write(io, &file, serial, position, buf);
+                let serial = self.record_write(position, buf.len(), large, durable, None);
+                self.issue_write(io, &file, serial, position, buf, durable);
             }
             from = to;
         }
@@ -1038,6 +1060,32 @@ impl Partition {
         }
     }
 
+    /// Does the write about to start go out durable by itself? Only when it is all there is:
+    /// an `every-batch` partition with appends waiting for it, nothing else written but not
+    /// durable, no write or sync in flight. Then one `RWF_DSYNC` write (per piece) replaces a
+    /// write and the fdatasync that would follow it alone: one I/O instead of two, and none
+    /// punted to an io-wq worker (as io_uring does every fsync). Writes with others pending stay
+    /// plain and share one fdatasync, as before. A leader-epoch checkpoint about to be written
+    /// counts as pending too: the data's fdatasync waits for it, so the append is acknowledged
+    /// with its epoch on disk, as always.
+    ///
+    /// And only while the last group commit answered one append: a producer with several
+    /// appends in flight sends them back to back after each group commit, so its first write
+    /// would go out alone and those behind it would need an fdatasync of their own — two
+    /// flushes per cycle instead of one (measured: 65,597-byte appends, 5 in flight, 443 vs 476
+    /// MB/s without this rule).
+    fn lone_write(&self) -> bool {
+        self.config.flush == FlushPolicy::EveryBatch
+            && self.last_group_waiters <= 1
+            && !self.epochs_dirty
+            && !self.write_in_background()
+            && self.writes.is_empty()
+            && self.sync_inflight.is_none()
+            && self.runway_inflight.is_none()
+            && self.offsets.written().0 == self.offsets.durable().0
+            && self.written_position == self.durable_position
+    }
+
     /// Record a write of `len` bytes at `position` in `writes` (in position order); a queued
     /// write keeps its buffer there until it is issued.
     fn record_write(
@@ -1045,6 +1093,7 @@ impl Partition {
         position: u64,
         len: usize,
         large: bool,
+        durable: bool,
         deferred: Option<AlignedBuf>,
     ) -> u64 {
         self.write_serial += 1;
@@ -1054,6 +1103,7 @@ impl Partition {
             end_position: position + len as u64,
             end_offset: self.copied_offset,
             large,
+            durable,
             done: false,
             failed: false,
             deferred,
@@ -1085,7 +1135,7 @@ impl Partition {
             let w = &mut self.writes[i];
             let (serial, buf) = (w.serial, w.deferred.take().expect("checked"));
             let file = self.write_file();
-            self.issue_write(io, &file, serial, position, buf);
+            self.issue_write(io, &file, serial, position, buf, false);
         }
     }
 
@@ -1107,13 +1157,18 @@ impl Partition {
         serial: u64,
         position: u64,
         buf: AlignedBuf,
+        durable: bool,
     ) {
         *io.writes_inflight += 1;
         bump(&io.metrics.writes, 1);
         bump(&io.metrics.write_bytes, buf.padded_len() as u64);
         let file = file.clone();
         io.submit(&self.id, async move {
-            let (result, buf) = file.write_at(position, buf).await;
+            let (result, buf) = if durable {
+                file.write_at_durable(position, buf).await
+            } else {
+                file.write_at(position, buf).await
+            };
             Event::Written {
                 serial,
                 result,
@@ -1486,11 +1541,31 @@ impl Partition {
         }
         self.issue_deferred(io);
         let before = self.offsets.written().0;
+        let durable_before = self.durable_position;
         while self.writes.front().is_some_and(|w| w.done && !w.failed) {
             let w = self.writes.pop_front().expect("checked");
+            // A durable write's bytes are durable once it is done; the log is durable through it
+            // if it was durable up to where it starts (its pieces complete in any order).
+            let durable_through = w.durable
+                && self.sync_inflight.is_none()
+                && self.offsets.durable().0 == self.offsets.written().0
+                && self.durable_position == self.written_position;
             self.offsets
                 .advance_written(Written(w.end_offset.max(self.offsets.written().0)));
             self.written_position = w.end_position;
+            if durable_through {
+                self.offsets
+                    .advance_durable(Durable(self.offsets.written().0));
+                self.durable_position = self.written_position;
+            }
+        }
+        if self.durable_position > durable_before && self.durable_position == self.written_position
+        {
+            self.last_group_bytes = self.durable_position - durable_before;
+            self.last_sync = Instant::now();
+            self.bytes_since_sync = 0;
+            self.unsynced_since = None;
+            return self.evict_cache();
         }
         self.bytes_since_sync += self.offsets.written().0 - before;
         if self.unsynced_since.is_none() && self.offsets.written().0 > before {

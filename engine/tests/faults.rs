@@ -90,33 +90,53 @@ fn assert_log_is(
 
 #[test]
 fn failed_writes_and_fdatasyncs_roll_back_and_the_log_carries_on() {
-    for (what, inject) in [("write", 0), ("fdatasync", 1)] {
+    // A lone small append goes out as one write durable by itself (`RWF_DSYNC`): a failed flush
+    // fails that write. An append larger than one write goes out as plain writes and an
+    // fdatasync. Each failure rolls the log back to its last durable point.
+    for (what, inject, size) in [
+        ("write", Inject::Write, 100),
+        ("write", Inject::Flush, 100),
+        ("fdatasync", Inject::Flush, 1536 * 1024),
+    ] {
         let fs = SimFs::default();
         let p = PartitionId::new("fail", 0);
         // The segment path's own rollback (with the journal, a failed journal write turns the
         // journal off instead: `a_failed_journal_write_or_sync_loses_nothing`).
         let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
         block_on(async {
-            engine.create_partition(&p, config()).await.unwrap();
+            let large = PartitionConfig {
+                max_message_bytes: 2 * 1024 * 1024,
+                segment_bytes: 4 * 1024 * 1024,
+                ..config()
+            };
+            engine.create_partition(&p, large).await.unwrap();
             engine.append(&p, batch(1, 1, 100, 0), 0).await.unwrap();
-            if inject == 0 {
-                fs.fail_next_writes(1)
-            } else {
-                fs.fail_next_syncs(1)
+            let durable_writes = engine.metrics().segment_durable_writes;
+            match inject {
+                Inject::Write => fs.fail_next_writes(1),
+                Inject::Flush => fs.fail_next_syncs(1),
             }
-            let err = engine.append(&p, batch(2, 1, 100, 0), 0).await.unwrap_err();
+            let err = engine
+                .append(&p, batch(2, 1, size, 0), 0)
+                .await
+                .unwrap_err();
             assert!(
                 matches!(err, Error::Io { op, .. } if op == what),
-                "{what}: {err}"
+                "{what}, {size} bytes: {err}"
+            );
+            assert_eq!(
+                engine.metrics().segment_durable_writes - durable_writes,
+                u64::from(size < 4096),
+                "{what}, {size} bytes: only a lone small write goes out durable by itself"
             );
             // The failed append is gone, and its offset is reused.
             let out = engine.append(&p, batch(3, 1, 100, 0), 0).await.unwrap();
-            assert_eq!(out.base_offset, 1, "{what}");
+            assert_eq!(out.base_offset, 1, "{what}, {size} bytes");
         });
         assert_eq!(
             log_contents(&engine, &p),
             BTreeMap::from([(0, 1), (1, 3)]),
-            "{what}"
+            "{what}, {size} bytes"
         );
         assert_eq!(engine.metrics().io_errors, 1);
         drop(engine);
@@ -124,9 +144,15 @@ fn failed_writes_and_fdatasyncs_roll_back_and_the_log_carries_on() {
         assert_eq!(
             log_contents(&engine, &p),
             BTreeMap::from([(0, 1), (1, 3)]),
-            "{what} after reopen"
+            "{what}, {size} bytes, after reopen"
         );
     }
+}
+
+#[derive(Clone, Copy)]
+enum Inject {
+    Write,
+    Flush,
 }
 
 #[test]
@@ -483,5 +509,31 @@ fn a_flush_does_not_wait_for_the_writes_to_pause() {
     assert_eq!(
         block_on(engine.partition_state(&p)).unwrap().durable.0,
         total
+    );
+}
+
+#[test]
+fn a_lone_append_written_durable_by_itself_survives_a_power_cut_at_once() {
+    // One large unaligned append in flight at a time: each goes out as one write durable by
+    // itself (no fdatasync follows it), so the moment it is acknowledged a power cut must find
+    // it whole — on a disk that keeps an arbitrary part of every write not yet flushed.
+    let fs = out_of_order_disk(7, 2);
+    let p = PartitionId::new("lone", 0);
+    let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
+    let mut acked = BTreeMap::new();
+    block_on(engine.create_partition(&p, config())).unwrap();
+    for tag in 0..24u64 {
+        let size = 70_000 + (tag as usize * 7919) % 30_000;
+        let out = block_on(engine.append(&p, batch(tag, 1, size, 0), 0)).unwrap();
+        acked.insert(out.base_offset, tag);
+        let image = fs.crash_image(CrashKind::PowerCut);
+        let reopened = Engine::open(without_journal(sim_config(&image, 1))).unwrap();
+        assert_eq!(log_contents(&reopened, &p), acked, "after append {tag}");
+    }
+    // All but the first (its fdatasync waits for the leader-epoch checkpoint) went out alone.
+    assert!(
+        engine.metrics().segment_durable_writes >= 20,
+        "{:?}",
+        engine.metrics()
     );
 }

@@ -142,6 +142,7 @@ impl Metrics {
             ("fsyncs", engine.fsyncs),
             ("group_syncs", engine.group_syncs),
             ("segment_sync_calls", engine.segment_sync_calls),
+            ("segment_durable_writes", engine.segment_durable_writes),
             ("crc_failures", engine.crc_failures),
             ("io_errors", engine.io_errors),
             ("disk_full_errors", engine.disk_full_errors),

@@ -77,18 +77,33 @@ impl SimFile {
     }
 
     /// A write issued durable (`RWF_DSYNC`): it alone becomes durable; writes completed before
-    /// it stay as they were.
+    /// it stay as they were, except where it overwrote them: the device holds its bytes there
+    /// now, and no later sync or crash brings theirs back.
     fn write_durable(&mut self, position: u64, bytes: &[u8]) {
         self.write(position, bytes);
         let n = self.completed_writes;
-        let (mine, rest) = std::mem::take(&mut self.unsynced)
-            .into_iter()
-            .partition(|(m, _, _)| *m == n);
-        self.unsynced = rest;
-        for (_, position, bytes) in mine {
-            put(&mut self.durable, position, &bytes);
-            self.durable_len = self.durable_len.max(position + bytes.len() as u64);
+        let end = position + bytes.len() as u64;
+        let mut rest = Vec::with_capacity(self.unsynced.len());
+        for (m, at, older) in std::mem::take(&mut self.unsynced) {
+            if m == n {
+                put(&mut self.durable, at, &older);
+                self.durable_len = self.durable_len.max(at + older.len() as u64);
+                continue;
+            }
+            let older_end = at + older.len() as u64;
+            if older_end <= position || at >= end {
+                rest.push((m, at, older));
+                continue;
+            }
+            // Keep only the parts outside this write's range.
+            if at < position {
+                rest.push((m, at, older[..(position - at) as usize].to_vec()));
+            }
+            if older_end > end {
+                rest.push((m, end, older[(end - at) as usize..].to_vec()));
+            }
         }
+        self.unsynced = rest;
     }
 
     /// The writes completed up to `upto` (a sync's snapshot of `completed_writes` when it was
@@ -615,5 +630,31 @@ impl StorageFile for SimHandle {
 
     fn file_len(&self) -> io::Result<u64> {
         Ok(lock(&self.file).len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_durable_write_supersedes_the_older_unsynced_writes_it_overlaps() {
+        let mut f = SimFile::new(Vec::new());
+        f.write(0, &[1; 3 * block_bytes]); // unsynced: blocks 0..3
+        f.write_durable(block_bytes as u64, &[2; block_bytes]); // durable: block 1
+                                                                // What is left unsynced of the first write is blocks 0 and 2; a power cut may keep them,
+                                                                // but never its old bytes over block 1.
+        let left: Vec<(u64, usize)> = f.unsynced.iter().map(|(_, at, b)| (*at, b.len())).collect();
+        assert_eq!(
+            left,
+            vec![(0, block_bytes), (2 * block_bytes as u64, block_bytes)]
+        );
+        f.sync(f.completed_writes);
+        assert_eq!(
+            &f.durable[block_bytes..2 * block_bytes],
+            &[2; block_bytes][..]
+        );
+        assert_eq!(&f.durable[..block_bytes], &[1; block_bytes][..]);
+        assert_eq!(&f.durable[2 * block_bytes..], &[1; block_bytes][..]);
     }
 }
