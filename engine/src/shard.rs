@@ -749,30 +749,27 @@ impl Shard {
             if incarnation != p.incarnation {
                 continue;
             }
-            let end = p.offsets.appended().0;
-            let mut at = 0;
-            while at < bytes.len() {
-                let h = BatchHeader::parse(&bytes[at..])?;
-                if h.next_offset() > end {
-                    break;
+            let outcome = match past_log_end(&bytes, p.offsets.appended().0) {
+                Ok(None) => continue,
+                Ok(Some(rest)) => {
+                    let (tx, mut rx) = futures::channel::oneshot::channel();
+                    p.append(
+                        rest,
+                        AppendKind::Replica,
+                        Some(Durability::Appended),
+                        tx,
+                        &self.metrics,
+                    );
+                    match rx.try_recv() {
+                        Ok(Some(outcome)) => outcome.map(|_| ()),
+                        _ => unreachable!("an append waiting for nothing completes at once"),
+                    }
                 }
-                at += h.size_bytes;
-            }
-            if at == bytes.len() {
-                continue;
-            }
-            let rest = Validated::check(bytes.slice(at..), AppendKind::Replica)?;
-            let (tx, mut rx) = futures::channel::oneshot::channel();
-            p.append(
-                rest,
-                AppendKind::Replica,
-                Some(Durability::Appended),
-                tx,
-                &self.metrics,
-            );
-            match rx.try_recv() {
-                Ok(Some(Ok(_))) => replayed += 1,
-                Ok(Some(Err(e))) => {
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => replayed += 1,
+                Err(e) => {
                     let reason =
                         format!("journal record of {} does not continue its log: {e}", p.id);
                     if self.config.recovery == crate::RecoveryMode::Strict {
@@ -787,7 +784,6 @@ impl Shard {
                     tracing::warn!(partition = %p.id, %reason, "journal replay stopped");
                     break;
                 }
-                _ => unreachable!("an append waiting for nothing completes at once"),
             }
         }
         if replayed > 0 {
@@ -1062,4 +1058,53 @@ async fn write_header(file: Rc<dyn StorageFile>, header: Header) -> (PartitionId
 /// Shard-level events still travel with a partition id; a journal's is never looked up.
 fn journal_event_id() -> PartitionId {
     PartitionId::new(".journal", 0)
+}
+
+/// The batches of a journal record that lie past the log's `end` (those below it the segment
+/// already holds), checked as a replica's would be; `None` if it holds nothing new. The record's
+/// CRC held, but its bytes are checked like any others: a header claiming more bytes than the
+/// record has is an error, not a slice past its end.
+fn past_log_end(bytes: &Bytes, end: u64) -> Result<Option<Validated>> {
+    let mut at = 0;
+    while at < bytes.len() {
+        let h = BatchHeader::parse(&bytes[at..])?;
+        if h.next_offset() > end || at + h.size_bytes > bytes.len() {
+            break;
+        }
+        at += h.size_bytes;
+    }
+    if at == bytes.len() {
+        return Ok(None);
+    }
+    Validated::check(bytes.slice(at..), AppendKind::Replica).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::BatchBuilder;
+
+    fn at(offset: u64) -> Vec<u8> {
+        BatchBuilder {
+            base_offset: offset,
+            ..Default::default()
+        }
+        .build(b"record")
+    }
+
+    #[test]
+    fn replay_skips_what_the_log_holds_and_refuses_a_batch_longer_than_its_record() {
+        let mut two = at(4);
+        two.extend(at(5));
+        let two = Bytes::from(two);
+        assert!(past_log_end(&two, 6).unwrap().is_none());
+        assert_eq!(past_log_end(&two, 5).unwrap().unwrap().len(), two.len() / 2);
+        assert_eq!(past_log_end(&two, 0).unwrap().unwrap().len(), two.len());
+        // A header below the log end that claims more bytes than the record holds (found by
+        // the journal fuzz target: replay sliced past the record's end and panicked).
+        let mut long = at(4);
+        let claimed = (long.len() + 100 - 12) as i32;
+        long[8..12].copy_from_slice(&claimed.to_be_bytes());
+        assert!(past_log_end(&Bytes::from(long), 10).is_err());
+    }
 }

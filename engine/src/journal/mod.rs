@@ -38,6 +38,9 @@ pub(crate) const HEADER_AREA: u64 = 2 * block_bytes as u64;
 /// Fixed part of a record, before the topic name and the batches.
 pub(crate) const RECORD_FIXED: usize = 42;
 
+/// Bound on logical positions and capacities a header may hold (see `Header::decode`).
+const LOGICAL_MAX: u64 = 1 << 62;
+
 /// The journal header: where replay starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Header {
@@ -73,7 +76,12 @@ impl Header {
             seq: word(16),
             checkpoint: word(24),
         };
-        (header.capacity > 0 && header.capacity.is_multiple_of(block_bytes as u64))
+        // Logical positions only grow by bytes written: 2^62 is never reached, and keeping below
+        // it lets replay add a lap or two without overflow, whatever a damaged header says.
+        (header.capacity > 0
+            && header.capacity.is_multiple_of(block_bytes as u64)
+            && header.capacity <= LOGICAL_MAX
+            && header.checkpoint <= LOGICAL_MAX)
             .then_some(header)
     }
 
@@ -177,7 +185,8 @@ fn record_at(ring: &[u8], capacity: u64, at: u64) -> Option<(Record, u64)> {
     let payload = u32::from_le_bytes(bytes[36..40].try_into().ok()?) as usize;
     let topic_len = u16::from_le_bytes(bytes[40..42].try_into().ok()?) as usize;
     let len = RECORD_FIXED + topic_len + payload;
-    if logical != at || len > bytes.len() || next < at + len as u64 {
+    // A write never exceeds the ring, so neither does the step to the next record.
+    if logical != at || len > bytes.len() || next < at + len as u64 || next - at > capacity {
         return None;
     }
     let crc = u32::from_le_bytes(bytes[4..8].try_into().ok()?);
@@ -360,5 +369,24 @@ mod tests {
         file[block_bytes + 30] ^= 1;
         assert_eq!(read_header(&file), Some(a));
         assert_eq!(read_header(&[0u8; 2 * block_bytes]), None);
+    }
+
+    #[test]
+    fn positions_near_the_end_of_u64_are_refused_not_overflowed() {
+        // A header with a valid CRC but a checkpoint no run can reach: refused (replay would
+        // step past u64::MAX looking for the next lap).
+        let cap = 64 * 1024;
+        let far = u64::MAX - 100;
+        let file = image(cap, far, &[]);
+        assert_eq!(read_header(&file), None);
+        assert!(replay(&file).is_none());
+        // A record whose "next" jumps further than a ring's length ends replay there.
+        let mut w = encoded(0, &[entry("a", 0, 1, 100)]);
+        w[16..24].copy_from_slice(&far.to_le_bytes());
+        let crc = crc32c::crc32c(&w[8..RECORD_FIXED + 1 + 100]);
+        w[4..8].copy_from_slice(&crc.to_le_bytes());
+        let (_, records, end) = replay(&image(cap, 0, &[(0, w)])).expect("header");
+        assert!(records.is_empty());
+        assert_eq!(end, 0);
     }
 }
