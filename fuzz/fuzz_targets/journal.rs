@@ -9,12 +9,13 @@
 //! 2: another incarnation (replay skips it); bit 3: another partition.
 #![no_main]
 
+mod common;
+
 use std::path::Path;
 
-use keel_engine::batch::{self, BatchBuilder, OffsetCheck};
+use keel_engine::batch::BatchBuilder;
 use keel_engine::io::sim::SimFs;
-use keel_engine::io::Backend;
-use keel_engine::{block_on, Engine, EngineConfig, PartitionId, ReadOptions, ReadUpper, RecoveryMode};
+use keel_engine::{block_on, PartitionId, RecoveryMode};
 use libfuzzer_sys::fuzz_target;
 
 const CAPACITY: u64 = 4 * 1024 * 1024;
@@ -85,29 +86,8 @@ fuzz_target!(|data: &[u8]| {
         journal.extend(r);
     }
     fs.create_file(Path::new("/sim/data/.journal/0.journal"), journal);
-    let mut config = EngineConfig::new("/sim/data");
-    config.backend = Backend::Sim(fs);
-    config.shards = 1;
-    config.pin_threads = false;
-    config.recovery = recovery;
-    config.journal_bytes = CAPACITY;
-    let Ok(engine) = Engine::open(config) else { return };
-    let options = ReadOptions { max_bytes: usize::MAX, upper: ReadUpper::Appended };
+    let Some(engine) = common::open(fs, recovery, Some(CAPACITY)) else { return };
     for partition in [0, 1] {
-        let p = PartitionId::new("fuzz", partition);
-        block_on(async {
-            let mut offset = 0;
-            while let Ok(read) = engine.read(&p, offset, options).await {
-                if read.is_empty() {
-                    break;
-                }
-                for chunk in &read.chunks {
-                    let headers = batch::validate_all(chunk, OffsetCheck::Sparse).expect("served bytes validate");
-                    assert!(headers.iter().all(|h| h.next_offset() > offset));
-                }
-                assert!(read.next_offset > offset);
-                offset = read.next_offset;
-            }
-        });
+        block_on(common::read_all_checked(&engine, &PartitionId::new("fuzz", partition)));
     }
 });

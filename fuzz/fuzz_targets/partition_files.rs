@@ -8,12 +8,13 @@
 //! batches per segment, then for each written file a length (u16 LE) and that many bytes.
 #![no_main]
 
+mod common;
+
 use std::path::Path;
 
-use keel_engine::batch::{self, BatchBuilder, OffsetCheck};
+use keel_engine::batch::{self, BatchBuilder};
 use keel_engine::io::sim::SimFs;
-use keel_engine::io::Backend;
-use keel_engine::{block_on, Engine, EngineConfig, PartitionId, ReadOptions, ReadUpper, RecoveryMode};
+use keel_engine::{block_on, PartitionId, RecoveryMode};
 use libfuzzer_sys::fuzz_target;
 
 const DIR: &str = "/sim/data/fuzz-0";
@@ -67,27 +68,10 @@ fuzz_target!(|data: &[u8]| {
         fs.create_file(Path::new(&format!("{DIR}/{name}")), bytes.to_vec());
         rest = &rest[(start + len).min(rest.len())..];
     }
-    let mut config = EngineConfig::new("/sim/data");
-    config.backend = Backend::Sim(fs);
-    config.shards = 1;
-    config.pin_threads = false;
-    config.recovery = RecoveryMode::Strict;
-    let Ok(engine) = Engine::open(config) else { return };
+    let Some(engine) = common::open(fs, RecoveryMode::Strict, None) else { return };
     let p = PartitionId::new("fuzz", 0);
-    let options = ReadOptions { max_bytes: usize::MAX, upper: ReadUpper::Appended };
     block_on(async {
-        let mut offset = 0;
-        while let Ok(read) = engine.read(&p, offset, options).await {
-            if read.is_empty() {
-                break;
-            }
-            for chunk in &read.chunks {
-                let headers = batch::validate_all(chunk, OffsetCheck::Sparse).expect("served bytes validate");
-                assert!(headers.iter().all(|h| h.next_offset() > offset));
-            }
-            assert!(read.next_offset > offset);
-            offset = read.next_offset;
-        }
+        common::read_all_checked(&engine, &p).await;
         let Ok(state) = engine.partition_state(&p).await else { return };
         for timestamp in [i64::MIN, 0, 1000, 1003, 1000 + first as i64, 5000, i64::MAX] {
             if let Ok(Some(found)) = engine.offset_for_timestamp(&p, timestamp).await {

@@ -2,12 +2,12 @@
 //! every batch it serves passes validation and offsets only grow.
 #![no_main]
 
+mod common;
+
 use std::path::Path;
 
-use keel_engine::batch::{self, OffsetCheck};
 use keel_engine::io::sim::SimFs;
-use keel_engine::io::Backend;
-use keel_engine::{block_on, Engine, EngineConfig, PartitionId, ReadOptions, ReadUpper, RecoveryMode};
+use keel_engine::{block_on, PartitionId, RecoveryMode};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -17,26 +17,6 @@ fuzz_target!(|data: &[u8]| {
     };
     let fs = SimFs::default();
     fs.create_file(Path::new("/sim/data/fuzz-0/00000000000000000000.log"), segment.to_vec());
-    let mut config = EngineConfig::new("/sim/data");
-    config.backend = Backend::Sim(fs);
-    config.shards = 1;
-    config.pin_threads = false;
-    config.recovery = mode;
-    let Ok(engine) = Engine::open(config) else { return };
-    let p = PartitionId::new("fuzz", 0);
-    let options = ReadOptions { max_bytes: usize::MAX, upper: ReadUpper::Appended };
-    block_on(async {
-        let mut offset = 0;
-        while let Ok(read) = engine.read(&p, offset, options).await {
-            if read.is_empty() {
-                break;
-            }
-            for chunk in &read.chunks {
-                let headers = batch::validate_all(chunk, OffsetCheck::Sparse).expect("served bytes validate");
-                assert!(headers.iter().all(|h| h.next_offset() > offset));
-            }
-            assert!(read.next_offset > offset);
-            offset = read.next_offset;
-        }
-    });
+    let Some(engine) = common::open(fs, mode, None) else { return };
+    block_on(common::read_all_checked(&engine, &PartitionId::new("fuzz", 0)));
 });
