@@ -1062,9 +1062,9 @@ impl Partition {
 
     /// Does the write about to start go out durable by itself? Only when it is all there is:
     /// an `every-batch` partition with appends waiting for it, nothing else written but not
-    /// durable, no write or sync in flight. Then one `RWF_DSYNC` write (per piece) replaces a
-    /// write and the fdatasync that would follow it alone: one I/O instead of two, and none
-    /// punted to an io-wq worker (as io_uring does every fsync). Writes with others pending stay
+    /// durable, no write or sync in flight. Then one `RWF_DSYNC` write replaces the write (up to
+    /// three pieces, see `start_write`) and the fdatasync that would follow it alone. Writes
+    /// with others pending stay
     /// plain and share one fdatasync, as before. A leader-epoch checkpoint about to be written
     /// counts as pending too: the data's fdatasync waits for it, so the append is acknowledged
     /// with its epoch on disk, as always.
@@ -1545,7 +1545,7 @@ impl Partition {
         while self.writes.front().is_some_and(|w| w.done && !w.failed) {
             let w = self.writes.pop_front().expect("checked");
             // A durable write's bytes are durable once it is done; the log is durable through it
-            // if it was durable up to where it starts (its pieces complete in any order).
+            // if it was durable up to where it starts.
             let durable_through = w.durable
                 && self.sync_inflight.is_none()
                 && self.offsets.durable().0 == self.offsets.written().0
@@ -1565,7 +1565,8 @@ impl Partition {
             self.last_sync = Instant::now();
             self.bytes_since_sync = 0;
             self.unsynced_since = None;
-            return self.evict_cache();
+            self.evict_cache();
+            return;
         }
         self.bytes_since_sync += self.offsets.written().0 - before;
         if self.unsynced_since.is_none() && self.offsets.written().0 > before {
