@@ -350,3 +350,56 @@ fn a_stored_offset_outside_kafkas_range_is_damage_not_a_panic() {
         assert_eq!(tags, (0..BATCHES - 1).collect::<Vec<_>>(), "{bad}");
     }
 }
+
+#[test]
+fn damaged_metadata_files_are_rebuilt_or_ignored_and_the_log_is_served_whole() {
+    // Indexes, time indexes, the leader-epoch checkpoint and the recovery point are derived from
+    // the log: garbage in any of them (after a crash, or after a clean shutdown, when the scan is
+    // skipped) may cost a rescan but never a batch, and lookups stay within the log.
+    let (crashed, p, _) = build_log();
+    let clean = copy(&crashed);
+    {
+        let engine = open(&clean, RecoveryMode::Strict).unwrap();
+        block_on(engine.shutdown()).unwrap();
+    }
+    for (state, pristine) in [
+        ("after a crash", &crashed),
+        ("after a clean shutdown", &clean),
+    ] {
+        let metadata: Vec<PathBuf> = pristine
+            .files()
+            .into_iter()
+            .filter(|f| {
+                let name = f.file_name().unwrap().to_str().unwrap();
+                name.ends_with(".index")
+                    || name.ends_with(".timeindex")
+                    || name == "leader-epoch-checkpoint"
+                    || name == "recovery-point"
+            })
+            .collect();
+        assert!(metadata.len() >= 4, "{state}: {metadata:?}");
+        for file in &metadata {
+            for garbage in [&b"garbage\n"[..], &[0xa5; 37][..], &[]] {
+                let fs = copy(pristine);
+                fs.with_file(file, |d| *d = garbage.to_vec()).unwrap();
+                let what = format!("{state}, {} holding {garbage:?}", file.display());
+                let engine =
+                    open(&fs, RecoveryMode::Strict).unwrap_or_else(|e| panic!("{what}: {e}"));
+                let (tags, error) = read_all(&engine, &p);
+                assert!(error.is_none(), "{what}: {error:?}");
+                assert_eq!(tags, (0..BATCHES).collect::<Vec<_>>(), "{what}");
+                let end = block_on(engine.partition_state(&p)).unwrap().appended.0;
+                // Every batch has timestamp 0: the first at or after 0 is the log's first.
+                let first = block_on(engine.offset_for_timestamp(&p, 0)).unwrap();
+                assert_eq!(first.map(|t| t.offset), Some(0), "{what}");
+                if let Some((_, epoch_end)) = block_on(engine.end_offset_for_epoch(&p, 0)).unwrap()
+                {
+                    assert!(
+                        epoch_end <= end,
+                        "{what}: epoch 0 ends at {epoch_end}, log at {end}"
+                    );
+                }
+            }
+        }
+    }
+}
