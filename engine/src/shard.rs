@@ -751,20 +751,7 @@ impl Shard {
             }
             let outcome = match past_log_end(&bytes, p.offsets.appended().0) {
                 Ok(None) => continue,
-                Ok(Some(rest)) => {
-                    let (tx, mut rx) = futures::channel::oneshot::channel();
-                    p.append(
-                        rest,
-                        AppendKind::Replica,
-                        Some(Durability::Appended),
-                        tx,
-                        &self.metrics,
-                    );
-                    match rx.try_recv() {
-                        Ok(Some(outcome)) => outcome.map(|_| ()),
-                        _ => unreachable!("an append waiting for nothing completes at once"),
-                    }
-                }
+                Ok(Some(rest)) => append_at_once(p, rest, &self.metrics),
                 Err(e) => Err(e),
             };
             match outcome {
@@ -1058,6 +1045,23 @@ async fn write_header(file: Rc<dyn StorageFile>, header: Header) -> (PartitionId
 /// Shard-level events still travel with a partition id; a journal's is never looked up.
 fn journal_event_id() -> PartitionId {
     PartitionId::new(".journal", 0)
+}
+
+/// Append replayed batches to `p`, waiting for nothing (they complete when placed in memory; the
+/// engine flushes the partition after replay).
+fn append_at_once(p: &mut Partition, rest: Validated, metrics: &Metrics) -> Result<()> {
+    let (tx, mut rx) = futures::channel::oneshot::channel();
+    p.append(
+        rest,
+        AppendKind::Replica,
+        Some(Durability::Appended),
+        tx,
+        metrics,
+    );
+    match rx.try_recv() {
+        Ok(Some(outcome)) => outcome.map(|_| ()),
+        _ => unreachable!("an append waiting for nothing completes at once"),
+    }
 }
 
 /// The batches of a journal record that lie past the log's `end` (those below it the segment

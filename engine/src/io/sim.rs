@@ -640,10 +640,11 @@ mod tests {
     #[test]
     fn a_durable_write_supersedes_the_older_unsynced_writes_it_overlaps() {
         let mut f = SimFile::new(Vec::new());
-        f.write(0, &[1; 3 * block_bytes]); // unsynced: blocks 0..3
-        f.write_durable(block_bytes as u64, &[2; block_bytes]); // durable: block 1
-                                                                // What is left unsynced of the first write is blocks 0 and 2; a power cut may keep them,
-                                                                // but never its old bytes over block 1.
+        // Blocks 0..3 written, not synced; then block 1 written durable by itself.
+        f.write(0, &[1; 3 * block_bytes]);
+        f.write_durable(block_bytes as u64, &[2; block_bytes]);
+        // What is left unsynced of the first write is blocks 0 and 2; a power cut may keep them,
+        // but never its old bytes over block 1.
         let left: Vec<(u64, usize)> = f.unsynced.iter().map(|(_, at, b)| (*at, b.len())).collect();
         assert_eq!(
             left,
