@@ -110,9 +110,10 @@ pub const journal_write_bytes_max: usize = write_bytes_max;
 pub const journal_writes_inflight_max: usize = 4;
 
 /// Segment writes in flight on a shard beyond which a checkpoint's writes wait (the small rests
-/// of journaled partitions it forces out). A checkpoint issues one for every partition at once;
-/// queued ahead of the journal's writes and syncs they slowed the journal for the checkpoint's
-/// length (ARCHITECTURE.md, decision 12).
+/// of journaled partitions it forces out) while the journal ring has room. A checkpoint issues one
+/// for every partition at once; queued ahead of the journal's writes and syncs they slowed the
+/// journal for the checkpoint's length (ARCHITECTURE.md, decision 12). As the ring fills the gate
+/// widens to `shard_writes_inflight_max` (decision 18).
 pub const checkpoint_writes_inflight_max: usize = 4;
 
 /// A partition's not yet durable data goes through the journal only while it is smaller than

@@ -153,6 +153,9 @@ pub(crate) struct IoCtx<'a> {
     pub runways_inflight: &'a mut usize,
     pub metrics: &'a Metrics,
     pub max_batch_bytes: usize,
+    /// Segment writes in flight on the shard beyond which a checkpoint's writes wait (the
+    /// journal's `checkpoint_writes_max`).
+    pub checkpoint_writes_max: usize,
 }
 
 impl IoCtx<'_> {
@@ -901,9 +904,7 @@ impl Partition {
             if self.lazy_hold(pending) {
                 return false;
             }
-            if self.checkpoint_write(pending)
-                && *io.writes_inflight >= checkpoint_writes_inflight_max
-            {
+            if self.checkpoint_write(pending) && *io.writes_inflight >= io.checkpoint_writes_max {
                 return true; // a checkpoint's write waits for room, not a lazy or a sync's one
             }
             let want_end = align_up(self.next_write_position + pending.min(write_bytes_max as u64));

@@ -17,8 +17,8 @@ use futures::{FutureExt, StreamExt};
 use crate::batch::BatchHeader;
 use crate::config::{EngineConfig, PartitionConfig};
 use crate::constants::{
-    cache_check_interval, journal_write_bytes_max, journal_writes_inflight_max, shard_tick_ms,
-    shard_write_buffers_count,
+    cache_check_interval, checkpoint_writes_inflight_max, journal_write_bytes_max,
+    journal_writes_inflight_max, shard_tick_ms, shard_write_buffers_count,
 };
 use crate::error::{Error, Result};
 use crate::io::aligned::align_up;
@@ -234,6 +234,7 @@ impl Shard {
             self.enforce_cache_budget();
         }
         self.schedule_journal();
+        let checkpoint_writes_max = self.checkpoint_writes_max();
         let Shard {
             storage,
             partitions,
@@ -256,6 +257,7 @@ impl Shard {
             runways_inflight,
             metrics,
             max_batch_bytes: 0,
+            checkpoint_writes_max,
         };
         let ids: Vec<PartitionId> = dirty.drain().collect();
         for id in ids {
@@ -316,6 +318,16 @@ impl Shard {
             };
             (first, Event::GroupSynced { members, result })
         }));
+    }
+
+    /// Segment writes in flight beyond which a checkpoint's writes wait (see
+    /// `Pipeline::checkpoint_writes_max`).
+    fn checkpoint_writes_max(&self) -> usize {
+        self.journal
+            .as_ref()
+            .map_or(checkpoint_writes_inflight_max, |j| {
+                j.pipeline.checkpoint_writes_max()
+            })
     }
 
     /// The journal's next I/O: a sync for the writes completed since the last one; a
@@ -545,6 +557,7 @@ impl Shard {
             }
             return;
         }
+        let checkpoint_writes_max = self.checkpoint_writes_max();
         let Shard {
             storage,
             partitions,
@@ -566,6 +579,7 @@ impl Shard {
                     runways_inflight,
                     metrics,
                     max_batch_bytes: p.config.max_message_bytes,
+                    checkpoint_writes_max,
                 };
                 p.on_event(event, &mut io);
                 dirty.insert(id);

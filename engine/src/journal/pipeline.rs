@@ -23,6 +23,7 @@
 
 use std::collections::VecDeque;
 
+use crate::constants::{checkpoint_writes_inflight_max, shard_writes_inflight_max};
 use crate::io::AlignedBuf;
 use crate::PartitionId;
 
@@ -82,6 +83,22 @@ impl Pipeline {
 
     pub fn durable_head(&self) -> u64 {
         self.durable_head
+    }
+
+    /// How many segment writes the shard may have in flight before a checkpoint's writes wait
+    /// (ARCHITECTURE.md, decisions 12 and 18). While the ring has room, few: a checkpoint's
+    /// writes queued ahead of the journal's own delay every append. As the ring fills, more, up
+    /// to all the shard's: once it is full every append waits for the checkpoint to end.
+    pub fn checkpoint_writes_max(&self) -> usize {
+        let (low, high) = (checkpoint_writes_inflight_max, shard_writes_inflight_max);
+        let capacity = self.header.capacity;
+        let used = self.head - self.header.checkpoint;
+        let (calm, full) = (capacity / 8 * 5, capacity / 8 * 7);
+        if used <= calm {
+            return low;
+        }
+        let urgency = (used.min(full) - calm) as f64 / (full - calm) as f64;
+        low + ((high - low) as f64 * urgency).round() as usize
     }
 
     /// A buffer for the next write, if one is free and the journal works.
@@ -229,6 +246,30 @@ mod tests {
         let start = j.place(len).expect("room");
         j.begin_write(start, len, members, false);
         start + len
+    }
+
+    #[test]
+    fn a_checkpoint_may_have_more_writes_in_flight_as_the_ring_fills() {
+        let (low, high) = (checkpoint_writes_inflight_max, shard_writes_inflight_max);
+        let mut j = pipeline(64 * B, 8 * B, 1);
+        let mut gates = Vec::new();
+        for _ in 0..64 {
+            gates.push((j.head - j.header.checkpoint, j.checkpoint_writes_max()));
+            let start = j.place(B).expect("room");
+            j.begin_write(start, B, Vec::new(), false);
+        }
+        for &(used, gate) in &gates {
+            match used {
+                u if u <= 40 * B => assert_eq!(gate, low, "{u}: the ring has room"),
+                u if u >= 56 * B => assert_eq!(gate, high, "{u}: the ring is nearly full"),
+                u => assert!(low < gate && gate < high, "{u}: {gate} lies between"),
+            }
+        }
+        assert!(
+            gates.windows(2).all(|w| w[0].1 <= w[1].1),
+            "the gate never narrows as the ring fills: {gates:?}"
+        );
+        assert_eq!(j.place(B), None, "and the ring is full");
     }
 
     #[test]
