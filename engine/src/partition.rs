@@ -1313,6 +1313,12 @@ impl Partition {
     /// too large for it), for a checkpoint or a truncation, and every `sync_group_bytes` (which
     /// bounds the torn tail a crash can leave, as for any every-batch partition).
     fn journaled_sync_due(&self) -> bool {
+        let (checkpoint, other) = self.journaled_sync_reasons();
+        checkpoint || other
+    }
+
+    /// Why a journaled partition's sync is due: for a checkpoint, and for anything else.
+    fn journaled_sync_reasons(&self) -> (bool, bool) {
         let written = self.offsets.written().0;
         let durable = self.offsets.durable().0;
         let writes_in_flight = self.writes.iter().any(|w| !w.done);
@@ -1323,10 +1329,26 @@ impl Partition {
         // Written data the journal has not taken, and will not (too much of it): a small rest
         // goes through the journal's next write instead of a segment sync.
         let uncovered = written > self.journal_offset.max(durable) && !self.journal_can_take();
-        large
-            || checkpoint
+        let other = large
             || ((uncovered || self.truncate.is_some())
-                && (!writes_in_flight || self.flush_overdue()))
+                && (!writes_in_flight || self.flush_overdue()));
+        (checkpoint, other)
+    }
+
+    /// Is this partition's sync due only because a checkpoint waits for it? Nothing waits for
+    /// such a sync but the checkpoint, so it may wait for the checkpoint's other writes and share
+    /// one sync with them (ARCHITECTURE.md, decision 19).
+    pub fn sync_due_only_for_checkpoint(&self) -> bool {
+        self.journal_active()
+            && self.config.flush == FlushPolicy::EveryBatch
+            && self.sync_due()
+            && self.journaled_sync_reasons() == (true, false)
+    }
+
+    /// Does a checkpoint wait for data of this partition that is not written to its segment yet?
+    pub fn checkpoint_writing(&self) -> bool {
+        self.checkpoint_target
+            .is_some_and(|target| self.offsets.written().0 < target)
     }
 
     /// Someone flushing (a consumer waiting to see data answered at write time) does not wait

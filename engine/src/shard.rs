@@ -137,6 +137,7 @@ pub(crate) fn run(
         journal: None,
         journal_candidates: HashSet::new(),
         checkpoint_waiting: HashSet::new(),
+        checkpoint_writers: HashSet::new(),
         config,
         storage,
         partitions: HashMap::new(),
@@ -174,6 +175,9 @@ struct Shard {
     journal_candidates: HashSet<PartitionId>,
     /// Partitions whose segments the checkpoint in progress waits for.
     checkpoint_waiting: HashSet<PartitionId>,
+    /// Those of them still writing what the checkpoint waits for: while any is, syncs due only
+    /// for the checkpoint wait to share one sync with theirs (decision 19).
+    checkpoint_writers: HashSet<PartitionId>,
     config: Arc<EngineConfig>,
     storage: Rc<dyn Storage>,
     partitions: HashMap<PartitionId, Partition>,
@@ -283,19 +287,50 @@ impl Shard {
             metrics,
             sync_inflight,
             sync_waiting,
+            checkpoint_writers,
+            writes_inflight,
             ..
         } = self;
         if *sync_inflight || sync_waiting.is_empty() {
             return;
         }
+        // A checkpoint forces many partitions' rests out at once; each becomes due for a sync
+        // as its write completes. Those due only for the checkpoint wait until the last of its
+        // writes is done and share one sync, instead of a syncfs each few of them (while writes
+        // are in flight, one of which will end the wait).
+        let hold = *writes_inflight > 0
+            && loop {
+                // Those done writing (or gone) leave the set as they are found.
+                let Some(id) = checkpoint_writers.iter().next().cloned() else {
+                    break false;
+                };
+                if partitions
+                    .get(&id)
+                    .is_some_and(Partition::checkpoint_writing)
+                {
+                    break true;
+                }
+                checkpoint_writers.remove(&id);
+            };
+        let mut held = Vec::new();
         // Group commit across partitions, one sync in flight per shard: partitions that become
         // due meanwhile wait and share the next one. A group of one fdatasyncs its own file; a
         // larger group shares one syncfs, which costs about what one fdatasync does (O_DIRECT
         // leaves no dirty pages: it is one journal commit and one device flush).
         let members: Vec<PartitionId> = sync_waiting
             .drain()
-            .filter(|id| partitions.get(id).is_some_and(Partition::sync_due))
+            .filter(|id| {
+                let Some(p) = partitions.get(id).filter(|p| p.sync_due()) else {
+                    return false;
+                };
+                if hold && p.sync_due_only_for_checkpoint() {
+                    held.push(id.clone());
+                    return false;
+                }
+                true
+            })
             .collect();
+        sync_waiting.extend(held);
         let Some(first) = members.first().cloned() else {
             return;
         };
@@ -381,6 +416,9 @@ impl Shard {
                 pipeline.checkpoint_at = Some(pipeline.durable_head());
                 for (id, p) in partitions.iter_mut() {
                     if p.begin_checkpoint() {
+                        if p.checkpoint_writing() {
+                            self.checkpoint_writers.insert(id.clone());
+                        }
                         self.checkpoint_waiting.insert(id.clone());
                         self.dirty.insert(id.clone());
                     }
@@ -503,6 +541,7 @@ impl Shard {
                     j.pipeline.header = header;
                     if j.pipeline.checkpoint_at == Some(header.checkpoint) {
                         j.pipeline.checkpoint_at = None;
+                        self.checkpoint_writers.clear();
                         for p in self.partitions.values_mut() {
                             p.end_checkpoint();
                         }
@@ -529,6 +568,7 @@ impl Shard {
                 "journal I/O failed; the journal is off until restart, partitions sync their own segments");
             self.journal_candidates.clear();
             self.checkpoint_waiting.clear();
+            self.checkpoint_writers.clear();
             for (id, p) in self.partitions.iter_mut() {
                 p.set_journaled(false);
                 p.end_checkpoint();
