@@ -24,6 +24,11 @@ pub const write_bytes_max: usize = 1024 * 1024;
 /// queue full; each starts on a block no other in-flight write of that partition touches.
 pub const partition_writes_inflight_max: usize = 4;
 
+/// Partitions a shard opens at once (creating their files, or recovering them at start-up): their
+/// I/O runs beside the shard's other I/O; more wait their turn, which bounds the memory that
+/// recovery scans take.
+pub const shard_opens_inflight_max: usize = 16;
+
 /// Writes in flight for one shard, across its partitions (bounds the aligned buffer pool).
 pub const shard_writes_inflight_max: usize = 64;
 

@@ -100,6 +100,13 @@ pub(crate) enum Event {
         header: journal::Header,
         result: io::Result<()>,
     },
+    /// A partition's files are open (created, or recovered), or could not be.
+    Opened {
+        result: Result<Box<Partition>>,
+        /// Journal records of this partition found at start-up, to replay into it.
+        replay: Vec<(u64, Bytes)>,
+        reply: Reply<()>,
+    },
 }
 
 impl Event {
@@ -1541,7 +1548,8 @@ impl Partition {
             Event::GroupSynced { .. }
             | Event::JournalWritten { .. }
             | Event::JournalSynced { .. }
-            | Event::JournalHeader { .. } => {
+            | Event::JournalHeader { .. }
+            | Event::Opened { .. } => {
                 unreachable!("shard-level events are handled by the shard")
             }
             Event::Detached => {}

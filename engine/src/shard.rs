@@ -6,7 +6,7 @@
 //! are handled one at a time from the in-flight queue; no completion handler runs another.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,7 +18,8 @@ use crate::batch::BatchHeader;
 use crate::config::{EngineConfig, PartitionConfig};
 use crate::constants::{
     cache_check_interval, checkpoint_writes_inflight_max, journal_write_bytes_max,
-    journal_writes_inflight_max, shard_tick_ms, shard_write_buffers_count,
+    journal_writes_inflight_max, shard_opens_inflight_max, shard_tick_ms,
+    shard_write_buffers_count,
 };
 use crate::error::{Error, Result};
 use crate::io::aligned::align_up;
@@ -105,6 +106,36 @@ pub(crate) enum Command {
     },
 }
 
+impl Command {
+    /// The partition the command is for, if it is for one.
+    fn partition(&self) -> Option<&PartitionId> {
+        match self {
+            Command::Open { id, .. }
+            | Command::Append { id, .. }
+            | Command::Read { id, .. }
+            | Command::OffsetForTimestamp { id, .. }
+            | Command::EndOffsetForEpoch { id, .. }
+            | Command::TruncateTo { id, .. }
+            | Command::Flush { id, .. }
+            | Command::Delete { id, .. }
+            | Command::State { id, .. }
+            | Command::EnforceRetention { id, .. } => Some(id),
+            Command::StartJournal { .. }
+            | Command::List { .. }
+            | Command::Shutdown { .. }
+            | Command::Run { .. } => None,
+        }
+    }
+}
+
+/// A partition waiting for a place among the opens in flight.
+struct QueuedOpen {
+    id: PartitionId,
+    config: Option<PartitionConfig>,
+    replay: Vec<(u64, Bytes)>,
+    reply: Reply<()>,
+}
+
 /// Start-up of a shard thread: build the runtime (pinned), then serve commands until shutdown or
 /// until every handle is gone.
 pub(crate) fn run(
@@ -137,6 +168,9 @@ pub(crate) fn run(
         journal: None,
         journal_candidates: HashSet::new(),
         checkpoint_waiting: HashSet::new(),
+        opening: HashMap::new(),
+        open_queue: VecDeque::new(),
+        opens_inflight: 0,
         checkpoint_writers: HashSet::new(),
         config,
         storage,
@@ -175,6 +209,12 @@ struct Shard {
     journal_candidates: HashSet<PartitionId>,
     /// Partitions whose segments the checkpoint in progress waits for.
     checkpoint_waiting: HashSet<PartitionId>,
+    /// Partitions being opened (created, or recovered from their files) off the shard's loop,
+    /// with the commands for them that arrived meanwhile, handled in order once it is open.
+    opening: HashMap<PartitionId, Vec<Command>>,
+    /// Opens waiting for one of the `shard_opens_inflight_max` places.
+    open_queue: VecDeque<QueuedOpen>,
+    opens_inflight: usize,
     /// Those of them still writing what the checkpoint waits for: while any is, syncs due only
     /// for the checkpoint wait to share one sync with theirs (decision 19).
     checkpoint_writers: HashSet<PartitionId>,
@@ -206,7 +246,10 @@ impl Shard {
         let mut ticker = compio::time::interval(Duration::from_millis(shard_tick_ms));
         loop {
             self.schedule();
-            if self.shutdown.is_some() && self.partitions.values().all(Partition::is_quiescent) {
+            if self.shutdown.is_some()
+                && self.opening.is_empty()
+                && self.partitions.values().all(Partition::is_quiescent)
+            {
                 self.finish_shutdown().await;
                 return;
             }
@@ -582,6 +625,15 @@ impl Shard {
             self.on_journal_event(event);
             return;
         }
+        if let Event::Opened {
+            result,
+            replay,
+            reply,
+        } = event
+        {
+            self.on_opened(id, result, replay, reply);
+            return;
+        }
         if matches!(event, Event::Written { .. } | Event::RunwayWritten { .. }) {
             // A write buffer and a slot of the shard's writes in flight come free.
             self.dirty.extend(self.starved.drain());
@@ -651,19 +703,37 @@ impl Shard {
 
     async fn on_command(&mut self, command: Command) {
         match command {
+            Command::StartJournal { start, seq, reply } => {
+                let result = self.start_journal(start, seq).await;
+                let _ = reply.send(result);
+            }
+            command => self.dispatch(command),
+        }
+    }
+
+    /// Every command but `StartJournal`: none waits for I/O on the shard's loop.
+    fn dispatch(&mut self, command: Command) {
+        if let Some(id) = command
+            .partition()
+            .filter(|id| self.opening.contains_key(*id))
+            .cloned()
+        {
+            self.opening.get_mut(&id).expect("checked").push(command);
+            return;
+        }
+        match command {
             Command::Open {
                 id,
                 config,
                 replay,
                 reply,
-            } => {
-                let result = self.open(id, config, replay).await;
-                let _ = reply.send(result);
-            }
-            Command::StartJournal { start, seq, reply } => {
-                let result = self.start_journal(start, seq).await;
-                let _ = reply.send(result);
-            }
+            } => self.open(QueuedOpen {
+                id,
+                config,
+                replay,
+                reply,
+            }),
+            Command::StartJournal { .. } => unreachable!("on_command handles it"),
             Command::Append {
                 id,
                 bytes,
@@ -760,37 +830,90 @@ impl Shard {
         }
     }
 
-    async fn open(
-        &mut self,
-        id: PartitionId,
-        config: Option<PartitionConfig>,
-        replay: Vec<(u64, Bytes)>,
-    ) -> Result<()> {
-        if let Some(existing) = self.partitions.get(&id) {
-            return match config {
+    /// Open (create, or recover from its files) a partition. The files' I/O runs among the
+    /// shard's other I/O, not on its loop: creating a topic or recovering a large log does not
+    /// stall the partitions already serving (ARCHITECTURE.md, decision 20). Commands for the
+    /// partition wait in `opening` until it is open.
+    fn open(&mut self, open: QueuedOpen) {
+        if let Some(existing) = self.partitions.get(&open.id) {
+            let result = match open.config {
                 Some(c) if c != existing.config => Err(Error::InvalidConfig(format!(
-                    "partition {id} exists with a different configuration"
+                    "partition {} exists with a different configuration",
+                    open.id
                 ))),
                 _ => Ok(()),
             };
+            let _ = open.reply.send(result);
+            return;
         }
-        let partition = open_partition(OpenRequest {
-            storage: &self.storage,
-            data_dir: &self.config.data_dir,
-            id: &id,
-            config,
-            mode: self.config.recovery,
-            journal: &replay,
-        })
-        .await?;
-        let mut partition = partition;
-        if !replay.is_empty() {
-            self.replay(&mut partition, replay)?;
+        self.opening.entry(open.id.clone()).or_default();
+        if self.opens_inflight >= shard_opens_inflight_max {
+            self.open_queue.push_back(open);
+            return;
         }
-        partition.set_journaled(self.journal.as_ref().is_some_and(|j| !j.pipeline.failed));
-        self.partitions.insert(id.clone(), partition);
-        self.dirty.insert(id);
-        Ok(())
+        self.opens_inflight += 1;
+        let storage = self.storage.clone();
+        let data_dir = self.config.data_dir.clone();
+        let mode = self.config.recovery;
+        self.inflight.push(Box::pin(async move {
+            let QueuedOpen {
+                id,
+                config,
+                replay,
+                reply,
+            } = open;
+            let result = open_partition(OpenRequest {
+                storage: &storage,
+                data_dir: &data_dir,
+                id: &id,
+                config,
+                mode,
+                journal: &replay,
+            })
+            .await
+            .map(Box::new);
+            (
+                id,
+                Event::Opened {
+                    result,
+                    replay,
+                    reply,
+                },
+            )
+        }));
+    }
+
+    /// A partition's files are open: replay what the journal holds for it, serve it, and handle
+    /// the commands that waited for it.
+    fn on_opened(
+        &mut self,
+        id: PartitionId,
+        result: Result<Box<Partition>>,
+        replay: Vec<(u64, Bytes)>,
+        reply: Reply<()>,
+    ) {
+        self.opens_inflight -= 1;
+        let result = result.and_then(|partition| {
+            let mut partition = *partition;
+            if !replay.is_empty() {
+                self.replay(&mut partition, replay)?;
+            }
+            partition.set_journaled(self.journal.as_ref().is_some_and(|j| !j.pipeline.failed));
+            self.partitions.insert(id.clone(), partition);
+            self.dirty.insert(id.clone());
+            Ok(())
+        });
+        let _ = reply.send(result);
+        for command in self.opening.remove(&id).unwrap_or_default() {
+            self.dispatch(command);
+        }
+        while self.opens_inflight < shard_opens_inflight_max {
+            let Some(next) = self.open_queue.pop_front() else {
+                break;
+            };
+            // Its entry in `opening` (and the commands waiting in it) stays.
+            self.open(next);
+        }
     }
 
     /// Append what the journal holds past the recovered log's end (records of the partition's

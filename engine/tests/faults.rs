@@ -537,3 +537,66 @@ fn a_lone_append_written_durable_by_itself_survives_a_power_cut_at_once() {
         engine.metrics()
     );
 }
+
+/// Creating a partition writes several small files durably; on a slow or stalled disk that takes
+/// long. The shard's other partitions are served meanwhile (ARCHITECTURE.md, decision 20), and a
+/// command for the partition being created waits for it instead of failing.
+#[test]
+fn a_partition_stalled_in_its_creation_holds_up_no_other() {
+    let fs = SimFs::default();
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    let serving = PartitionId::new("serving", 0);
+    let new = PartitionId::new("new", 0);
+    create_partitions(
+        &engine,
+        std::slice::from_ref(&serving),
+        &PartitionConfig::default(),
+    );
+    fs.hold_file_writes(true);
+    let creating = {
+        let (engine, new) = (engine.clone(), new.clone());
+        std::thread::spawn(move || {
+            block_on(engine.create_partition(&new, PartitionConfig::default()))
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while fs.file_writes_waiting() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the creation never reached a file write"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The serving partition appends and reads while the creation is stalled.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let appending = {
+        let (engine, serving) = (engine.clone(), serving.clone());
+        std::thread::spawn(move || {
+            for tag in 0..5 {
+                let out = block_on(engine.append(&serving, batch(tag, 1, 100, 0), 0));
+                let _ = tx.send(out.map(|o| o.base_offset));
+            }
+        })
+    };
+    for tag in 0..5u64 {
+        let offset = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("an append waited for another partition's creation");
+        assert_eq!(offset.unwrap(), tag);
+    }
+    appending.join().unwrap();
+    assert_eq!(log_contents(&engine, &serving).len(), 5);
+    assert!(
+        !creating.is_finished(),
+        "the creation's writes are still held"
+    );
+    // An append to the partition being created waits for it, then lands at offset 0.
+    let appending_new = {
+        let (engine, new) = (engine.clone(), new.clone());
+        std::thread::spawn(move || block_on(engine.append(&new, batch(99, 1, 100, 0), 0)))
+    };
+    fs.hold_file_writes(false);
+    creating.join().unwrap().unwrap();
+    assert_eq!(appending_new.join().unwrap().unwrap().base_offset, 0);
+    assert_eq!(log_contents(&engine, &new), BTreeMap::from([(0, 99)]));
+}

@@ -155,6 +155,10 @@ struct State {
     fail_syncs: u32,
     writes: u64,
     syncs: u64,
+    /// Whole-file writes (`write_file_durable`) wait while this is set, as on a stalled disk.
+    file_writes_held: bool,
+    /// How many are waiting.
+    file_writes_waiting: usize,
 }
 
 /// The simulated file system; cheap to clone, shared by every shard of an engine.
@@ -190,6 +194,8 @@ impl SimFs {
                 fail_syncs: 0,
                 writes: 0,
                 syncs: 0,
+                file_writes_held: false,
+                file_writes_waiting: 0,
             })),
         }
     }
@@ -206,6 +212,17 @@ impl SimFs {
     /// The next `n` fdatasyncs fail with EIO.
     pub fn fail_next_syncs(&self, n: u32) {
         lock(&self.state).fail_syncs = n;
+    }
+
+    /// Hold (or release) every whole-file write (`write_file_durable`: the small files a
+    /// partition's creation or a checkpoint of its metadata writes) until released.
+    pub fn hold_file_writes(&self, hold: bool) {
+        lock(&self.state).file_writes_held = hold;
+    }
+
+    /// Whole-file writes waiting for [`hold_file_writes`](Self::hold_file_writes) to release them.
+    pub fn file_writes_waiting(&self) -> usize {
+        lock(&self.state).file_writes_waiting
     }
 
     /// Counts of successful writes and syncs so far.
@@ -450,6 +467,13 @@ impl Storage for SimFs {
         let path = path.to_path_buf();
         Box::pin(async move {
             pause(&fs).await;
+            if lock(&fs.state).file_writes_held {
+                lock(&fs.state).file_writes_waiting += 1;
+                while lock(&fs.state).file_writes_held {
+                    compio::time::sleep(Duration::from_millis(1)).await;
+                }
+                lock(&fs.state).file_writes_waiting -= 1;
+            }
             let mut state = lock(&fs.state);
             let current = state.files.get(&path).map_or(0, |f| lock(f).len);
             if !state.has_room(current, bytes.len() as u64) {
