@@ -2182,7 +2182,7 @@ impl Partition {
         let active = &self.segments[&self.write_segment];
         let mut finished = active.time_index.clone();
         if active.next_offset > active.base_offset {
-            finished.maybe_append(
+            finished.finish(
                 active.max_timestamp,
                 active.relative(active.next_offset - 1),
             );

@@ -31,7 +31,11 @@ fn build_log() -> (SimFs, PartitionId, Vec<PathBuf>) {
         engine.create_partition(&p, config()).await.unwrap();
         for tag in 0..BATCHES {
             engine
-                .append(&p, batch(tag, 1, 20_000 + tag as usize * 13, 0), 0)
+                .append(
+                    &p,
+                    batch(tag, 1, 20_000 + tag as usize * 13, timestamp_of(tag)),
+                    0,
+                )
                 .await
                 .unwrap();
         }
@@ -44,6 +48,11 @@ fn build_log() -> (SimFs, PartitionId, Vec<PathBuf>) {
         .collect();
     assert!(logs.len() >= 3, "{logs:?}");
     (fs, p, logs)
+}
+
+/// Batch `tag`'s timestamp: growing, so time lookups have something to find.
+fn timestamp_of(tag: u64) -> i64 {
+    1_000 + tag as i64 * 10
 }
 
 fn copy(fs: &SimFs) -> SimFs {
@@ -351,6 +360,36 @@ fn a_stored_offset_outside_kafkas_range_is_damage_not_a_panic() {
     }
 }
 
+/// Time lookups find the first batch at or after each batch's time (the last batch of every
+/// segment included: a reopened segment's max timestamp comes from its time index), between two
+/// batches' times, before the log and past it.
+fn assert_time_lookups(engine: &Engine, p: &PartitionId, what: &str) {
+    let probes = (0..BATCHES).flat_map(|tag| [timestamp_of(tag), timestamp_of(tag) - 3]);
+    for at in probes.chain([0, timestamp_of(BATCHES - 1) + 1]) {
+        let expected = (0..BATCHES)
+            .find(|&tag| timestamp_of(tag) >= at)
+            .map(|tag| (tag, timestamp_of(tag)));
+        let found = block_on(engine.offset_for_timestamp(p, at)).unwrap();
+        assert_eq!(
+            found.map(|t| (t.offset, t.timestamp)),
+            expected,
+            "{what}: first at or after {at}"
+        );
+    }
+}
+
+#[test]
+fn time_lookups_find_every_batch_after_a_crash_and_after_a_clean_shutdown() {
+    let (crashed, p, _) = build_log();
+    let reopened = copy(&crashed);
+    let engine = open(&reopened, RecoveryMode::Strict).unwrap();
+    assert_time_lookups(&engine, &p, "after a crash");
+    block_on(engine.shutdown()).unwrap();
+    // Reopened from the indexes written at shutdown and at each roll, without a scan.
+    let engine = open(&reopened, RecoveryMode::Strict).unwrap();
+    assert_time_lookups(&engine, &p, "after a clean shutdown");
+}
+
 #[test]
 fn damaged_metadata_files_are_rebuilt_or_ignored_and_the_log_is_served_whole() {
     // Indexes, time indexes, the leader-epoch checkpoint and the recovery point are derived from
@@ -389,9 +428,7 @@ fn damaged_metadata_files_are_rebuilt_or_ignored_and_the_log_is_served_whole() {
                 assert!(error.is_none(), "{what}: {error:?}");
                 assert_eq!(tags, (0..BATCHES).collect::<Vec<_>>(), "{what}");
                 let end = block_on(engine.partition_state(&p)).unwrap().appended.0;
-                // Every batch has timestamp 0: the first at or after 0 is the log's first.
-                let first = block_on(engine.offset_for_timestamp(&p, 0)).unwrap();
-                assert_eq!(first.map(|t| t.offset), Some(0), "{what}");
+                assert_time_lookups(&engine, &p, &what);
                 if let Some((_, epoch_end)) = block_on(engine.end_offset_for_epoch(&p, 0)).unwrap()
                 {
                     assert!(

@@ -112,6 +112,18 @@ impl TimeIndex {
         }
     }
 
+    /// The final entry of a sealed (or cleanly closed) segment: its max timestamp, at its last
+    /// batch. The segment's max timestamp is read back from this entry when it is reopened, so
+    /// it must be there even when the last batch already has an entry (of the timestamps before
+    /// it): that entry's timestamp is raised instead, which keeps its promise (every batch before
+    /// its offset is at or below it) and keeps lookups starting at or before the batch they find.
+    pub fn finish(&mut self, max_timestamp: i64, last_relative: u32) {
+        match self.entries.last_mut() {
+            Some((t, o)) if *o == last_relative => *t = (*t).max(max_timestamp),
+            _ => self.maybe_append(max_timestamp, last_relative),
+        }
+    }
+
     /// Relative offset to start scanning from for the first batch with maxTimestamp ≥ `target`.
     pub fn lookup(&self, target: i64) -> u32 {
         let i = self.entries.partition_point(|&(t, _)| t < target);
@@ -201,6 +213,28 @@ mod tests {
         let mut bad = i.encode();
         bad[8..16].copy_from_slice(&i.encode()[0..8]);
         assert!(OffsetIndex::decode(&bad, u64::MAX).is_err());
+    }
+
+    #[test]
+    fn the_final_entry_carries_the_segment_max_even_when_its_last_batch_has_an_entry() {
+        // Batches at relative 0, 1, 2 with max timestamps 10, 20, 30; every batch indexed.
+        let mut t = TimeIndex::default();
+        t.maybe_append(10, 1);
+        t.maybe_append(20, 2);
+        t.finish(30, 2);
+        assert_eq!(t.last_timestamp(), Some(30), "reopened, the segment reaches 30");
+        assert_eq!(t.lookup(30), 1, "the scan for 30 starts before the batch holding it");
+        assert_eq!(t.lookup(25), 1);
+        assert_eq!(t.lookup(20), 1);
+        assert_eq!(t.lookup(15), 1);
+        // Without an entry at the last batch, the final entry is appended.
+        let mut t = TimeIndex::default();
+        t.maybe_append(10, 1);
+        t.finish(30, 2);
+        assert_eq!(t.last_timestamp(), Some(30));
+        assert_eq!(t.lookup(30), 1);
+        let decoded = TimeIndex::decode(&t.encode(), 3).unwrap();
+        assert_eq!(decoded, t);
     }
 
     #[test]

@@ -120,7 +120,7 @@ impl Segment {
     pub fn finish_time_index(&mut self) {
         if self.next_offset > self.base_offset {
             let last = self.relative(self.next_offset - 1);
-            self.time_index.maybe_append(self.max_timestamp, last);
+            self.time_index.finish(self.max_timestamp, last);
         }
     }
 
