@@ -329,16 +329,24 @@ impl Broker {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .expiration_ms = self.config.producer_id_expiration_ms as i64;
-            if let Err(e) = self.engine.create_partition(&p.id, wanted.clone()).await {
-                tracing::error!(topic = name, error = %e, "cannot create partition; removing the topic");
-                let broker = self.clone();
-                let owned = name.to_string();
-                let _ = blocking(move || broker.registry.remove_topic(&owned)).await;
-                for p in &topic.partitions {
-                    let _ = self.engine.delete_partition(&p.id).await;
-                }
-                return Err((crate::error::error_code(&e), e.to_string()));
+        }
+        // All at once: each shard opens several partitions together, beside its other I/O.
+        let created = futures::future::join_all(
+            topic
+                .partitions
+                .iter()
+                .map(|p| self.engine.create_partition(&p.id, wanted.clone())),
+        )
+        .await;
+        if let Some(e) = created.into_iter().find_map(Result::err) {
+            tracing::error!(topic = name, error = %e, "cannot create partition; removing the topic");
+            let broker = self.clone();
+            let owned = name.to_string();
+            let _ = blocking(move || broker.registry.remove_topic(&owned)).await;
+            for p in &topic.partitions {
+                let _ = self.engine.delete_partition(&p.id).await;
             }
+            return Err((crate::error::error_code(&e), e.to_string()));
         }
         Metrics::bump(&self.metrics.topics_created);
         tracing::info!(topic = name, partitions, "created topic");

@@ -222,8 +222,16 @@ mod tests {
         t.maybe_append(10, 1);
         t.maybe_append(20, 2);
         t.finish(30, 2);
-        assert_eq!(t.last_timestamp(), Some(30), "reopened, the segment reaches 30");
-        assert_eq!(t.lookup(30), 1, "the scan for 30 starts before the batch holding it");
+        assert_eq!(
+            t.last_timestamp(),
+            Some(30),
+            "reopened, the segment reaches 30"
+        );
+        assert_eq!(
+            t.lookup(30),
+            1,
+            "the scan for 30 starts before the batch holding it"
+        );
         assert_eq!(t.lookup(25), 1);
         assert_eq!(t.lookup(20), 1);
         assert_eq!(t.lookup(15), 1);
