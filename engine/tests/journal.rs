@@ -66,6 +66,20 @@ fn create(engine: &Engine, parts: &[PartitionId]) {
     create_partitions(engine, parts, &config());
 }
 
+/// One shard on a simulated disk whose operations take 0.1–1 ms and complete out of order, with
+/// `parts` created.
+fn jittery_engine(seed: u64, parts: &[PartitionId]) -> (SimFs, Engine) {
+    let fs = SimFs::new(FaultConfig {
+        seed,
+        latency: Duration::from_micros(100),
+        latency_jitter: Duration::from_micros(900),
+        ..Default::default()
+    });
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    create(&engine, parts);
+    (fs, engine)
+}
+
 /// Every acknowledged append is there, in a gap-free log from 0.
 fn assert_holds(
     engine: &Engine,
@@ -94,14 +108,7 @@ fn assert_holds(
 fn small_appends_of_many_partitions_share_journal_writes_and_survive_power_cuts() {
     let parts = ids(48);
     for seed in 0..6u64 {
-        let fs = SimFs::new(FaultConfig {
-            seed,
-            latency: Duration::from_micros(100),
-            latency_jitter: Duration::from_micros(900),
-            ..Default::default()
-        });
-        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
-        create(&engine, &parts);
+        let (fs, engine) = jittery_engine(seed, &parts);
         // 1,500-2,400 appends of ~3 KiB: more than half the 4 MiB ring, so checkpoints run.
         let crash_after = 1500 + (seed as usize * 181) % 900;
         let (acked, image) = small_appends(&engine, &fs, &parts, 48, 3000, Some(crash_after));
@@ -275,14 +282,7 @@ fn a_checkpoint_syncs_the_rests_it_forces_out_together() {
     // with 48 partitions the previous behaviour took ~13 per checkpoint.
     let parts = ids(48);
     for seed in 0..4u64 {
-        let fs = SimFs::new(FaultConfig {
-            seed,
-            latency: Duration::from_micros(100),
-            latency_jitter: Duration::from_micros(900),
-            ..Default::default()
-        });
-        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
-        create(&engine, &parts);
+        let (fs, engine) = jittery_engine(seed, &parts);
         let (acked, _) = small_appends(&engine, &fs, &parts, 48, 3000, None);
         let m = engine.metrics();
         assert!(
