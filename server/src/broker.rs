@@ -7,6 +7,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use futures::{StreamExt, TryStreamExt};
+
 use kafka_protocol::messages::{RequestKind, ResponseKind};
 use kafka_protocol::ResponseError;
 use keel_engine::{Engine, EngineConfig, FlushPolicy, ReadUpper};
@@ -60,6 +62,10 @@ impl Reply {
 
 /// Bytes of log read per call while rebuilding producer state.
 const rebuild_read_bytes: usize = 8 * 1024 * 1024;
+
+/// Partitions whose producer state start-up rebuilds at once (at most this many reads of
+/// `rebuild_read_bytes` in flight).
+const rebuild_partitions_at_once: usize = 16;
 
 /// Who sent a request (JoinGroup reports it in DescribeGroups).
 #[derive(Clone, Debug, Default)]
@@ -121,6 +127,8 @@ impl Broker {
         Ok(broker)
     }
 
+    /// Bring the engine's partitions and the registry's topics together at start-up: adopt
+    /// orphaned partitions, create missing ones, and rebuild every partition's producer state.
     async fn reconcile(&self) -> Result<(), Error> {
         let deleting: std::collections::HashSet<String> =
             self.registry.pending_deletions().into_iter().collect();
@@ -165,23 +173,30 @@ impl Broker {
             self.registry.add_topic(&name, count, config)?;
         }
         let topics = self.registry.snapshot();
-        for topic in topics.values() {
+        let existing = &existing;
+        let partitions = topics.values().flat_map(|topic| {
             let wanted = topic.config.partition_config();
-            for p in &topic.partitions {
-                if existing.binary_search(&p.id).is_ok() {
-                    let state = self.engine.partition_state(&p.id).await?;
-                    if state.config != wanted {
-                        tracing::warn!(
-                            partition = %p.id,
-                            "the partition keeps the settings it was created with; changed broker defaults apply to new topics"
-                        );
-                    }
-                } else {
-                    self.engine.create_partition(&p.id, wanted.clone()).await?;
+            topic.partitions.iter().map(move |p| (p, wanted.clone()))
+        });
+        // Several partitions at a time (each shard opens and reads several together): a restart
+        // with thousands of partitions does not wait for their logs one by one.
+        futures::stream::iter(partitions.map(|(p, wanted)| async move {
+            if existing.binary_search(&p.id).is_ok() {
+                let state = self.engine.partition_state(&p.id).await?;
+                if state.config != wanted {
+                    tracing::warn!(
+                        partition = %p.id,
+                        "the partition keeps the settings it was created with; changed broker defaults apply to new topics"
+                    );
                 }
-                self.rebuild_producers(p).await?;
+            } else {
+                self.engine.create_partition(&p.id, wanted).await?;
             }
-        }
+            self.rebuild_producers(p).await
+        }))
+        .buffer_unordered(rebuild_partitions_at_once)
+        .try_collect::<Vec<()>>()
+        .await?;
         Ok(())
     }
 
