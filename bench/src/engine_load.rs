@@ -84,7 +84,7 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
                 .map(|id| engine.create_partition(id, partition_config.clone())),
         )
         .await;
-        created.into_iter().collect::<Result<Vec<()>, _>>()?;
+        created.into_iter().collect::<Result<(), _>>()?;
         if ids.len() > 1 {
             eprintln!(
                 "engine: created {} partitions in {} ms",

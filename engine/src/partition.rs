@@ -1342,13 +1342,12 @@ impl Partition {
         (checkpoint, other)
     }
 
-    /// Is this partition's sync due only because a checkpoint waits for it? Nothing waits for
-    /// such a sync but the checkpoint, so it may wait for the checkpoint's other writes and share
-    /// one sync with them (ARCHITECTURE.md, decision 19).
+    /// Of a partition whose sync is due (`sync_due`): is it due only because a checkpoint waits
+    /// for it? Nothing waits for such a sync but the checkpoint, so it may wait for the
+    /// checkpoint's other writes and share one sync with them (ARCHITECTURE.md, decision 19).
     pub fn sync_due_only_for_checkpoint(&self) -> bool {
         self.journal_active()
             && self.config.flush == FlushPolicy::EveryBatch
-            && self.sync_due()
             && self.journaled_sync_reasons() == (true, false)
     }
 
@@ -1572,7 +1571,7 @@ impl Partition {
         }
         self.issue_deferred(io);
         let before = self.offsets.written().0;
-        let durable_before = self.durable_position;
+        let mut made_durable = false;
         while self.writes.front().is_some_and(|w| w.done && !w.failed) {
             let w = self.writes.pop_front().expect("checked");
             // A durable write's bytes are durable once it is done; the log is durable through it
@@ -1585,14 +1584,12 @@ impl Partition {
                 .advance_written(Written(w.end_offset.max(self.offsets.written().0)));
             self.written_position = w.end_position;
             if durable_through {
-                self.offsets
-                    .advance_durable(Durable(self.offsets.written().0));
-                self.durable_position = self.written_position;
+                self.became_durable(self.offsets.written().0, self.written_position);
+                made_durable = true;
             }
         }
-        if self.durable_position > durable_before && self.durable_position == self.written_position
-        {
-            self.last_group_bytes = self.durable_position - durable_before;
+        if made_durable && self.durable_position == self.written_position {
+            // As a sync's start would have (`begin_sync`): nothing written waits for a sync.
             self.last_sync = Instant::now();
             self.bytes_since_sync = 0;
             self.unsynced_since = None;
@@ -1609,16 +1606,20 @@ impl Partition {
     fn on_synced(&mut self, result: io::Result<()>, io: &mut IoCtx<'_>) {
         let (target, position) = self.sync_inflight.take().expect("a sync was in flight");
         match result {
-            Ok(()) => {
-                self.offsets.advance_durable(Durable(target));
-                self.last_group_bytes = position.saturating_sub(self.durable_position);
-                self.durable_position = position;
-            }
+            Ok(()) => self.became_durable(target, position),
             Err(e) => {
                 let path = self.segments[&self.write_segment].log_path.clone();
                 self.fail(Error::io("fdatasync", path, e), true, io);
             }
         }
+    }
+
+    /// The log is durable up to `offset`, the segment up to `position`: a sync completed, or a
+    /// write durable by itself did.
+    fn became_durable(&mut self, offset: u64, position: u64) {
+        self.offsets.advance_durable(Durable(offset));
+        self.last_group_bytes = position.saturating_sub(self.durable_position);
+        self.durable_position = position;
     }
 
     fn on_control(&mut self, done: ControlDone) {
@@ -2180,16 +2181,12 @@ impl Partition {
     /// The state a clean shutdown records so the next open skips the scan.
     pub fn shutdown_metadata(&self) -> (Vec<(PathBuf, Vec<u8>)>, RecoveryPoint) {
         let active = &self.segments[&self.write_segment];
-        let mut finished = active.time_index.clone();
-        if active.next_offset > active.base_offset {
-            finished.finish(
-                active.max_timestamp,
-                active.relative(active.next_offset - 1),
-            );
-        }
         let files = vec![
             (active.index_path(), active.index.encode()),
-            (active.time_index_path(), finished.encode()),
+            (
+                active.time_index_path(),
+                active.finished_time_index().encode(),
+            ),
             (self.dir.join(path::LEADER_EPOCH_FILE), self.epochs.encode()),
         ];
         let marker = RecoveryPoint {

@@ -195,7 +195,7 @@ impl Broker {
             self.rebuild_producers(p).await
         }))
         .buffer_unordered(rebuild_partitions_at_once)
-        .try_collect::<Vec<()>>()
+        .try_collect::<()>()
         .await?;
         Ok(())
     }

@@ -118,10 +118,17 @@ impl Segment {
 
     /// Record the final max timestamp so time lookups and time retention see the whole segment.
     pub fn finish_time_index(&mut self) {
+        self.time_index = self.finished_time_index();
+    }
+
+    /// The time index with its final entry (`TimeIndex::finish`): what a sealed segment keeps,
+    /// and what a clean shutdown writes for the active one.
+    pub fn finished_time_index(&self) -> TimeIndex {
+        let mut finished = self.time_index.clone();
         if self.next_offset > self.base_offset {
-            let last = self.relative(self.next_offset - 1);
-            self.time_index.finish(self.max_timestamp, last);
+            finished.finish(self.max_timestamp, self.relative(self.next_offset - 1));
         }
+        finished
     }
 
     pub fn index_path(&self) -> PathBuf {
