@@ -58,12 +58,6 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
         flush: config.flush,
         segment_bytes: config.segment_bytes,
         max_message_bytes: config.batch_bytes.max(1 << 20),
-        // Many partitions: grow files in smaller steps so the run does not preallocate gigabytes.
-        preallocate_bytes: if config.partitions > 64 {
-            8 << 20
-        } else {
-            64 << 20
-        },
         ..Default::default()
     };
     let payload: Vec<u8> = (0..config.batch_bytes.saturating_sub(61))

@@ -40,9 +40,16 @@ pub const segment_bytes_min: u64 = 1024 * 1024;
 pub const segment_bytes_max: u64 = u32::MAX as u64;
 pub const segment_bytes_default: u64 = 1024 * 1024 * 1024;
 
-/// Segment files are extended by fallocate in steps of this size (bounded by the segment size), so
-/// that a write almost never allocates blocks and a full disk shows up before data is accepted.
+/// Segment files are extended by fallocate in steps of at most this size (bounded by the segment
+/// size), so that a write almost never allocates blocks and a full disk shows up before data is
+/// accepted.
 pub const preallocate_bytes_default: u64 = 64 * 1024 * 1024;
+
+/// A segment's first fallocate step. Each later step is as large as what the segment already
+/// has (it doubles) up to `preallocate.bytes`: a hot partition reaches the full step after a few
+/// allocations, while a thousand partitions holding a few kilobytes each reserve ~1 GiB of disk,
+/// not 64 GiB. Equal to the runway, so a lightly loaded log's first allocation holds its runway.
+pub const preallocate_first_bytes: u64 = runway_bytes;
 
 /// Bytes between two sparse offset-index entries (Kafka's `index.interval.bytes`).
 pub const index_interval_bytes: u64 = 4096;
@@ -161,6 +168,7 @@ const _: () = assert!(segment_bytes_default <= segment_bytes_max);
 const _: () = assert!(shard_write_buffers_count >= shard_writes_inflight_max);
 const _: () = assert!(partition_writes_inflight_max <= shard_writes_inflight_max);
 const _: () = assert!(preallocate_bytes_default.is_multiple_of(block_bytes as u64));
+const _: () = assert!(preallocate_first_bytes.is_multiple_of(block_bytes as u64));
 const _: () = assert!(read_bytes_min.is_multiple_of(block_bytes));
 const _: () = assert!(journal_bytes_default >= journal_bytes_min);
 const _: () = assert!(journal_bytes_min.is_multiple_of(block_bytes as u64));

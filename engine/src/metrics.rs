@@ -50,6 +50,9 @@ counters!(
     reads_from_memory,
     segments_rolled,
     segments_deleted,
+    /// Segment preallocations cut down because the disk was full: only what the write at hand
+    /// needed was allocated (or, for a new segment, nothing yet).
+    allocations_short,
     /// Zero writes that laid out a partition's file ahead of its write head (the runway).
     runway_writes,
     runway_bytes,

@@ -122,13 +122,17 @@ impl Event {
 }
 
 pub(crate) enum ControlDone {
+    /// `short`: the disk was full, so the new segment got no preallocation.
     Rolled {
         file: Rc<dyn StorageFile>,
         allocated: u64,
+        short: bool,
         durable: u64,
     },
+    /// `short`: the disk was full, so only what the write needed was allocated.
     Allocated {
         len: u64,
+        short: bool,
     },
     CarryLoaded {
         bytes: Vec<u8>,
@@ -312,6 +316,9 @@ pub(crate) struct Partition {
     runway_inflight: Option<(u64, u64)>,
     /// A zero write failed on this segment: no more runway until the next one.
     runway_off: bool,
+    /// The allocated length at which an allocation ahead was last tried: on a full disk it is
+    /// tried once per length, not at every scheduling.
+    ahead_tried_at: Option<u64>,
     /// Bytes the last completed sync made durable (the size of the last group commit).
     last_group_bytes: u64,
     /// Appends (and flushes) the last group commit answered.
@@ -401,6 +408,7 @@ impl Partition {
             zeroed_end: align_up(size),
             runway_inflight: None,
             runway_off: false,
+            ahead_tried_at: None,
             last_group_bytes: 0,
             last_group_waiters: 0,
             deleted: false,
@@ -728,7 +736,11 @@ impl Partition {
         if from >= end {
             return None;
         }
-        // Not a small group, or not in memory: the segment path makes it durable.
+        // Not a small group, its space not allocated, or not in memory: the segment path makes
+        // it durable.
+        if !self.journal_space_reserved() {
+            return None;
+        }
         let first = self.journal_group_start()?;
         if self.tail.get(first).is_none_or(|b| b.base_offset != from) {
             return None; // not in memory: the segment path makes it durable
@@ -755,9 +767,22 @@ impl Partition {
         self.journal_offset.max(self.offsets.durable().0)
     }
 
-    /// Is what the journal would have to take a small group?
+    /// Is what the journal would have to take a small group, with its segment space allocated?
     fn journal_can_take(&self) -> bool {
-        self.journal_group_start().is_some()
+        self.journal_space_reserved() && self.journal_group_start().is_some()
+    }
+
+    /// Is every appended batch bound for the write segment, within its allocated space? The
+    /// journal takes only such data: what it acknowledges then always fits in its segment, and
+    /// its replay after a crash cannot fail on a full disk. Otherwise the segment path writes the
+    /// group, allocating first (and failing the appends cleanly if the disk is full).
+    fn journal_space_reserved(&self) -> bool {
+        let segment = &self.segments[&self.write_segment];
+        align_up(segment.size) <= segment.allocated
+            && self
+                .tail
+                .back()
+                .is_none_or(|b| b.segment == self.write_segment)
     }
 
     /// Where in `tail` the batches the journal would take (from `journal_from` on) begin, if
@@ -863,6 +888,10 @@ impl Partition {
             }
         }
         let starved = self.schedule_writes(io);
+        if self.control_busy {
+            return false;
+        }
+        self.schedule_allocation_ahead(io);
         if self.control_busy {
             return false;
         }
@@ -1409,20 +1438,53 @@ impl Partition {
     }
 
     fn start_allocate(&mut self, io: &mut IoCtx<'_>, want_end: u64) {
-        let segment = &self.segments[&self.write_segment];
-        let step = self.config.preallocate_bytes;
-        let len = align_up(
-            want_end
-                .max(segment.allocated + step)
-                .min(self.config.segment_bytes.max(want_end)),
+        self.start_allocation(io, want_end, align_up(want_end));
+    }
+
+    /// Grow the write segment's file for a write that needs `want_end` bytes of it; on a full
+    /// disk allocate `need` bytes alone.
+    fn start_allocation(&mut self, io: &mut IoCtx<'_>, want_end: u64, need: u64) {
+        let allocated = self.segments[&self.write_segment].allocated;
+        let len = allocation_target(
+            allocated,
+            want_end,
+            self.config.preallocate_bytes,
+            self.config.segment_bytes,
         );
         let file = self.write_file();
         self.start_control(io, async move {
-            file.allocate(len)
-                .await
-                .map_err(|e| Error::io("fallocate", file.path(), e))?;
-            Ok(ControlDone::Allocated { len })
+            let (len, short) = allocate_or_less(file.as_ref(), len, need).await?;
+            Ok(ControlDone::Allocated { len, short })
         });
+    }
+
+    /// A journaled partition grows its file before its appends reach the end of what is
+    /// allocated: the journal takes only data whose segment space is allocated, and without this
+    /// each growth of the file would send one group through the segment path (a write and a
+    /// sync of its own). On a full disk nothing is allocated and nothing fails: the next group
+    /// takes the segment path, which allocates what it needs or fails its appends.
+    fn schedule_allocation_ahead(&mut self, io: &mut IoCtx<'_>) {
+        if !self.journal_active()
+            || self.failure.is_some()
+            || self.truncate.is_some()
+            || self.cut_pending
+            || self.deleted
+            || self
+                .tail
+                .back()
+                .is_some_and(|b| b.segment != self.write_segment)
+        {
+            return;
+        }
+        let segment = &self.segments[&self.write_segment];
+        let (allocated, file_open) = (segment.allocated, segment.file.is_some());
+        let want_end = (align_up(segment.size) + journal_group_bytes_max)
+            .min(align_up(self.config.segment_bytes));
+        if want_end <= allocated || !file_open || self.ahead_tried_at == Some(allocated) {
+            return;
+        }
+        self.ahead_tried_at = Some(allocated);
+        self.start_allocation(io, want_end, allocated);
     }
 
     /// Seal the write segment (truncate to size, fsync, persist indexes), create the next one and
@@ -1449,7 +1511,14 @@ impl Partition {
         };
         let storage = io.storage.clone();
         let dir = self.dir.clone();
-        let preallocate = self.config.preallocate_bytes.min(self.config.segment_bytes);
+        // The new segment starts as large a step as the one it follows holds (a partition that
+        // filled a segment gets the full step, one rolled by time with little in it a small one).
+        let step = self.config.preallocate_bytes;
+        let preallocate = align_up(
+            old_size
+                .clamp(preallocate_first_bytes.min(step), step)
+                .min(self.config.segment_bytes),
+        );
         bump(&io.metrics.segments_rolled, 1);
         self.start_control(io, async move {
             let path = old_file.path().to_path_buf();
@@ -1473,9 +1542,9 @@ impl Partition {
                 .open(&new_path, true)
                 .await
                 .map_err(|e| Error::io("create", &new_path, e))?;
-            file.allocate(preallocate)
-                .await
-                .map_err(|e| Error::io("fallocate", &new_path, e))?;
+            // On a full disk the new segment starts empty: its first write asks for what it
+            // needs (`start_allocate`), and fails as a full disk only if even that does not fit.
+            let (allocated, short) = allocate_or_less(file.as_ref(), preallocate, 0).await?;
             storage
                 .sync_dir(&dir)
                 .await
@@ -1483,7 +1552,8 @@ impl Partition {
             checkpoint.write(storage.as_ref(), &dir).await?;
             Ok(ControlDone::Rolled {
                 file,
-                allocated: preallocate,
+                allocated,
+                short,
                 durable,
             })
         });
@@ -1540,7 +1610,7 @@ impl Partition {
             Event::Control(result) => {
                 self.control_busy = false;
                 match result {
-                    Ok(done) => self.on_control(done),
+                    Ok(done) => self.on_control(done, io.metrics),
                     Err(e) => self.on_control_failed(e, io),
                 }
             }
@@ -1622,13 +1692,15 @@ impl Partition {
         self.durable_position = position;
     }
 
-    fn on_control(&mut self, done: ControlDone) {
+    fn on_control(&mut self, done: ControlDone, metrics: &Metrics) {
         match done {
             ControlDone::Rolled {
                 file,
                 allocated,
+                short,
                 durable,
             } => {
+                bump(&metrics.allocations_short, u64::from(short));
                 let old = self.segments.get_mut(&self.write_segment).expect("exists");
                 old.sealed = true;
                 old.allocated = old.size;
@@ -1648,12 +1720,12 @@ impl Partition {
                 self.carry_state = CarryState::Ready;
                 self.zeroed_end = 0;
                 self.runway_off = false;
+                self.ahead_tried_at = None;
             }
-            ControlDone::Allocated { len } => {
-                self.segments
-                    .get_mut(&self.write_segment)
-                    .expect("exists")
-                    .allocated = len;
+            ControlDone::Allocated { len, short } => {
+                bump(&metrics.allocations_short, u64::from(short));
+                let segment = self.segments.get_mut(&self.write_segment).expect("exists");
+                segment.allocated = segment.allocated.max(len);
             }
             ControlDone::CarryLoaded { bytes } => {
                 self.carry[..bytes.len()].copy_from_slice(&bytes);
@@ -1921,6 +1993,7 @@ impl Partition {
         let segment = &self.segments[&self.write_segment];
         // After a rewind the batches from the write head on are written again: cut there.
         let size = segment.size.min(self.next_write_position);
+        let reserved = segment.allocated;
         let log_path = segment.log_path.clone();
         let file = segment.file.clone();
         let storage = io.storage.clone();
@@ -1951,12 +2024,7 @@ impl Partition {
                     .await
                     .map_err(|e| Error::io("open", &log_path, e))?,
             };
-            file.set_len(size)
-                .await
-                .map_err(|e| Error::io("truncate", &log_path, e))?;
-            file.sync_all()
-                .await
-                .map_err(|e| Error::io("fsync", &log_path, e))?;
+            let allocated = crate::recovery::cut(file.as_ref(), size, reserved).await?;
             for name in stale {
                 let path = dir.join(name);
                 storage
@@ -1973,10 +2041,7 @@ impl Partition {
                 .await
                 .map_err(|e| Error::io("write", &epoch_path, e))?;
             checkpoint.write(storage.as_ref(), &dir).await?;
-            Ok(ControlDone::Cut {
-                file,
-                allocated: size,
-            })
+            Ok(ControlDone::Cut { file, allocated })
         });
     }
 
@@ -2233,6 +2298,36 @@ impl RecoveryPoint {
 }
 
 /// Take ownership of the caller's bytes for in-place header rewrites; copies only when shared.
+/// The length to fallocate the write segment to when a write needs `want_end` bytes of it: the
+/// file grows by as much as it already has (doubling from `preallocate_first_bytes`), by
+/// `preallocate` at most, and past the segment size only as far as the write itself needs.
+fn allocation_target(allocated: u64, want_end: u64, preallocate: u64, segment_bytes: u64) -> u64 {
+    let step = allocated.max(preallocate_first_bytes).min(preallocate);
+    align_up(
+        want_end
+            .max(allocated + step)
+            .min(segment_bytes.max(want_end)),
+    )
+}
+
+/// fallocate `file` to `len` bytes; on a full disk, to `need` bytes alone (what the write at hand
+/// needs; 0: nothing), so room reserved for later never refuses data that fits now. Returns the
+/// length allocated and whether it was cut short.
+async fn allocate_or_less(file: &dyn StorageFile, len: u64, need: u64) -> Result<(u64, bool)> {
+    match file.allocate(len).await {
+        Ok(()) => Ok((len, false)),
+        Err(e) if need < len && matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+            if need > 0 {
+                file.allocate(need)
+                    .await
+                    .map_err(|e| Error::io("fallocate", file.path(), e))?;
+            }
+            Ok((need, true))
+        }
+        Err(e) => Err(Error::io("fallocate", file.path(), e)),
+    }
+}
+
 fn into_mut(bytes: Bytes) -> BytesMut {
     bytes
         .try_into_mut()
@@ -2245,4 +2340,34 @@ fn complete(waiter: Waiter, durability: Durability, log_start_offset: u64) {
         log_start_offset,
         ..waiter.outcome
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_files_grow_by_doubling_up_to_the_preallocation_step() {
+        let (mib, step, segment) = (1 << 20, 64 << 20, 1 << 30);
+        let mut allocated = 0;
+        let mut lengths = Vec::new();
+        while allocated < 200 * mib {
+            allocated = allocation_target(allocated, allocated + 4096, step, segment);
+            lengths.push(allocated / mib);
+        }
+        assert_eq!(lengths, [1, 2, 4, 8, 16, 32, 64, 128, 192, 256]);
+        // A write larger than the step gets what it needs; the segment size bounds the step but
+        // not the write.
+        assert_eq!(
+            allocation_target(mib, 10 * mib + 1, 2 * mib, segment),
+            10 * mib + 4096
+        );
+        assert_eq!(
+            allocation_target(3 * mib, 3 * mib + 1, step, 4 * mib),
+            4 * mib
+        );
+        assert_eq!(allocation_target(4 * mib, 5 * mib, step, 4 * mib), 5 * mib);
+        // A step configured below the first one is used as it is.
+        assert_eq!(allocation_target(0, 1, 64 << 10, segment), 64 << 10);
+    }
 }

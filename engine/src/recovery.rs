@@ -112,6 +112,7 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
             .map_err(|e| Error::io("stat", &log_path, e))?;
         let mut segment = Segment::new(base, log_path.clone());
         let is_last = base == last;
+        let mut cut_to = None;
         let trusted = if is_last {
             clean.map(|c| (c.position, c.next_offset))
         } else if base < scan_from {
@@ -164,20 +165,20 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
                                 .map_err(|e| Error::io("remove", &p, e))?;
                         }
                     }
-                    cut(file.as_ref(), &segment).await?;
+                    segment.allocated = cut(file.as_ref(), segment.size, segment.size).await?;
                     segment.file = Some(file);
                     segments.insert(base, segment);
                     break;
                 }
                 if is_last {
-                    cut(file.as_ref(), &segment).await?;
+                    cut_to = Some(cut(file.as_ref(), segment.size, file_len).await?);
                 }
             }
         }
-        segment.allocated = if is_last && clean.is_some() {
-            file_len
-        } else {
-            segment.size
+        segment.allocated = match cut_to {
+            Some(allocated) => allocated,
+            None if is_last && clean.is_some() => file_len,
+            None => segment.size,
         };
         segment.sealed = !is_last;
         segment.file = Some(file);
@@ -510,11 +511,26 @@ async fn data_beyond(
 }
 
 /// Cut the file to the segment's logical size and make it durable.
-async fn cut(file: &dyn StorageFile, segment: &Segment) -> Result<()> {
-    file.set_len(segment.size)
+/// Cut a segment file at `size` (a torn, damaged, failed or truncated tail goes), then allocate
+/// it up to `reserved` again, as zeros, and fsync. Space the partition had reserved stays
+/// reserved: the shard journal only acknowledges data whose segment space is allocated, so
+/// writing it again (after a failure) or replaying it (after a crash) never meets a disk that
+/// another partition filled meanwhile. Returns the length allocated (the cut alone if the space
+/// was taken before it could be allocated again).
+pub(crate) async fn cut(file: &dyn StorageFile, size: u64, reserved: u64) -> Result<u64> {
+    file.set_len(size)
         .await
         .map_err(|e| Error::io("truncate", file.path(), e))?;
+    let mut allocated = size;
+    if reserved > size {
+        match file.allocate(reserved).await {
+            Ok(()) => allocated = reserved,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {}
+            Err(e) => return Err(Error::io("fallocate", file.path(), e)),
+        }
+    }
     file.sync_all()
         .await
-        .map_err(|e| Error::io("fsync", file.path(), e))
+        .map_err(|e| Error::io("fsync", file.path(), e))?;
+    Ok(allocated)
 }

@@ -307,15 +307,185 @@ fn a_full_disk_rejects_appends_cleanly_and_recovers_when_space_returns() {
     assert!(fs.used_bytes() <= capacity);
     // Readable and consistent while full.
     assert_eq!(log_contents(&engine, &p), acked);
-    let err = block_on(engine.append(&p, batch(9999, 1, 20_000, 0), 0)).unwrap_err();
+    // One at a time, appends are taken while the space already allocated holds them (a group of
+    // four may have needed more), then refused.
+    let mut expected = acked.clone();
+    let err = (9_000..9_100)
+        .find_map(
+            |tag| match block_on(engine.append(&p, batch(tag, 1, 20_000, 0), 0)) {
+                Ok(out) => {
+                    expected.insert(out.base_offset, tag);
+                    None
+                }
+                Err(e) => Some(e),
+            },
+        )
+        .expect("2 MB more do not fit");
     assert!(matches!(err, Error::Full { .. }), "{err}");
+    assert_eq!(log_contents(&engine, &p), expected);
     // Space comes back: appends succeed again, right after the last acknowledged one.
     fs.set_faults(FaultConfig::default());
     let out = block_on(engine.append(&p, batch(10_000, 1, 20_000, 0), 0)).unwrap();
-    assert_eq!(out.base_offset, *acked.keys().last().unwrap() + 1);
-    let mut expected = acked.clone();
+    assert_eq!(out.base_offset, *expected.keys().last().unwrap() + 1);
     expected.insert(out.base_offset, 10_000);
     assert_eq!(log_contents(&engine, &p), expected);
+}
+
+/// Segment files grow in doubling steps, so partitions holding little reserve little: with the
+/// default 64 MiB `preallocate.bytes`, forty partitions of a few appends each took 2.5 GiB.
+#[test]
+fn segment_files_grow_with_their_data_so_small_partitions_reserve_little() {
+    let fs = SimFs::new(FaultConfig::default());
+    let engine = Engine::open(sim_config(&fs, 2)).unwrap();
+    let ids: Vec<_> = (0..40).map(|i| PartitionId::new("small", i)).collect();
+    let hot = PartitionId::new("hot", 0);
+    let defaults = PartitionConfig::default();
+    create_partitions(&engine, &ids, &defaults);
+    create_partitions(&engine, std::slice::from_ref(&hot), &defaults);
+    block_on(async {
+        for (i, p) in ids.iter().enumerate() {
+            for tag in 0..3 {
+                engine
+                    .append(p, batch(tag, 1, 3000 + i * 100, 0), 0)
+                    .await
+                    .unwrap();
+            }
+        }
+        // 6 MB into one partition, 250 KB at a time.
+        for tag in 0..24 {
+            engine
+                .append(&hot, batch(tag, 1, 250_000, 0), 0)
+                .await
+                .unwrap();
+        }
+        engine.shutdown().await.unwrap();
+    });
+    let log_len = |p: &PartitionId| {
+        let path = format!("/sim/data/{p}/00000000000000000000.log");
+        fs.file_len(std::path::Path::new(&path))
+            .expect("segment exists")
+    };
+    let first = keel_engine::constants::preallocate_first_bytes;
+    for p in &ids {
+        assert_eq!(
+            log_len(p),
+            first,
+            "{p}: one first step holds three small appends"
+        );
+    }
+    // Doubling from 1 MiB: 1, 2, 4, 8 MiB; 6 MB of data fits the fourth.
+    let hot_len = log_len(&hot);
+    assert!(
+        (6_000_000..=8 * first).contains(&hot_len),
+        "the hot partition's segment is {hot_len} bytes"
+    );
+    assert_eq!(engine.metrics().allocations_short, 0);
+}
+
+/// When the disk cannot hold a full preallocation step, what the write at hand needs is allocated
+/// instead: every append that fits is taken, and a full disk is reported only when none does.
+/// What the journal acknowledged always has its segment space, so a crash on the full disk
+/// replays it all.
+#[test]
+fn a_nearly_full_disk_takes_every_append_that_fits_and_replays_it_after_a_crash() {
+    let journal = keel_engine::constants::journal_bytes_min + 8192;
+    // Room for 1.5 MiB of log besides the journal and the partitions' small files: two
+    // partitions' doubling steps do not fit, their data does.
+    let room = 1536 * 1024usize;
+    let capacity = journal + room as u64 + 64 * 1024;
+    let fs = SimFs::new(FaultConfig {
+        capacity_bytes: Some(capacity),
+        ..Default::default()
+    });
+    let ids = [
+        PartitionId::new("nearly-full", 0),
+        PartitionId::new("nearly-full", 1),
+    ];
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    create_partitions(&engine, &ids, &PartitionConfig::default());
+    let mut acked = vec![BTreeMap::new(), BTreeMap::new()];
+    let mut bytes = 0usize;
+    let err = block_on(async {
+        for tag in 0.. {
+            let i = tag as usize % 2;
+            let b = batch(tag, 1, 20_000, 0);
+            let len = b.len();
+            match engine.append(&ids[i], b, 0).await {
+                Ok(out) => {
+                    acked[i].insert(out.base_offset, tag);
+                    bytes += len;
+                }
+                Err(e) => return e,
+            }
+        }
+        unreachable!("the disk fills")
+    });
+    assert!(matches!(err, Error::Full { .. }), "{err}");
+    // Reported full only when the append did not fit: less than its batch and a block was free
+    // (steps that must fit whole stopped both logs at their first 1 MiB, half the room unused).
+    let free = capacity - fs.used_bytes();
+    assert!(
+        free < 20_100 + 4096,
+        "the disk was reported full with {free} bytes free, after {bytes} bytes of appends"
+    );
+    assert!(bytes > room / 2, "only {bytes} bytes were taken");
+    assert!(engine.metrics().allocations_short > 0);
+    for (p, expected) in ids.iter().zip(&acked) {
+        assert_eq!(&log_contents(&engine, p), expected);
+    }
+    // After a power cut (much of it only in the journal), all of it is there again.
+    let image = fs.crash_image(CrashKind::PowerCut);
+    drop(engine);
+    let engine = Engine::open(sim_config(&image, 1)).unwrap();
+    assert!(engine.metrics().journal_replayed > 0);
+    for (p, expected) in ids.iter().zip(&acked) {
+        assert_eq!(&log_contents(&engine, p), expected);
+    }
+}
+
+/// A power cut on a full disk: recovery cuts each log's torn tail but keeps the space its
+/// partition had reserved, so replaying the journal into one partition cannot take the room
+/// another one's replay needs, and the engine opens with every acknowledged append.
+#[test]
+fn a_power_cut_on_a_full_disk_replays_every_partition() {
+    let journal = keel_engine::constants::journal_bytes_min + 8192;
+    let capacity = journal + 12 * 100 * 1024 + 128 * 1024;
+    let fs = SimFs::new(FaultConfig {
+        capacity_bytes: Some(capacity),
+        ..Default::default()
+    });
+    let ids: Vec<_> = (0..12).map(|i| PartitionId::new("full-cut", i)).collect();
+    let config = PartitionConfig {
+        preallocate_bytes: 64 * 1024,
+        ..Default::default()
+    };
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    create_partitions(&engine, &ids, &config);
+    let mut acked = vec![BTreeMap::new(); ids.len()];
+    let (mut full, mut tag) = (0, 0u64);
+    block_on(async {
+        // Round after round over every partition, until each has been refused once.
+        while full < ids.len() * 2 {
+            for (i, p) in ids.iter().enumerate() {
+                let size = 3000 + (tag as usize * 7919) % 9000;
+                match engine.append(p, batch(tag, 1, size, 0), 0).await {
+                    Ok(out) => {
+                        acked[i].insert(out.base_offset, tag);
+                    }
+                    Err(Error::Full { .. }) => full += 1,
+                    Err(e) => panic!("{e}"),
+                }
+                tag += 1;
+            }
+        }
+    });
+    let image = fs.crash_image(CrashKind::PowerCut);
+    drop(engine);
+    let engine = Engine::open(sim_config(&image, 1)).unwrap();
+    assert!(engine.metrics().journal_replayed > 0);
+    for (p, expected) in ids.iter().zip(&acked) {
+        assert_eq!(&log_contents(&engine, p), expected, "{p}");
+    }
 }
 
 #[test]

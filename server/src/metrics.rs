@@ -150,6 +150,7 @@ impl Metrics {
             ("reads_from_memory", engine.reads_from_memory),
             ("segments_rolled", engine.segments_rolled),
             ("segments_deleted", engine.segments_deleted),
+            ("allocations_short", engine.allocations_short),
             ("runway_writes", engine.runway_writes),
             ("runway_bytes", engine.runway_bytes),
             ("journal_writes", engine.journal_writes),

@@ -316,6 +316,13 @@ impl SimFs {
         );
     }
 
+    /// A file's length (what `stat` reports: preallocated space included), if it exists.
+    pub fn file_len(&self, path: &Path) -> Option<u64> {
+        let file = lock(&self.state).files.get(path).cloned()?;
+        let len = lock(&file).len;
+        Some(len)
+    }
+
     /// Every file path, sorted.
     pub fn files(&self) -> Vec<PathBuf> {
         let mut v: Vec<_> = lock(&self.state).files.keys().cloned().collect();
