@@ -123,12 +123,14 @@ fn kill_rounds(s: Scenario) {
     let mut acked: BTreeMap<u32, BTreeMap<u64, u64>> = BTreeMap::new();
     let mut replayed = 0;
     for round in 0..rounds {
+        // The child's stderr (a panic, say) is shown if it acknowledges nothing.
+        let child_stderr = tempfile::NamedTempFile::new().unwrap();
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", s.test_name, "--nocapture", "--test-threads=1"])
             .env(CHILD_DIR, dir.path())
             .env(CHILD_START_TAG, (round * 1_000_000).to_string())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(child_stderr.reopen().unwrap()))
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -154,7 +156,8 @@ fn kill_rounds(s: Scenario) {
         }
         assert!(
             seen > 0,
-            "round {round}: the child acknowledged nothing in 30 s"
+            "seed {seed} round {round}: the child acknowledged nothing in 30 s; its stderr:\n{}",
+            std::fs::read_to_string(child_stderr.path()).unwrap_or_default()
         );
         child.kill().unwrap();
         child.wait().unwrap();
