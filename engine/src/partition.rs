@@ -2297,7 +2297,6 @@ impl RecoveryPoint {
     }
 }
 
-/// Take ownership of the caller's bytes for in-place header rewrites; copies only when shared.
 /// The length to fallocate the write segment to when a write needs `want_end` bytes of it: the
 /// file grows by as much as it already has (doubling from `preallocate_first_bytes`), by
 /// `preallocate` at most, and past the segment size only as far as the write itself needs.
@@ -2328,6 +2327,7 @@ async fn allocate_or_less(file: &dyn StorageFile, len: u64, need: u64) -> Result
     }
 }
 
+/// Take ownership of the caller's bytes for in-place header rewrites; copies only when shared.
 fn into_mut(bytes: Bytes) -> BytesMut {
     bytes
         .try_into_mut()

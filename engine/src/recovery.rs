@@ -510,7 +510,6 @@ async fn data_beyond(
         .map(|i| start + i as u64))
 }
 
-/// Cut the file to the segment's logical size and make it durable.
 /// Cut a segment file at `size` (a torn, damaged, failed or truncated tail goes), then allocate
 /// it up to `reserved` again, as zeros, and fsync. Space the partition had reserved stays
 /// reserved: the shard journal only acknowledges data whose segment space is allocated, so
