@@ -2313,6 +2313,7 @@ fn allocation_target(allocated: u64, want_end: u64, preallocate: u64, segment_by
 /// needs; 0: nothing), so room reserved for later never refuses data that fits now. Returns the
 /// length allocated and whether it was cut short.
 async fn allocate_or_less(file: &dyn StorageFile, len: u64, need: u64) -> Result<(u64, bool)> {
+    let _space = crate::io::SPACE.lock().await;
     match file.allocate(len).await {
         Ok(()) => Ok((len, false)),
         Err(e) if need < len && matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {

@@ -517,6 +517,7 @@ async fn data_beyond(
 /// another partition filled meanwhile. Returns the length allocated (the cut alone if the space
 /// was taken before it could be allocated again).
 pub(crate) async fn cut(file: &dyn StorageFile, size: u64, reserved: u64) -> Result<u64> {
+    let space = crate::io::SPACE.lock().await;
     file.set_len(size)
         .await
         .map_err(|e| Error::io("truncate", file.path(), e))?;
@@ -528,6 +529,7 @@ pub(crate) async fn cut(file: &dyn StorageFile, size: u64, reserved: u64) -> Res
             Err(e) => return Err(Error::io("fallocate", file.path(), e)),
         }
     }
+    drop(space);
     file.sync_all()
         .await
         .map_err(|e| Error::io("fsync", file.path(), e))?;

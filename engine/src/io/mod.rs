@@ -24,6 +24,16 @@ pub(crate) use aligned::BufferPool;
 /// A boxed, single-threaded future: one allocation per I/O operation, never per batch.
 pub type IoFuture<T> = Pin<Box<dyn Future<Output = T>>>;
 
+/// Held while the engine takes or gives back disk space: a segment file's allocation changes (a
+/// cut and the fallocate after it, a growth step) and small files' writes. Between a cut that
+/// frees a file's tail and the fallocate that reserves it again, nothing else of this process
+/// may take that space, or on a full disk the cut partition loses the room its acknowledged
+/// data needs (a loop-mounted full ext4 showed it: another partition's leader-epoch file took
+/// the freed blocks, and the journal's replay no longer fitted). These are rare, so one lock
+/// for the process costs nothing measurable. Other programs can still take the space: give
+/// Keel its own file system.
+pub(crate) static SPACE: futures::lock::Mutex<()> = futures::lock::Mutex::new(());
+
 /// A file system as one shard sees it.
 pub trait Storage {
     /// Open (or create) a file for O_DIRECT reads and writes.

@@ -90,6 +90,8 @@ impl Storage for UringStorage {
         let path = path.to_path_buf();
         Box::pin(async move {
             let temp = temp_path(&path);
+            // Its blocks are taken while written (delayed allocation reserves them then).
+            let space = super::SPACE.lock().await;
             let mut file = OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -98,6 +100,7 @@ impl Storage for UringStorage {
                 .await?;
             let BufResult(written, _) =
                 compio::io::AsyncWriteAtExt::write_all_at(&mut file, bytes, 0).await;
+            drop(space);
             written?;
             file.sync_all().await?;
             file.close().await?;
