@@ -510,38 +510,22 @@ async fn data_beyond(
         .map(|i| start + i as u64))
 }
 
-/// Cut a segment file at `size` (a torn, damaged, failed or truncated tail goes) while keeping
-/// it allocated up to `reserved`: `[size, reserved)` is zeroed in place and anything past
-/// `reserved` is truncated, then fsync. Space the partition had reserved stays reserved: the
-/// shard journal only acknowledges data whose segment space is allocated, so writing it again
-/// (after a failure) or replaying it (after a crash) never meets a disk that filled meanwhile.
-/// Returns the length allocated (the cut alone if the space could not be kept).
+/// Cut a segment file at `size` (a torn, damaged, failed or truncated tail goes), then allocate
+/// it up to `reserved` again, as zeros, and fsync. Space the partition had reserved stays
+/// reserved: the shard journal only acknowledges data whose segment space is allocated, so
+/// writing it again (after a failure) or replaying it (after a crash) never meets a disk that
+/// another partition filled meanwhile. Returns the length allocated (the cut alone if the space
+/// was taken before it could be allocated again).
 pub(crate) async fn cut(file: &dyn StorageFile, size: u64, reserved: u64) -> Result<u64> {
     let space = crate::io::SPACE.lock().await;
-    let full = |e: &std::io::Error| matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT));
-    // The stale tail is zeroed in place, so its blocks never leave the file: a truncate and a
-    // fallocate after it failed to get one freed block back on a full ext4 (the instrumented
-    // soak in decision 21). Where zeroing is not supported, truncate and allocate again.
-    let zeroed = if reserved > size {
-        match file.zero_range(size, reserved).await {
-            Ok(()) => true,
-            Err(e) if full(&e) || e.raw_os_error() == Some(libc::EOPNOTSUPP) => false,
-            Err(e) => return Err(Error::io("zero", file.path(), e)),
-        }
-    } else {
-        false
-    };
-    let mut allocated = size;
-    if zeroed {
-        allocated = reserved;
-    }
-    file.set_len(allocated)
+    file.set_len(size)
         .await
         .map_err(|e| Error::io("truncate", file.path(), e))?;
-    if !zeroed && reserved > size {
+    let mut allocated = size;
+    if reserved > size {
         match file.allocate(reserved).await {
             Ok(()) => allocated = reserved,
-            Err(e) if full(&e) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {}
             Err(e) => return Err(Error::io("fallocate", file.path(), e)),
         }
     }

@@ -651,25 +651,6 @@ impl StorageFile for SimHandle {
         })
     }
 
-    fn zero_range(&self, from: u64, to: u64) -> IoFuture<io::Result<()>> {
-        let fs = self.fs.clone();
-        let file = self.file.clone();
-        Box::pin(async move {
-            let state = lock(&fs.state);
-            let current_len = lock(&file).len;
-            if !state.has_room(current_len, to) {
-                return Err(enospc());
-            }
-            let mut f = lock(&file);
-            // Like a cut at `from` whose blocks stay allocated: durable at once, as metadata.
-            let keep = f.len.max(to);
-            f.set_len(from);
-            f.len = keep;
-            f.durable_len = keep;
-            Ok(())
-        })
-    }
-
     fn set_len(&self, len: u64) -> IoFuture<io::Result<()>> {
         let file = self.file.clone();
         Box::pin(async move {
