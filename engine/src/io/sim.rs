@@ -481,6 +481,8 @@ impl Storage for SimFs {
                 }
                 lock(&fs.state).file_writes_waiting -= 1;
             }
+            // Takes space as the real backend does: never between a cut and its re-allocation.
+            let _space = super::SPACE.lock().await;
             let mut state = lock(&fs.state);
             let current = state.files.get(&path).map_or(0, |f| lock(f).len);
             if !state.has_room(current, bytes.len() as u64) {
