@@ -58,13 +58,19 @@ pub enum Error {
     DirectoryInUse(PathBuf),
 }
 
+/// Is this OS error a full disk (ENOSPC, or EDQUOT: out of quota)?
+pub(crate) fn is_full(source: &io::Error) -> bool {
+    matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
 impl Error {
     /// Wrap an OS error, turning ENOSPC/EDQUOT into [`Error::Full`].
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
         let path = path.into();
-        match source.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Error::Full { op, path },
-            _ => Error::Io { op, path, source },
+        if is_full(&source) {
+            Error::Full { op, path }
+        } else {
+            Error::Io { op, path, source }
         }
     }
 

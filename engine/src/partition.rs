@@ -778,11 +778,14 @@ impl Partition {
     /// group, allocating first (and failing the appends cleanly if the disk is full).
     fn journal_space_reserved(&self) -> bool {
         let segment = &self.segments[&self.write_segment];
-        align_up(segment.size) <= segment.allocated
-            && self
-                .tail
-                .back()
-                .is_none_or(|b| b.segment == self.write_segment)
+        align_up(segment.size) <= segment.allocated && self.no_batch_awaits_a_new_segment()
+    }
+
+    /// Is every batch in memory bound for the write segment (none waits for a roll)?
+    fn no_batch_awaits_a_new_segment(&self) -> bool {
+        self.tail
+            .back()
+            .is_none_or(|b| b.segment == self.write_segment)
     }
 
     /// Where in `tail` the batches the journal would take (from `journal_from` on) begin, if
@@ -1469,10 +1472,7 @@ impl Partition {
             || self.truncate.is_some()
             || self.cut_pending
             || self.deleted
-            || self
-                .tail
-                .back()
-                .is_some_and(|b| b.segment != self.write_segment)
+            || !self.no_batch_awaits_a_new_segment()
         {
             return;
         }
@@ -2316,7 +2316,7 @@ async fn allocate_or_less(file: &dyn StorageFile, len: u64, need: u64) -> Result
     let _space = crate::io::SPACE.lock().await;
     match file.allocate(len).await {
         Ok(()) => Ok((len, false)),
-        Err(e) if need < len && matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+        Err(e) if need < len && crate::error::is_full(&e) => {
             if need > 0 {
                 file.allocate(need)
                     .await

@@ -525,7 +525,7 @@ pub(crate) async fn cut(file: &dyn StorageFile, size: u64, reserved: u64) -> Res
     if reserved > size {
         match file.allocate(reserved).await {
             Ok(()) => allocated = reserved,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {}
+            Err(e) if crate::error::is_full(&e) => {}
             Err(e) => return Err(Error::io("fallocate", file.path(), e)),
         }
     }
