@@ -1165,26 +1165,55 @@ impl Shard {
     }
 
     /// Everything is durable: persist indexes and the clean-shutdown marker of every partition.
+    /// A partition's marker is written only if the files it vouches for were. A full disk does
+    /// not fail the shutdown: the logs are durable, and a partition without its marker is
+    /// scanned at the next start instead.
     async fn finish_shutdown(&mut self) {
         let mut result = Ok(());
         for p in self.partitions.values() {
             let (files, marker) = p.shutdown_metadata();
+            let mut written = true;
             for (path, bytes) in files {
                 if let Err(e) = self.storage.write_file_durable(&path, bytes).await {
-                    result = Err(Error::io("write", &path, e));
+                    written = false;
+                    result = result.and(shutdown_write_failed(&self.metrics, p, &path, e));
                 }
             }
-            let path = p.dir.join(path::CLEAN_SHUTDOWN_FILE);
-            if let Err(e) = self
-                .storage
-                .write_file_durable(&path, marker.encode())
-                .await
-            {
-                result = Err(Error::io("write", &path, e));
+            if written {
+                let path = p.dir.join(path::CLEAN_SHUTDOWN_FILE);
+                if let Err(e) = self
+                    .storage
+                    .write_file_durable(&path, marker.encode())
+                    .await
+                {
+                    result = result.and(shutdown_write_failed(&self.metrics, p, &path, e));
+                }
             }
         }
         if let Some(reply) = self.shutdown.take() {
             let _ = reply.send(result);
+        }
+    }
+}
+
+/// A file of a clean shutdown could not be written: counted, and an error for the shutdown
+/// unless the disk is full (then the logs are durable and the next start scans them).
+fn shutdown_write_failed(
+    metrics: &Metrics,
+    p: &Partition,
+    path: &std::path::Path,
+    e: std::io::Error,
+) -> Result<()> {
+    match Error::io("write", path, e) {
+        error @ Error::Full { .. } => {
+            bump(&metrics.disk_full_errors, 1);
+            tracing::warn!(partition = %p.id, %error,
+                "disk full at shutdown: the partition's log will be scanned at the next start");
+            Ok(())
+        }
+        error => {
+            bump(&metrics.io_errors, 1);
+            Err(error)
         }
     }
 }

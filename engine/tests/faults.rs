@@ -445,6 +445,53 @@ fn a_nearly_full_disk_takes_every_append_that_fits_and_replays_it_after_a_crash(
     }
 }
 
+/// A clean shutdown on a disk that another tenant has filled: the logs are durable, only the
+/// shutdown's index files and clean-shutdown markers cannot be written. The shutdown succeeds
+/// (the refusals counted as disk-full errors), no marker vouches for an index that was not
+/// written, and the next start scans the logs and finds every append.
+#[test]
+fn a_shutdown_on_a_full_disk_succeeds_and_the_next_start_scans_the_logs() {
+    let journal = keel_engine::constants::journal_bytes_min + 8192;
+    let capacity = journal + 4 * 1024 * 1024;
+    let fs = SimFs::new(FaultConfig {
+        capacity_bytes: Some(capacity),
+        ..Default::default()
+    });
+    let ids = [
+        PartitionId::new("full-at-shutdown", 0),
+        PartitionId::new("full-at-shutdown", 1),
+    ];
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    create_partitions(&engine, &ids, &PartitionConfig::default());
+    let mut acked = vec![BTreeMap::new(), BTreeMap::new()];
+    block_on(async {
+        for tag in 0..40u64 {
+            let i = tag as usize % 2;
+            let out = engine
+                .append(&ids[i], batch(tag, 1, 10_000, 0), 0)
+                .await
+                .unwrap();
+            acked[i].insert(out.base_offset, tag);
+        }
+    });
+    let free = capacity - fs.used_bytes();
+    fs.create_file(
+        std::path::Path::new("/sim/other-tenant"),
+        vec![0; free as usize],
+    );
+    block_on(engine.shutdown()).unwrap();
+    assert!(engine.metrics().disk_full_errors >= ids.len() as u64);
+    drop(engine);
+    for p in &ids {
+        let marker = format!("/sim/data/{}-{}/.clean-shutdown", p.topic, p.partition);
+        assert_eq!(fs.file_len(std::path::Path::new(&marker)), None, "{marker}");
+    }
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    for (p, expected) in ids.iter().zip(&acked) {
+        assert_eq!(&log_contents(&engine, p), expected, "{p}");
+    }
+}
+
 /// A power cut on a full disk: recovery cuts each log's torn tail but keeps the space its
 /// partition had reserved, so replaying the journal into one partition cannot take the room
 /// another one's replay needs, and the engine opens with every acknowledged append.
