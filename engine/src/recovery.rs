@@ -26,7 +26,7 @@ use crate::batch::BatchHeader;
 use crate::config::{FlushPolicy, PartitionConfig, RecoveryMode};
 use crate::constants::{batch_header_bytes, block_bytes, torn_tail_window_bytes, write_bytes_max};
 use crate::epochs::LeaderEpochCache;
-use crate::error::{Error, Result};
+use crate::error::{is_full, Error, Result};
 use crate::io::aligned::{align_down, align_up};
 use crate::io::{AlignedBuf, Storage, StorageFile};
 use crate::partition::{Partition, RecoveryPoint};
@@ -510,22 +510,70 @@ async fn data_beyond(
         .map(|i| start + i as u64))
 }
 
-/// Cut a segment file at `size` (a torn, damaged, failed or truncated tail goes), then allocate
-/// it up to `reserved` again, as zeros, and fsync. Space the partition had reserved stays
-/// reserved: the shard journal only acknowledges data whose segment space is allocated, so
-/// writing it again (after a failure) or replaying it (after a crash) never meets a disk that
-/// another partition filled meanwhile. Returns the length allocated (the cut alone if the space
-/// was taken before it could be allocated again).
+/// Cut a segment file at `size` (a torn, damaged, failed or truncated tail goes) and keep it
+/// allocated up to `reserved`, then fsync; returns the length now allocated.
+///
+/// Two rules make this safe on a full disk next to O_DIRECT writers:
+/// - *The blocks stay in the file.* The shard journal only acknowledges data whose segment space
+///   is allocated, and writing it again (after a failure) or replaying it (after a crash) must
+///   not meet a disk that filled meanwhile. Truncating and allocating again cannot promise that:
+///   between the two, another process (or ext4 itself, which hands freed blocks out again only
+///   after its journal commits) can take them. So the stale whole blocks are zeroed in place
+///   (`FALLOC_FL_ZERO_RANGE`); where that is not supported or fails (a full ext4 refuses it at
+///   times), the blocks that read back non-zero are overwritten with zeros by O_DIRECT: only
+///   written blocks can hold non-zeros, and overwriting a written block allocates nothing.
+///   Only what lies past the reservation is truncated.
+/// - *The kernel never zeroes part of a block.* A truncate or zero range that starts inside a
+///   block zeroes the rest of it through the page cache, next to the log's O_DIRECT writes of
+///   the same block: a soak on a full ext4 found a batch written and acknowledged after such a
+///   cut read back as zeros, from the cut's byte on. The block holding the cut is instead read
+///   and written back with zeros after `size` by O_DIRECT here, and every truncate and zero
+///   range starts on a block boundary. (The file may end up to a block past `size`: the log's
+///   end is where its batches end, not the file's length.)
 pub(crate) async fn cut(file: &dyn StorageFile, size: u64, reserved: u64) -> Result<u64> {
     let space = crate::io::SPACE.lock().await;
-    file.set_len(size)
-        .await
-        .map_err(|e| Error::io("truncate", file.path(), e))?;
-    let mut allocated = size;
-    if reserved > size {
+    let file_len = file
+        .file_len()
+        .map_err(|e| Error::io("stat", file.path(), e))?;
+    let head = align_up(size);
+    if head > size && file_len > align_down(size) {
+        let start = align_down(size);
+        let (result, mut buf) = file.read_at(start, AlignedBuf::new(block_bytes)).await;
+        result.map_err(|e| Error::io("read", file.path(), e))?;
+        if buf.len() < (size - start) as usize {
+            return Err(Error::Corruption {
+                file: file.path().to_path_buf(),
+                position: start + buf.len() as u64,
+                reason: format!("file ends before the cut at byte {size}"),
+            });
+        }
+        buf.set_len((size - start) as usize);
+        let (result, _) = file.write_at(start, buf).await;
+        result.map_err(|e| Error::io("write", file.path(), e))?;
+    }
+    let file_len = file_len.max(head);
+    let keep = align_up(reserved.min(file_len)).max(head);
+    if keep > head {
+        match file.zero_range(head, keep).await {
+            Ok(()) => {}
+            Err(e) if is_full(&e) || e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                tracing::debug!(file = %file.path().display(), error = %e,
+                    "zero range refused; overwriting the cut tail's non-zero blocks instead");
+                overwrite_nonzero_blocks(file, head, keep).await?;
+            }
+            Err(e) => return Err(Error::io("zero", file.path(), e)),
+        }
+    }
+    let mut allocated = keep;
+    if file_len > keep {
+        file.set_len(keep)
+            .await
+            .map_err(|e| Error::io("truncate", file.path(), e))?;
+    }
+    if reserved > keep {
         match file.allocate(reserved).await {
             Ok(()) => allocated = reserved,
-            Err(e) if crate::error::is_full(&e) => {}
+            Err(e) if is_full(&e) => {}
             Err(e) => return Err(Error::io("fallocate", file.path(), e)),
         }
     }
@@ -534,4 +582,40 @@ pub(crate) async fn cut(file: &dyn StorageFile, size: u64, reserved: u64) -> Res
         .await
         .map_err(|e| Error::io("fsync", file.path(), e))?;
     Ok(allocated)
+}
+
+/// Make `[from, to)` (whole blocks) read as zeros without allocating: read it a piece at a
+/// time and overwrite each run of blocks holding anything but zeros. Unwritten (fallocated)
+/// blocks read as zeros at no I/O cost and are left alone, so the writes only ever land on
+/// written blocks.
+async fn overwrite_nonzero_blocks(file: &dyn StorageFile, from: u64, to: u64) -> Result<()> {
+    let mut at = from;
+    while at < to {
+        let len = (to - at).min(write_bytes_max as u64) as usize;
+        let (result, buf) = file.read_at(at, AlignedBuf::new(len)).await;
+        result.map_err(|e| Error::io("read", file.path(), e))?;
+        let blocks: Vec<bool> = buf
+            .as_slice()
+            .chunks(block_bytes)
+            .map(|b| b.iter().any(|&x| x != 0))
+            .collect();
+        let mut i = 0;
+        while i < blocks.len() {
+            if !blocks[i] {
+                i += 1;
+                continue;
+            }
+            let run = blocks[i..].iter().take_while(|&&dirty| dirty).count();
+            let mut zeros = AlignedBuf::new(run * block_bytes);
+            zeros.fill_zeros(run * block_bytes);
+            let (result, _) = file.write_at(at + (i * block_bytes) as u64, zeros).await;
+            result.map_err(|e| Error::io("write", file.path(), e))?;
+            i += run;
+        }
+        if buf.len() < len {
+            break; // the file ends here
+        }
+        at += len as u64;
+    }
+    Ok(())
 }

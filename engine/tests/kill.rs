@@ -3,6 +3,11 @@
 //! moment, reopens the log and checks that every acknowledged append is there, intact, at its
 //! offset, and that the log is a contiguous run of valid batches. Repeated over many rounds on the
 //! same data directory, with clean and unclean reopenings in between.
+//!
+//! `KEEL_KILL_DATA_DIR=DIR` puts the data directory in `DIR`, and `KEEL_KILL_FULL_DISK=1` lets
+//! the disk fill during the run: the child skips appends refused with `Full` and retries its
+//! opening, and a round may acknowledge nothing. `tests/soak/full-disk-kill.sh` runs it on a
+//! small loop-mounted ext4 that another process fills over and over (not part of CI).
 
 mod common;
 
@@ -19,6 +24,11 @@ use rand::Rng;
 
 const CHILD_DIR: &str = "KEEL_KILL_CHILD_DIR";
 const CHILD_START_TAG: &str = "KEEL_KILL_CHILD_START_TAG";
+
+/// Is the disk expected to fill during the run (`KEEL_KILL_FULL_DISK=1`)?
+fn full_disk_soak() -> bool {
+    std::env::var("KEEL_KILL_FULL_DISK").is_ok_and(|v| v == "1")
+}
 
 /// One scenario: which test re-runs itself as the child, over how many partitions, with how many
 /// appends in flight and of which sizes.
@@ -69,14 +79,25 @@ fn engine_config(dir: &std::path::Path) -> keel_engine::EngineConfig {
 /// The child: append forever (until killed), printing `ack <partition> <offset> <tag>` after
 /// each completes.
 fn child(s: Scenario, dir: &str, start_tag: u64) {
-    let engine = Engine::open(engine_config(std::path::Path::new(dir))).unwrap();
+    let full_disk = full_disk_soak();
+    let engine = loop {
+        match Engine::open(engine_config(std::path::Path::new(dir))) {
+            Ok(engine) => break engine,
+            Err(e) if full_disk => {
+                eprintln!("open refused: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     let parts: Vec<_> = (0..s.partitions).map(partition).collect();
     block_on(async {
         for p in &parts {
-            engine
-                .create_partition(p, partition_config())
-                .await
-                .unwrap();
+            while let Err(e) = engine.create_partition(p, partition_config()).await {
+                assert!(full_disk, "{e}");
+                eprintln!("create refused: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
         let mut inflight = FuturesUnordered::new();
         let mut tag = start_tag;
@@ -90,8 +111,11 @@ fn child(s: Scenario, dir: &str, start_tag: u64) {
                 tag += 1;
             }
             let (i, t, result) = inflight.next().await.unwrap();
-            let out = result.unwrap();
-            println!("ack {i} {} {t}", out.base_offset);
+            match result {
+                Ok(out) => println!("ack {i} {} {t}", out.base_offset),
+                Err(keel_engine::Error::Full { .. }) if full_disk => {}
+                Err(e) => panic!("{e}"),
+            }
         }
     });
 }
@@ -119,7 +143,11 @@ fn kill_rounds(s: Scenario) {
     let seed: u64 = rand::rng().random();
     println!("seed {seed}");
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = match std::env::var("KEEL_KILL_DATA_DIR") {
+        Ok(parent) => tempfile::tempdir_in(parent).unwrap(),
+        Err(_) => tempfile::tempdir().unwrap(),
+    };
+    let full_disk = full_disk_soak();
     let mut acked: BTreeMap<u32, BTreeMap<u64, u64>> = BTreeMap::new();
     let mut replayed = 0;
     for round in 0..rounds {
@@ -146,7 +174,7 @@ fn kill_rounds(s: Scenario) {
         });
         // Kill after a random number of acknowledgements (bounded in time either way).
         let kill_after = rng.random_range(1..400 * s.partitions as usize);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(if full_disk { 8 } else { 30 });
         let mut seen = 0;
         while seen < kill_after && Instant::now() < deadline {
             if let Ok((i, offset, tag)) = rx.recv_timeout(Duration::from_millis(100)) {
@@ -155,7 +183,7 @@ fn kill_rounds(s: Scenario) {
             }
         }
         assert!(
-            seen > 0,
+            seen > 0 || full_disk,
             "seed {seed} round {round}: the child acknowledged nothing in 30 s; its stderr:\n{}",
             std::fs::read_to_string(child_stderr.path()).unwrap_or_default()
         );

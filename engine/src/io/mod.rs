@@ -86,6 +86,9 @@ pub trait StorageFile {
     fn sync_all(&self) -> IoFuture<io::Result<()>>;
     /// Allocate blocks so the file is at least `len` bytes long (fallocate; grows the size).
     fn allocate(&self, len: u64) -> IoFuture<io::Result<()>>;
+    /// Make `[from, to)` read as zeros while its blocks stay allocated (fallocate
+    /// `FALLOC_FL_ZERO_RANGE`; grows the size to `to` if it is shorter).
+    fn zero_range(&self, from: u64, to: u64) -> IoFuture<io::Result<()>>;
     fn set_len(&self, len: u64) -> IoFuture<io::Result<()>>;
     /// Current size in bytes.
     fn file_len(&self) -> io::Result<u64>;

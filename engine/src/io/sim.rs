@@ -28,6 +28,13 @@ pub struct FaultConfig {
     /// Plus a random extra of up to this much, so operations complete out of order as on a real
     /// device (writes land when they complete).
     pub latency_jitter: Duration,
+    /// Another tenant of a full disk takes every byte a file gives back (cut shorter) at once:
+    /// the capacity shrinks by as much. What a busy shared file system can do between a
+    /// truncate and the fallocate after it.
+    pub freed_space_taken: bool,
+    /// `zero_range` fails with `EOPNOTSUPP`, as on a file system without
+    /// `FALLOC_FL_ZERO_RANGE` (or a full ext4 refusing it with `ENOSPC`).
+    pub zero_range_unsupported: bool,
 }
 
 /// How a crash treats data that was written but not synced.
@@ -159,6 +166,8 @@ struct State {
     file_writes_held: bool,
     /// How many are waiting.
     file_writes_waiting: usize,
+    /// Bytes another tenant took (`FaultConfig::freed_space_taken`).
+    taken: u64,
 }
 
 /// The simulated file system; cheap to clone, shared by every shard of an engine.
@@ -196,6 +205,7 @@ impl SimFs {
                 syncs: 0,
                 file_writes_held: false,
                 file_writes_waiting: 0,
+                taken: 0,
             })),
         }
     }
@@ -245,6 +255,7 @@ impl SimFs {
             let mut c = lock(&copy.state);
             c.rng = state.rng ^ 0x5DEE_CE66;
             c.dirs = state.dirs.clone();
+            c.taken = state.taken;
             for (path, file) in &state.files {
                 let f = lock(file);
                 let clone = SimFile {
@@ -375,7 +386,7 @@ impl State {
     fn has_room(&self, current_len: u64, new_len: u64) -> bool {
         match self.faults.capacity_bytes {
             Some(capacity) if new_len > current_len => {
-                self.used() + (new_len - current_len) <= capacity
+                self.used() + self.taken + (new_len - current_len) <= capacity
             }
             _ => true,
         }
@@ -653,10 +664,38 @@ impl StorageFile for SimHandle {
         })
     }
 
-    fn set_len(&self, len: u64) -> IoFuture<io::Result<()>> {
+    fn zero_range(&self, from: u64, to: u64) -> IoFuture<io::Result<()>> {
+        let fs = self.fs.clone();
         let file = self.file.clone();
         Box::pin(async move {
-            lock(&file).set_len(len);
+            let state = lock(&fs.state);
+            if state.faults.zero_range_unsupported {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            let current_len = lock(&file).len;
+            if !state.has_room(current_len, to) {
+                return Err(enospc());
+            }
+            let mut f = lock(&file);
+            // Like a cut at `from` whose blocks stay allocated: durable at once, as metadata.
+            let keep = f.len.max(to);
+            f.set_len(from);
+            f.len = keep;
+            f.durable_len = keep;
+            Ok(())
+        })
+    }
+
+    fn set_len(&self, len: u64) -> IoFuture<io::Result<()>> {
+        let fs = self.fs.clone();
+        let file = self.file.clone();
+        Box::pin(async move {
+            let mut state = lock(&fs.state);
+            let mut f = lock(&file);
+            if state.faults.freed_space_taken {
+                state.taken += f.len.saturating_sub(len);
+            }
+            f.set_len(len);
             Ok(())
         })
     }

@@ -189,7 +189,19 @@ impl StorageFile for UringFile {
     fn allocate(&self, len: u64) -> IoFuture<io::Result<()>> {
         let op = Fallocate {
             file: self.file.clone(),
+            offset: 0,
             len,
+            mode: 0,
+        };
+        Box::pin(async move { compio::runtime::submit(op).await.0.map(|_| ()) })
+    }
+
+    fn zero_range(&self, from: u64, to: u64) -> IoFuture<io::Result<()>> {
+        let op = Fallocate {
+            file: self.file.clone(),
+            offset: from,
+            len: to.saturating_sub(from),
+            mode: libc::FALLOC_FL_ZERO_RANGE,
         };
         Box::pin(async move { compio::runtime::submit(op).await.0.map(|_| ()) })
     }
@@ -221,18 +233,21 @@ impl StorageFile for UringFile {
     }
 }
 
-/// `fallocate(fd, 0, 0, len)` as an io_uring operation: the file keeps its blocks reserved, so a
-/// full disk surfaces here, before any append is accepted for that space.
+/// `fallocate(fd, mode, offset, len)` as an io_uring operation. Mode 0: the file keeps its blocks
+/// reserved, so a full disk surfaces here, before any append is accepted for that space.
+/// `FALLOC_FL_ZERO_RANGE`: a cut zeroes a stale tail without giving its blocks back.
 struct Fallocate {
     file: Rc<File>,
+    offset: u64,
     len: u64,
+    mode: i32,
 }
 
 impl OpCode for Fallocate {
     fn create_entry(self: Pin<&mut Self>) -> OpEntry {
         opcode::Fallocate::new(Fd(self.file.as_raw_fd()), self.len)
-            .offset(0)
-            .mode(0)
+            .offset(self.offset)
+            .mode(self.mode)
             .build()
             .into()
     }
