@@ -549,7 +549,7 @@ pub(crate) async fn cut(file: &dyn StorageFile, size: u64, reserved: u64) -> Res
         }
         buf.set_len((size - start) as usize);
         let (result, _) = file.write_at(start, buf).await;
-        result.map_err(|e| Error::io("write", file.path(), e))?;
+        result.map_err(|e| Error::io("rewrite the cut block of", file.path(), e))?;
     }
     let file_len = file_len.max(head);
     let keep = align_up(reserved.min(file_len)).max(head);
@@ -609,7 +609,7 @@ async fn overwrite_nonzero_blocks(file: &dyn StorageFile, from: u64, to: u64) ->
             let mut zeros = AlignedBuf::new(run * block_bytes);
             zeros.fill_zeros(run * block_bytes);
             let (result, _) = file.write_at(at + (i * block_bytes) as u64, zeros).await;
-            result.map_err(|e| Error::io("write", file.path(), e))?;
+            result.map_err(|e| Error::io("zero", file.path(), e))?;
             i += run;
         }
         if buf.len() < len {
