@@ -346,6 +346,9 @@ pub(crate) struct Partition {
     /// After a rollback that kept journaled batches, they are written again from this moment
     /// (a full disk would otherwise fail the same writes in a tight loop).
     rewrite_at: Option<Instant>,
+    /// A control operation (a cut, a roll, a file write) failed: the rollback and cut after it
+    /// wait until then, so a full disk is retried every `rewrite_backoff`, not in a tight loop.
+    retry_at: Option<Instant>,
 }
 
 impl Partition {
@@ -421,6 +424,7 @@ impl Partition {
             journal_blocked: false,
             incarnation_fresh: false,
             rewrite_at: None,
+            retry_at: None,
         }
     }
 
@@ -854,6 +858,12 @@ impl Partition {
         if self.control_busy {
             return false;
         }
+        if let Some(at) = self.retry_at {
+            if Instant::now() < at {
+                return false;
+            }
+            self.retry_at = None;
+        }
         if self.cut_pending && self.is_idle() {
             self.cut_pending = false;
             self.start_cut(io);
@@ -909,9 +919,10 @@ impl Partition {
         self.tail.get(self.copy_index)
     }
 
-    /// A rollback's rewrite waits out its backoff (the shard's tick schedules it again).
+    /// A rollback's rewrite, or a retry after a failed control operation, waits out its
+    /// backoff (the shard's tick schedules it again).
     pub fn rewrite_waiting(&self) -> bool {
-        self.rewrite_at.is_some()
+        self.rewrite_at.is_some() || self.retry_at.is_some()
     }
 
     fn schedule_writes(&mut self, io: &mut IoCtx<'_>) -> bool {
@@ -1761,6 +1772,7 @@ impl Partition {
     }
 
     fn on_control_failed(&mut self, error: Error, io: &mut IoCtx<'_>) {
+        self.retry_at = Some(Instant::now() + rewrite_backoff);
         if self.carry_state == CarryState::Loading {
             self.carry_state = CarryState::NeedsLoad;
         }

@@ -331,6 +331,63 @@ fn a_full_disk_rejects_appends_cleanly_and_recovers_when_space_returns() {
     assert_eq!(log_contents(&engine, &p), expected);
 }
 
+/// A disk so full that a rollback's cut cannot write even its small files (the leader-epoch
+/// checkpoint and the recovery point, each written to a new file first): the partition tries
+/// again every `rewrite_backoff`, not in a tight loop (a soak on a full ext4 found a reopened
+/// engine spinning on a core, ~1,700 cuts a second), and carries on once space returns.
+#[test]
+fn a_cut_refused_for_space_is_retried_at_a_bounded_rate() {
+    let fs = SimFs::new(FaultConfig::default());
+    let p = PartitionId::new("refused-cut", 0);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    let config = PartitionConfig {
+        preallocate_bytes: 64 * 1024,
+        ..Default::default()
+    };
+    create_partitions(&engine, std::slice::from_ref(&p), &config);
+    // Not a byte left: the first append that needs more file is refused, and so is its cut.
+    fs.set_faults(FaultConfig {
+        capacity_bytes: Some(fs.used_bytes()),
+        ..Default::default()
+    });
+    let mut acked = BTreeMap::new();
+    let err = (0..100)
+        .find_map(
+            |tag| match block_on(engine.append(&p, batch(tag, 1, 20_000, 0), 0)) {
+                Ok(out) => {
+                    acked.insert(out.base_offset, tag);
+                    None
+                }
+                Err(e) => Some(e),
+            },
+        )
+        .expect("the disk is full");
+    assert!(matches!(err, Error::Full { .. }), "{err}");
+    let before = engine.metrics().disk_full_errors;
+    std::thread::sleep(Duration::from_millis(500));
+    let refused = engine.metrics().disk_full_errors - before;
+    // One try per 100 ms backoff is about five; the tight loop made thousands.
+    assert!(
+        refused <= 20,
+        "{refused} operations refused for space in 500 ms"
+    );
+    // Space returns: appends are taken again once the cut's next try has gone through (they
+    // are refused with `Full` until then, as a producer retrying would see).
+    fs.set_faults(FaultConfig::default());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        match block_on(engine.append(&p, batch(1000, 1, 20_000, 0), 0)) {
+            Ok(out) => break out,
+            Err(Error::Full { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    acked.insert(out.base_offset, 1000);
+    assert_eq!(log_contents(&engine, &p), acked);
+}
+
 /// Segment files grow in doubling steps, so partitions holding little reserve little: with the
 /// default 64 MiB `preallocate.bytes`, forty partitions of a few appends each took 2.5 GiB.
 #[test]

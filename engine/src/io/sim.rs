@@ -495,8 +495,9 @@ impl Storage for SimFs {
             // Takes space as the real backend does: never between a cut and its re-allocation.
             let _space = super::SPACE.lock().await;
             let mut state = lock(&fs.state);
-            let current = state.files.get(&path).map_or(0, |f| lock(f).len);
-            if !state.has_room(current, bytes.len() as u64) {
+            // The new content goes to a temporary file first: it needs room of its own while
+            // the old file still holds its blocks.
+            if !state.has_room(0, bytes.len() as u64) {
                 return Err(enospc());
             }
             if state.fail_syncs > 0 {
