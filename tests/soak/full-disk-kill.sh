@@ -31,6 +31,7 @@ cleanup() {
   rmdir "$work" 2>/dev/null || echo "logs of failed runs are in $work"
 }
 trap cleanup EXIT
+trap "exit 1" INT TERM
 
 # Fill the disk to the last block, hold it full a moment, sometimes free the big file; again.
 # Writes only while the loop device is mounted, so it can never fill the disk under it.
@@ -65,9 +66,9 @@ for run in $(seq "$RUNS"); do
   filler=
   if [ $rc = 0 ]; then
     passed=$((passed + 1)); echo "run $run: passed"; rm -f "$log"
-  elif grep -q "no space left on device" "$log" && grep -q "kill.rs" "$log"; then
+  elif grep -q "panicked at engine/tests/kill.rs" "$log" && grep -q 'Err` value: Full {' "$log"; then
     refused=$((refused + 1))
-    echo "run $run: a reopening was refused for space: $(grep -m1 -o 'no space left on device[^"]*' "$log")"
+    echo "run $run: a reopening was refused for space: $(grep -m1 -o 'Full {[^}]*}' "$log")"
   else
     other=$((other + 1)); echo "run $run: FAILED (rc $rc), log kept: $log"; tail -5 "$log"
   fi
