@@ -310,17 +310,7 @@ fn a_full_disk_rejects_appends_cleanly_and_recovers_when_space_returns() {
     // One at a time, appends are taken while the space already allocated holds them (a group of
     // four may have needed more), then refused.
     let mut expected = acked.clone();
-    let err = (9_000..9_100)
-        .find_map(
-            |tag| match block_on(engine.append(&p, batch(tag, 1, 20_000, 0), 0)) {
-                Ok(out) => {
-                    expected.insert(out.base_offset, tag);
-                    None
-                }
-                Err(e) => Some(e),
-            },
-        )
-        .expect("2 MB more do not fit");
+    let err = append_until_refused(&engine, &p, 9_000..9_100, &mut expected);
     assert!(matches!(err, Error::Full { .. }), "{err}");
     assert_eq!(log_contents(&engine, &p), expected);
     // Space comes back: appends succeed again, right after the last acknowledged one.
@@ -351,17 +341,7 @@ fn a_cut_refused_for_space_is_retried_at_a_bounded_rate() {
         ..Default::default()
     });
     let mut acked = BTreeMap::new();
-    let err = (0..100)
-        .find_map(
-            |tag| match block_on(engine.append(&p, batch(tag, 1, 20_000, 0), 0)) {
-                Ok(out) => {
-                    acked.insert(out.base_offset, tag);
-                    None
-                }
-                Err(e) => Some(e),
-            },
-        )
-        .expect("the disk is full");
+    let err = append_until_refused(&engine, &p, 0..100, &mut acked);
     assert!(matches!(err, Error::Full { .. }), "{err}");
     let before = engine.metrics().disk_full_errors;
     std::thread::sleep(Duration::from_millis(500));
@@ -386,6 +366,27 @@ fn a_cut_refused_for_space_is_retried_at_a_bounded_rate() {
     };
     acked.insert(out.base_offset, 1000);
     assert_eq!(log_contents(&engine, &p), acked);
+}
+
+/// Append 20 KB batches one at a time, tagged from `tags`, recording each acknowledged one in
+/// `acked`, until one is refused: its error (the test fails if every tag is taken).
+fn append_until_refused(
+    engine: &Engine,
+    p: &PartitionId,
+    tags: std::ops::Range<u64>,
+    acked: &mut BTreeMap<u64, u64>,
+) -> Error {
+    tags.into_iter()
+        .find_map(
+            |tag| match block_on(engine.append(p, batch(tag, 1, 20_000, 0), 0)) {
+                Ok(out) => {
+                    acked.insert(out.base_offset, tag);
+                    None
+                }
+                Err(e) => Some(e),
+            },
+        )
+        .expect("an append was refused")
 }
 
 /// Segment files grow in doubling steps, so partitions holding little reserve little: with the
