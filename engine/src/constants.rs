@@ -87,6 +87,10 @@ pub const sync_group_bytes: u64 = 8 * 1024 * 1024;
 /// writes of a deep every-batch pipeline by ~15% on the reference disk (ARCHITECTURE.md, 9).
 pub const sync_wait_max: std::time::Duration = std::time::Duration::from_millis(2);
 
+/// How many times a rollback's or truncation's cut is tried at once when it fails with an I/O
+/// error (not a full disk), before it waits for `rewrite_backoff`.
+pub const cut_attempts: u32 = 3;
+
 /// With `every-batch`, a lightly loaded partition keeps up to this much of its preallocated file
 /// ahead of the write head written with zeros (the "runway"), so its small appends overwrite
 /// blocks the file system has already laid out and an fdatasync does not commit an extent

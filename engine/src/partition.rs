@@ -2036,7 +2036,17 @@ impl Partition {
                     .await
                     .map_err(|e| Error::io("open", &log_path, e))?,
             };
-            let allocated = crate::recovery::cut(file.as_ref(), size, reserved).await?;
+            // The cut is what removes batches whose appends were failed: a write error in it is
+            // tried again at once (a transient error would otherwise leave them on disk until
+            // the retry after `rewrite_backoff`, and a crash in between would bring them back).
+            let mut attempt = 1;
+            let allocated = loop {
+                match crate::recovery::cut(file.as_ref(), size, reserved).await {
+                    Ok(allocated) => break allocated,
+                    Err(Error::Io { .. }) if attempt < cut_attempts => attempt += 1,
+                    Err(e) => return Err(e),
+                }
+            };
             for name in stale {
                 let path = dir.join(name);
                 storage
