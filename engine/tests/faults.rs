@@ -440,6 +440,19 @@ fn segment_files_grow_with_their_data_so_small_partitions_reserve_little() {
     assert_eq!(engine.metrics().allocations_short, 0);
 }
 
+/// An engine of one shard on a simulated disk of `capacity` bytes, with two partitions of
+/// `topic` created (default configuration).
+fn two_partitions_on_a_disk_of(capacity: u64, topic: &str) -> (SimFs, Engine, [PartitionId; 2]) {
+    let fs = SimFs::new(FaultConfig {
+        capacity_bytes: Some(capacity),
+        ..Default::default()
+    });
+    let ids = [PartitionId::new(topic, 0), PartitionId::new(topic, 1)];
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    create_partitions(&engine, &ids, &PartitionConfig::default());
+    (fs, engine, ids)
+}
+
 /// When the disk cannot hold a full preallocation step, what the write at hand needs is allocated
 /// instead: every append that fits is taken, and a full disk is reported only when none does.
 /// What the journal acknowledged always has its segment space, so a crash on the full disk
@@ -451,16 +464,7 @@ fn a_nearly_full_disk_takes_every_append_that_fits_and_replays_it_after_a_crash(
     // partitions' doubling steps do not fit, their data does.
     let room = 1536 * 1024usize;
     let capacity = journal + room as u64 + 64 * 1024;
-    let fs = SimFs::new(FaultConfig {
-        capacity_bytes: Some(capacity),
-        ..Default::default()
-    });
-    let ids = [
-        PartitionId::new("nearly-full", 0),
-        PartitionId::new("nearly-full", 1),
-    ];
-    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
-    create_partitions(&engine, &ids, &PartitionConfig::default());
+    let (fs, engine, ids) = two_partitions_on_a_disk_of(capacity, "nearly-full");
     let mut acked = vec![BTreeMap::new(), BTreeMap::new()];
     let mut bytes = 0usize;
     let err = block_on(async {
@@ -511,16 +515,7 @@ fn a_nearly_full_disk_takes_every_append_that_fits_and_replays_it_after_a_crash(
 fn a_shutdown_on_a_full_disk_succeeds_and_the_next_start_scans_the_logs() {
     let journal = keel_engine::constants::journal_bytes_min + 8192;
     let capacity = journal + 4 * 1024 * 1024;
-    let fs = SimFs::new(FaultConfig {
-        capacity_bytes: Some(capacity),
-        ..Default::default()
-    });
-    let ids = [
-        PartitionId::new("full-at-shutdown", 0),
-        PartitionId::new("full-at-shutdown", 1),
-    ];
-    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
-    create_partitions(&engine, &ids, &PartitionConfig::default());
+    let (fs, engine, ids) = two_partitions_on_a_disk_of(capacity, "full-at-shutdown");
     let mut acked = vec![BTreeMap::new(), BTreeMap::new()];
     block_on(async {
         for tag in 0..40u64 {
