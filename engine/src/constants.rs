@@ -91,6 +91,12 @@ pub const sync_wait_max: std::time::Duration = std::time::Duration::from_millis(
 /// error (not a full disk), before it waits for `rewrite_backoff`.
 pub const cut_attempts: u32 = 3;
 
+/// An append whose bytes may have reached the disk is answered with its error only once the
+/// rollback that removes it is on disk (ARCHITECTURE.md, decision 23). If the disk refuses that
+/// many rollback steps in a row (each retried after `rewrite_backoff`), the error is answered
+/// anyway, and the append may come back after a crash.
+pub const rollback_answer_attempts: u32 = 5;
+
 /// With `every-batch`, a lightly loaded partition keeps up to this much of its preallocated file
 /// ahead of the write head written with zeros (the "runway"), so its small appends overwrite
 /// blocks the file system has already laid out and an fdatasync does not commit an extent

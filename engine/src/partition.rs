@@ -349,6 +349,16 @@ pub(crate) struct Partition {
     /// A control operation (a cut, a roll, a file write) failed: the rollback and cut after it
     /// wait until then, so a full disk is retried every `rewrite_backoff`, not in a tight loop.
     retry_at: Option<Instant>,
+    /// Appends a rollback removed whose bytes may have reached the disk (a segment or journal
+    /// write took them), with their error: answered once the rollback is on disk
+    /// (`rollback_settled`), so an error means the batch is not in the log and will not come
+    /// back after a crash. ARCHITECTURE.md, decision 23.
+    rolled_back: Vec<(Waiter, Error)>,
+    /// Failures since `rolled_back` last emptied (see `rollback_answer_attempts`).
+    rollback_failures: u32,
+    /// End of the batches a segment or journal write has taken: past it nothing of the log's
+    /// can be on disk (as of the last settled rollback).
+    exposed_end: u64,
 }
 
 impl Partition {
@@ -425,6 +435,9 @@ impl Partition {
             incarnation_fresh: false,
             rewrite_at: None,
             retry_at: None,
+            rolled_back: Vec::new(),
+            rollback_failures: 0,
+            exposed_end: log_end,
         }
     }
 
@@ -472,6 +485,14 @@ impl Partition {
         self.is_idle()
             && self.offsets.durable().0 == self.offsets.appended().0
             && self.truncate.is_none()
+            && self.rolled_back.is_empty()
+    }
+
+    /// No rollback waits to reach the disk: no failure to roll back, no cut pending or in flight,
+    /// and (after a rollback of a journaled partition) the journal's records past the log retired
+    /// by a new incarnation. Until then the files may hold batches past the log's end.
+    pub fn rollback_settled(&self) -> bool {
+        self.failure.is_none() && !self.cut_pending && !self.control_busy && !self.journal_blocked
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -673,6 +694,36 @@ impl Partition {
         if completed > 0 {
             self.last_group_waiters = completed;
         }
+        if !self.rolled_back.is_empty() && self.rollback_settled() {
+            self.answer_rolled_back();
+        }
+    }
+
+    /// Answer the appends a rollback removed with their errors.
+    fn answer_rolled_back(&mut self) {
+        for (w, error) in self.rolled_back.drain(..) {
+            let _ = w.reply.send(Err(error));
+        }
+        self.rollback_failures = 0;
+        if self.rollback_settled() {
+            self.exposed_end = self.exposed_end.min(self.offsets.appended().0);
+        }
+    }
+
+    /// A rollback to `keep` fails every waiter whose append ends after it: at once if none of its
+    /// bytes can have reached the disk, else once the rollback is on disk.
+    fn roll_back_waiters(&mut self, keep: u64, error: &Error) {
+        for queue in [&mut self.written_waiters, &mut self.durable_waiters] {
+            while queue.back().is_some_and(|w| w.end_offset > keep) {
+                let w = queue.pop_back().expect("checked");
+                self.flush_waiters -= usize::from(w.flush);
+                if !w.flush && w.outcome.base_offset < self.exposed_end {
+                    self.rolled_back.push((w, error.duplicate()));
+                } else {
+                    let _ = w.reply.send(Err(error.duplicate()));
+                }
+            }
+        }
     }
 
     /// Fail every waiter whose append ends after `offset`.
@@ -812,6 +863,7 @@ impl Partition {
     /// A journal write with this partition's batches up to `end` is being issued.
     pub fn journal_taken(&mut self, end: u64) {
         self.journal_offset = end;
+        self.exposed_end = self.exposed_end.max(end);
         self.journal_used = true;
     }
 
@@ -1099,6 +1151,7 @@ impl Partition {
     fn copy_into(&mut self, buf: &mut AlignedBuf, mut n: usize) {
         while n > 0 {
             let batch = &self.tail[self.copy_index];
+            self.exposed_end = self.exposed_end.max(batch.next_offset);
             let piece = &batch.bytes[self.copy_offset..];
             let taken = buf.extend_from_slice(&piece[..piece.len().min(n)]);
             n -= taken;
@@ -1792,6 +1845,14 @@ impl Partition {
     /// Something failed: refuse new appends, wait for in-flight I/O, then roll back.
     fn fail(&mut self, error: Error, back_to_durable: bool, io: &mut IoCtx<'_>) {
         self.cancel_deferred(io);
+        if !self.rolled_back.is_empty() {
+            self.rollback_failures += 1;
+            if self.rollback_failures >= rollback_answer_attempts {
+                tracing::warn!(partition = %self.id, %error,
+                    "the disk keeps refusing a rollback: its failed appends are answered, and may come back after a crash");
+                self.answer_rolled_back();
+            }
+        }
         match &error {
             Error::Full { .. } => bump(&io.metrics.disk_full_errors, 1),
             _ => bump(&io.metrics.io_errors, 1),
@@ -1823,7 +1884,7 @@ impl Partition {
         let keep = to.max(self.journal_durable);
         let durable_position = self.durable_position;
         self.writes.clear();
-        self.fail_waiters_after(keep, &error);
+        self.roll_back_waiters(keep, &error);
         if self.journal_used {
             self.journal_blocked = true;
         }
@@ -2260,6 +2321,7 @@ impl Partition {
     pub fn close(&mut self, error: &Error) {
         self.deleted = true;
         self.fail_waiters_after(0, error);
+        self.answer_rolled_back();
         if let Some(p) = self.truncate.take() {
             let _ = p.reply.send(Err(error.duplicate()));
         }

@@ -1171,6 +1171,13 @@ impl Shard {
     async fn finish_shutdown(&mut self) {
         let mut result = Ok(());
         for p in self.partitions.values() {
+            if !p.rollback_settled() {
+                // The disk refused a rollback: its files may hold batches past the log's end,
+                // which a marker would leave in place under the next appends. Scanned instead.
+                tracing::warn!(partition = %p.id,
+                    "a rollback is not on disk at shutdown: the partition's log will be scanned at the next start");
+                continue;
+            }
             let (files, marker) = p.shutdown_metadata();
             let mut written = true;
             for (path, bytes) in files {

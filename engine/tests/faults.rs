@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use futures::stream::{FuturesUnordered, StreamExt};
 use keel_engine::io::sim::{CrashKind, FaultConfig, SimFs};
-use keel_engine::{block_on, Engine, Error, PartitionConfig, PartitionId};
+use keel_engine::{block_on, constants, Engine, Error, PartitionConfig, PartitionId};
 
 fn config() -> PartitionConfig {
     PartitionConfig {
@@ -147,6 +147,78 @@ fn failed_writes_and_fdatasyncs_roll_back_and_the_log_carries_on() {
             "{what}, {size} bytes, after reopen"
         );
     }
+}
+
+/// An append answered with an error is not in the log, even after a crash right at the answer:
+/// the error waits for the rollback's cut to reach the disk. The append's write lands and its
+/// fdatasync fails, so its bytes are on disk whole; every operation takes 2 ms, so a cut still
+/// in flight when the engine is dropped (a crash: completed writes stay, nothing else runs)
+/// would leave them there, and the reopened log would have the failed batch back.
+#[test]
+fn a_failed_append_stays_gone_after_a_crash_at_its_error() {
+    for round in 0..3 {
+        let fs = SimFs::new(FaultConfig {
+            latency: Duration::from_millis(2),
+            ..Default::default()
+        });
+        let p = PartitionId::new("gone", 0);
+        let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
+        block_on(async {
+            let large = PartitionConfig {
+                max_message_bytes: 2 * 1024 * 1024,
+                ..config()
+            };
+            engine.create_partition(&p, large).await.unwrap();
+            engine.append(&p, batch(1, 1, 100, 0), 0).await.unwrap();
+            fs.fail_next_syncs(1);
+            let err = engine
+                .append(&p, batch(2, 1, 1536 * 1024 + round * 1000, 0), 0)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, Error::Io { op, .. } if op == "fdatasync"),
+                "{err}"
+            );
+        });
+        drop(engine);
+        let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
+        assert_eq!(
+            log_contents(&engine, &p),
+            BTreeMap::from([(0, 1)]),
+            "round {round}: the failed append came back"
+        );
+    }
+}
+
+/// A disk that keeps refusing a rollback's cut: the failed append is answered after
+/// `rollback_answer_attempts` tries, and a clean shutdown then leaves the partition without
+/// its marker (the file may hold batches past the log's end, which the next appends would
+/// land in front of), so the next start scans it.
+#[test]
+fn a_shutdown_while_the_disk_refuses_a_rollback_leaves_the_log_to_be_scanned() {
+    let fs = SimFs::default();
+    let p = PartitionId::new("refused-cut", 0);
+    let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
+    block_on(async {
+        engine.create_partition(&p, config()).await.unwrap();
+        engine.append(&p, batch(1, 1, 100, 0), 0).await.unwrap();
+        // Every O_DIRECT write fails: the append's, then the cut's rewrite of the block that
+        // ends the log (small files are written another way and still succeed).
+        fs.fail_next_writes(u32::MAX);
+        let err = engine
+            .append(&p, batch(2, 1, 10_000, 0), 0)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        engine.shutdown().await.unwrap();
+    });
+    assert!(engine.metrics().io_errors >= u64::from(constants::rollback_answer_attempts));
+    drop(engine);
+    let marker = "/sim/data/refused-cut-0/.clean-shutdown";
+    assert_eq!(fs.file_len(std::path::Path::new(marker)), None);
+    fs.fail_next_writes(0);
+    let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
+    assert_eq!(log_contents(&engine, &p), BTreeMap::from([(0, 1)]));
 }
 
 #[derive(Clone, Copy)]
@@ -290,7 +362,7 @@ fn the_runway_of_zeros_never_overwrites_the_log() {
 #[test]
 fn a_full_disk_rejects_appends_cleanly_and_recovers_when_space_returns() {
     // 3 MiB for the log, and the journal's file (which is allocated whole when the engine opens).
-    let journal = keel_engine::constants::journal_bytes_min + 8192;
+    let journal = constants::journal_bytes_min + 8192;
     let capacity = 3 * 1024 * 1024 + journal;
     let fs = SimFs::new(FaultConfig {
         capacity_bytes: Some(capacity),
@@ -459,7 +531,7 @@ fn two_partitions_on_a_disk_of(capacity: u64, topic: &str) -> (SimFs, Engine, [P
 /// replays it all.
 #[test]
 fn a_nearly_full_disk_takes_every_append_that_fits_and_replays_it_after_a_crash() {
-    let journal = keel_engine::constants::journal_bytes_min + 8192;
+    let journal = constants::journal_bytes_min + 8192;
     // Room for 1.5 MiB of log besides the journal and the partitions' small files: two
     // partitions' doubling steps do not fit, their data does.
     let room = 1536 * 1024usize;
@@ -513,7 +585,7 @@ fn a_nearly_full_disk_takes_every_append_that_fits_and_replays_it_after_a_crash(
 /// written, and the next start scans the logs and finds every append.
 #[test]
 fn a_shutdown_on_a_full_disk_succeeds_and_the_next_start_scans_the_logs() {
-    let journal = keel_engine::constants::journal_bytes_min + 8192;
+    let journal = constants::journal_bytes_min + 8192;
     let capacity = journal + 4 * 1024 * 1024;
     let (fs, engine, ids) = two_partitions_on_a_disk_of(capacity, "full-at-shutdown");
     let mut acked = vec![BTreeMap::new(), BTreeMap::new()];
@@ -558,7 +630,7 @@ fn a_power_cut_on_a_full_disk_replays_every_partition() {
 }
 
 fn a_power_cut_on_a_full_disk_replays_every_partition_with(zero_range_unsupported: bool) {
-    let journal = keel_engine::constants::journal_bytes_min + 8192;
+    let journal = constants::journal_bytes_min + 8192;
     let capacity = journal + 12 * 100 * 1024 + 128 * 1024;
     let fs = SimFs::new(FaultConfig {
         capacity_bytes: Some(capacity),
@@ -610,7 +682,7 @@ fn a_power_cut_on_a_full_disk_replays_every_partition_with(zero_range_unsupporte
 #[test]
 fn a_disk_filling_and_freeing_under_load_never_damages_the_log() {
     for seed in 0..16u64 {
-        let journal = keel_engine::constants::journal_bytes_min + 8192;
+        let journal = constants::journal_bytes_min + 8192;
         let tight = |room: u64| FaultConfig {
             seed,
             latency: Duration::from_micros(50),
