@@ -1519,8 +1519,12 @@ impl Partition {
             self.config.segment_bytes,
         );
         let file = self.write_file();
+        let journaled = self.journaled;
         self.start_control(io, async move {
             let (len, short) = allocate_or_less(file.as_ref(), len, need).await?;
+            if journaled {
+                sync_allocation(file.as_ref(), len).await?;
+            }
             Ok(ControlDone::Allocated { len, short })
         });
     }
@@ -1584,6 +1588,7 @@ impl Partition {
                 .min(self.config.segment_bytes),
         );
         bump(&io.metrics.segments_rolled, 1);
+        let journaled = self.journaled;
         self.start_control(io, async move {
             let path = old_file.path().to_path_buf();
             old_file
@@ -1609,6 +1614,9 @@ impl Partition {
             // On a full disk the new segment starts empty: its first write asks for what it
             // needs (`start_allocate`), and fails as a full disk only if even that does not fit.
             let (allocated, short) = allocate_or_less(file.as_ref(), preallocate, 0).await?;
+            if journaled {
+                sync_allocation(file.as_ref(), allocated).await?;
+            }
             storage
                 .sync_dir(&dir)
                 .await
@@ -2410,6 +2418,22 @@ async fn allocate_or_less(file: &dyn StorageFile, len: u64, need: u64) -> Result
         }
         Err(e) => Err(Error::io("fallocate", file.path(), e)),
     }
+}
+
+/// Make an allocation durable before `Segment::allocated` counts it: the shard journal
+/// acknowledges data only where segment space is allocated (`journal_space_reserved`), so a
+/// replay after a power cut must find that space still there, not ask a full disk for it. An
+/// fdatasync commits the file's new size with the file system's journal (an fdatasync of the
+/// shard journal's pre-allocated file would not). Only for journaled partitions (elsewhere the
+/// fdatasync of the data written into the space commits it), once per allocation step
+/// (doubling, then `preallocate_bytes`), off the path of every append.
+async fn sync_allocation(file: &dyn StorageFile, len: u64) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    file.sync_data()
+        .await
+        .map_err(|e| Error::io("fdatasync", file.path(), e))
 }
 
 /// Take ownership of the caller's bytes for in-place header rewrites; copies only when shared.

@@ -88,6 +88,8 @@ impl SimFile {
     /// now, and no later sync or crash brings theirs back.
     fn write_durable(&mut self, position: u64, bytes: &[u8]) {
         self.write(position, bytes);
+        // Like fdatasync, the write's flush commits the file's size (an allocation's too).
+        self.durable_len = self.durable_len.max(self.len);
         let n = self.completed_writes;
         let end = position + bytes.len() as u64;
         let mut rest = Vec::with_capacity(self.unsynced.len());
@@ -115,7 +117,8 @@ impl SimFile {
 
     /// The writes completed up to `upto` (a sync's snapshot of `completed_writes` when it was
     /// issued) become durable; later ones stay unsynced, as with fdatasync(2).
-    fn sync(&mut self, upto: u64) {
+    fn sync(&mut self, upto: u64, len: u64) {
+        self.durable_len = self.durable_len.max(len.min(self.len));
         let (synced, rest) = std::mem::take(&mut self.unsynced)
             .into_iter()
             .partition(|(n, _, _)| *n <= upto);
@@ -617,11 +620,14 @@ impl StorageFile for SimHandle {
         let fs = self.fs.clone();
         let file = self.file.clone();
         Box::pin(async move {
-            let upto = lock(&file).completed_writes;
+            let (upto, len) = {
+                let f = lock(&file);
+                (f.completed_writes, f.len)
+            };
             pause(&fs).await;
             let mut state = lock(&fs.state);
             state.begin_sync()?;
-            lock(&file).sync(upto);
+            lock(&file).sync(upto, len);
             Ok(())
         })
     }
@@ -636,13 +642,16 @@ impl StorageFile for SimHandle {
             let snapshot: Vec<_> = lock(&fs.state)
                 .files
                 .values()
-                .map(|file| (file.clone(), lock(file).completed_writes))
+                .map(|file| {
+                    let f = lock(file);
+                    (file.clone(), f.completed_writes, f.len)
+                })
                 .collect();
             pause(&fs).await;
             let mut state = lock(&fs.state);
             state.begin_sync()?;
-            for (file, upto) in snapshot {
-                lock(&file).sync(upto);
+            for (file, upto, len) in snapshot {
+                lock(&file).sync(upto, len);
             }
             Ok(())
         })
@@ -658,9 +667,10 @@ impl StorageFile for SimHandle {
                 return Err(enospc());
             }
             let mut f = lock(&file);
-            // The size change is metadata; modelled as durable at once.
+            // The size change is metadata: durable with the file's next sync (as ext4 commits
+            // it with the transaction an fdatasync of the file forces), lost in a power cut
+            // before that.
             f.len = f.len.max(len);
-            f.durable_len = f.durable_len.max(len);
             Ok(())
         })
     }
@@ -723,7 +733,7 @@ mod tests {
             left,
             vec![(0, block_bytes), (2 * block_bytes as u64, block_bytes)]
         );
-        f.sync(f.completed_writes);
+        f.sync(f.completed_writes, f.len);
         assert_eq!(
             &f.durable[block_bytes..2 * block_bytes],
             &[2; block_bytes][..]
