@@ -1847,7 +1847,16 @@ impl Partition {
         if let Some(failure) = &mut self.failure {
             failure.rolling_back = false;
         }
-        self.fail(error, false, io);
+        // A failed sync (a roll's or a cut's fsync, an allocation's fdatasync) leaves what was
+        // written since the last good one in doubt, as a failed group commit does (`on_synced`).
+        let back_to_durable = matches!(
+            &error,
+            Error::Io {
+                op: "fsync" | "fdatasync",
+                ..
+            }
+        );
+        self.fail(error, back_to_durable, io);
     }
 
     /// Something failed: refuse new appends, wait for in-flight I/O, then roll back.

@@ -852,6 +852,50 @@ fn power_cuts_at_random_moments_keep_every_acknowledged_append() {
     );
 }
 
+/// A segment roll fsyncs the segment it seals; if that fails, what was written since the last
+/// good sync is in doubt, as after a failed group commit: the log goes back to its durable
+/// point, not to what was written (an `interval` partition answers appends once written).
+#[test]
+fn a_failed_fsync_at_a_roll_rolls_back_to_the_durable_point() {
+    let fs = SimFs::default();
+    let p = PartitionId::new("roll-sync", 0);
+    let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
+    block_on(async {
+        let config = PartitionConfig {
+            flush: keel_engine::FlushPolicy::Interval {
+                ms: 3_600_000,
+                bytes: 0,
+            },
+            segment_bytes: 1024 * 1024,
+            max_message_bytes: 1024 * 1024,
+            ..config()
+        };
+        engine.create_partition(&p, config).await.unwrap();
+        for tag in 0..3 {
+            engine
+                .append(&p, batch(tag, 1, 200_000, 0), 0)
+                .await
+                .unwrap();
+        }
+        engine.flush(&p).await.unwrap();
+        for tag in 3..5 {
+            engine
+                .append(&p, batch(tag, 1, 200_000, 0), 0)
+                .await
+                .unwrap();
+        }
+        // The sixth 200 KB batch needs a new segment: the roll's fsync is the next sync.
+        fs.fail_next_syncs(1);
+        let err = engine
+            .append(&p, batch(5, 1, 200_000, 0), 0)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Io { op: "fsync", .. }), "{err}");
+        let state = engine.partition_state(&p).await.unwrap();
+        assert_eq!((state.appended.0, state.durable.0), (3, 3));
+    });
+}
+
 /// A failed fdatasync rolls back to the durable offset even when the batches since then have
 /// already left the in-memory tail (interval flushing, a small cache).
 #[test]
