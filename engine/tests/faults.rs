@@ -852,6 +852,34 @@ fn power_cuts_at_random_moments_keep_every_acknowledged_append() {
     );
 }
 
+/// `interval` flushing that never syncs by itself: appends are answered once written.
+fn never_by_itself() -> keel_engine::FlushPolicy {
+    keel_engine::FlushPolicy::Interval {
+        ms: 3_600_000,
+        bytes: 0,
+    }
+}
+
+/// Create `p` with `config`, append the batches tagged `durable` and flush them, then append
+/// those tagged `written` (`size` bytes each, one at a time, each answered).
+async fn durable_then_written(
+    engine: &Engine,
+    p: &PartitionId,
+    config: PartitionConfig,
+    durable: std::ops::Range<u64>,
+    written: std::ops::Range<u64>,
+    size: usize,
+) {
+    engine.create_partition(p, config).await.unwrap();
+    for tag in durable {
+        engine.append(p, batch(tag, 1, size, 0), 0).await.unwrap();
+    }
+    engine.flush(p).await.unwrap();
+    for tag in written {
+        engine.append(p, batch(tag, 1, size, 0), 0).await.unwrap();
+    }
+}
+
 /// A segment roll fsyncs the segment it seals; if that fails, what was written since the last
 /// good sync is in doubt, as after a failed group commit: the log goes back to its durable
 /// point, not to what was written (an `interval` partition answers appends once written).
@@ -862,28 +890,12 @@ fn a_failed_fsync_at_a_roll_rolls_back_to_the_durable_point() {
     let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
     block_on(async {
         let config = PartitionConfig {
-            flush: keel_engine::FlushPolicy::Interval {
-                ms: 3_600_000,
-                bytes: 0,
-            },
+            flush: never_by_itself(),
             segment_bytes: 1024 * 1024,
             max_message_bytes: 1024 * 1024,
             ..config()
         };
-        engine.create_partition(&p, config).await.unwrap();
-        for tag in 0..3 {
-            engine
-                .append(&p, batch(tag, 1, 200_000, 0), 0)
-                .await
-                .unwrap();
-        }
-        engine.flush(&p).await.unwrap();
-        for tag in 3..5 {
-            engine
-                .append(&p, batch(tag, 1, 200_000, 0), 0)
-                .await
-                .unwrap();
-        }
+        durable_then_written(&engine, &p, config, 0..3, 3..5, 200_000).await;
         // The sixth 200 KB batch needs a new segment: the roll's fsync is the next sync.
         fs.fail_next_syncs(1);
         let err = engine
@@ -905,28 +917,12 @@ fn a_failed_fdatasync_rolls_back_past_what_memory_still_holds() {
     let engine = Engine::open(sim_config(&fs, 1)).unwrap();
     block_on(async {
         let config = PartitionConfig {
-            flush: keel_engine::FlushPolicy::Interval {
-                ms: 3_600_000,
-                bytes: 0,
-            },
+            flush: never_by_itself(),
             cache_bytes: 32 * 1024,
             ..config()
         };
-        engine.create_partition(&p, config).await.unwrap();
-        for tag in 0..5 {
-            engine
-                .append(&p, batch(tag, 1, 10_000, 0), 0)
-                .await
-                .unwrap();
-        }
-        engine.flush(&p).await.unwrap();
-        // Written but never durable, and far more than the 32 KiB cache keeps.
-        for tag in 5..50 {
-            engine
-                .append(&p, batch(tag, 1, 10_000, 0), 0)
-                .await
-                .unwrap();
-        }
+        // 5..50 written but never durable, and far more than the 32 KiB cache keeps.
+        durable_then_written(&engine, &p, config, 0..5, 5..50, 10_000).await;
         fs.fail_next_syncs(1);
         assert!(engine.flush(&p).await.is_err());
         let state = engine.partition_state(&p).await.unwrap();
