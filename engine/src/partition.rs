@@ -713,28 +713,33 @@ impl Partition {
     /// A rollback to `keep` fails every waiter whose append ends after it: at once if none of its
     /// bytes can have reached the disk, else once the rollback is on disk.
     fn roll_back_waiters(&mut self, keep: u64, error: &Error) {
-        for queue in [&mut self.written_waiters, &mut self.durable_waiters] {
-            while queue.back().is_some_and(|w| w.end_offset > keep) {
-                let w = queue.pop_back().expect("checked");
-                self.flush_waiters -= usize::from(w.flush);
-                if !w.flush && w.outcome.base_offset < self.exposed_end {
-                    self.rolled_back.push((w, error.duplicate()));
-                } else {
-                    let _ = w.reply.send(Err(error.duplicate()));
-                }
+        for w in self.take_waiters_after(keep) {
+            if !w.flush && w.outcome.base_offset < self.exposed_end {
+                self.rolled_back.push((w, error.duplicate()));
+            } else {
+                let _ = w.reply.send(Err(error.duplicate()));
             }
         }
     }
 
     /// Fail every waiter whose append ends after `offset`.
     fn fail_waiters_after(&mut self, offset: u64, error: &Error) {
+        for w in self.take_waiters_after(offset) {
+            let _ = w.reply.send(Err(error.duplicate()));
+        }
+    }
+
+    /// Take every waiter whose append ends after `offset` out of its queue.
+    fn take_waiters_after(&mut self, offset: u64) -> Vec<Waiter> {
+        let mut taken = Vec::new();
         for queue in [&mut self.written_waiters, &mut self.durable_waiters] {
             while queue.back().is_some_and(|w| w.end_offset > offset) {
                 let w = queue.pop_back().expect("checked");
                 self.flush_waiters -= usize::from(w.flush);
-                let _ = w.reply.send(Err(error.duplicate()));
+                taken.push(w);
             }
         }
+        taken
     }
 
     /// Make everything appended so far durable, whatever the flush policy (a caller's explicit flush).
