@@ -1178,14 +1178,17 @@ impl Partition {
     /// counts as pending too: the data's fdatasync waits for it, so the append is acknowledged
     /// with its epoch on disk, as always.
     ///
-    /// And only while the last group commit answered one append: a producer with several
-    /// appends in flight sends them back to back after each group commit, so its first write
-    /// would go out alone and those behind it would need an fdatasync of their own — two
+    /// And only once as many appends wait as the last group commit answered: a producer with
+    /// several appends in flight sends them back to back after each group commit, so if its
+    /// first write went out alone those behind it would need an fdatasync of their own — two
     /// flushes per cycle instead of one (measured: 65,597-byte appends, 5 in flight, 443 vs 476
-    /// MB/s without this rule).
+    /// MB/s with every lone write durable). When the whole cohort has arrived — a broker hands
+    /// the produce requests it read together to the engine together — nothing more is coming
+    /// before the next group commit, and the one write for all of it is durable by itself
+    /// (ARCHITECTURE.md decision 25).
     fn lone_write(&self) -> bool {
         self.config.flush == FlushPolicy::EveryBatch
-            && self.last_group_waiters <= 1
+            && self.last_group_waiters <= self.durable_waiters.len().max(1)
             && !self.epochs_dirty
             && !self.write_in_background()
             && self.writes.is_empty()

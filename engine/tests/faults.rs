@@ -1034,6 +1034,71 @@ fn a_lone_append_written_durable_by_itself_survives_a_power_cut_at_once() {
     );
 }
 
+#[test]
+fn a_cohort_arriving_together_as_large_as_the_last_group_goes_out_in_one_durable_write() {
+    // A pipelining producer's appends reach the shard together when a broker hands it the
+    // requests it read together. Once as many wait as the last group commit answered, the one
+    // write for them all goes out durable by itself (no fdatasync); a cohort still arriving
+    // keeps the plain write and the fdatasync it shares. Each acknowledged cohort survives a
+    // power cut at once, on a disk that keeps an arbitrary part of every unflushed write.
+    let fs = out_of_order_disk(11, 2);
+    let p = PartitionId::new("cohort", 0);
+    let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
+    block_on(engine.create_partition(&p, config())).unwrap();
+    let shard = engine.shard_of(&p);
+    let mut acked = BTreeMap::new();
+    let mut tag = 0;
+    // (appends queued at the shard together, the last group's size, durable by itself?)
+    for (n, last_group, durable) in [
+        (1, 0, false), // its fdatasync waits for the leader-epoch checkpoint
+        (3, 1, true),
+        (3, 3, true),
+        (2, 3, false),
+        (2, 2, true),
+        (4, 2, true),
+    ] {
+        let before = engine.metrics();
+        // The shard runs this task before it looks at the appends queued behind it, so it
+        // takes them all in one go.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        block_on(engine.run_on_shard(shard, move || {
+            let _ = held.recv_timeout(Duration::from_secs(30));
+        }))
+        .unwrap();
+        let pending: Vec<_> = (0..n)
+            .map(|i| {
+                let size = 5000 + 313 * (tag + i) as usize;
+                let pending = engine.append_enqueued(&p, batch(tag + i, 1, size, 0), 0, None);
+                block_on(pending).unwrap()
+            })
+            .collect();
+        release.send(()).unwrap();
+        for (i, pending) in pending.into_iter().enumerate() {
+            let out = block_on(pending).unwrap();
+            acked.insert(out.base_offset, tag + i as u64);
+        }
+        tag += n;
+        let after = engine.metrics();
+        let what = format!("{n} appends after a group of {last_group}: {after:?}");
+        assert_eq!(
+            after.segment_durable_writes - before.segment_durable_writes,
+            u64::from(durable),
+            "{what}"
+        );
+        if durable {
+            assert_eq!(after.writes - before.writes, 1, "{what}: one write, whole");
+        }
+        assert_eq!(
+            after.segment_sync_calls - before.segment_sync_calls,
+            u64::from(!durable),
+            "{what}"
+        );
+        let image = fs.crash_image(CrashKind::PowerCut);
+        let reopened = Engine::open(without_journal(sim_config(&image, 1))).unwrap();
+        assert_eq!(log_contents(&reopened, &p), acked, "{what}");
+    }
+}
+
 /// Creating a partition writes several small files durably; on a slow or stalled disk that takes
 /// long. The shard's other partitions are served meanwhile (ARCHITECTURE.md, decision 20), and a
 /// command for the partition being created waits for it instead of failing.
