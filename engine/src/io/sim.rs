@@ -35,6 +35,11 @@ pub struct FaultConfig {
     /// `zero_range` fails with `EOPNOTSUPP`, as on a file system without
     /// `FALLOC_FL_ZERO_RANGE` (or a full ext4 refusing it with `ENOSPC`).
     pub zero_range_unsupported: bool,
+    /// A failed sync loses the writes it covered for good (`SimFile::fail_sync`): no later sync
+    /// makes them durable, a power cut keeps any part of them or none. The device may have
+    /// dropped them from its cache, and Linux reports a writeback error once. Off by default:
+    /// the engine does not yet survive it (docs/ARCHITECTURE.md, "Known gaps").
+    pub failed_sync_drops_writes: bool,
 }
 
 /// How a crash treats data that was written but not synced.
@@ -56,6 +61,10 @@ struct SimFile {
     /// Completed writes not yet covered by a sync, oldest first: (completion number, position,
     /// bytes).
     unsynced: Vec<(u64, u64, Vec<u8>)>,
+    /// Writes a failed sync covered, in the same form: the device may have dropped them, so no
+    /// later sync makes them durable; a power cut keeps any part of them, or none. Newer data
+    /// made durable over them supersedes them.
+    lost: Vec<(u64, u64, Vec<u8>)>,
     /// How many writes have completed: a sync covers those completed before it was issued.
     completed_writes: u64,
     /// Content as of the last successful sync (a prefix of `durable_len`).
@@ -71,6 +80,7 @@ impl SimFile {
             durable: bytes.clone(),
             data: bytes,
             unsynced: Vec::new(),
+            lost: Vec::new(),
             completed_writes: 0,
         }
     }
@@ -87,32 +97,15 @@ impl SimFile {
     /// it stay as they were, except where it overwrote them: the device holds its bytes there
     /// now, and no later sync or crash brings theirs back.
     fn write_durable(&mut self, position: u64, bytes: &[u8]) {
-        self.write(position, bytes);
+        let end = position + bytes.len() as u64;
+        cut_out(&mut self.unsynced, position, end);
+        cut_out(&mut self.lost, position, end);
+        put(&mut self.data, position, bytes);
+        self.len = self.len.max(end);
+        self.completed_writes += 1;
         // Like fdatasync, the write's flush commits the file's size (an allocation's too).
         self.durable_len = self.durable_len.max(self.len);
-        let n = self.completed_writes;
-        let end = position + bytes.len() as u64;
-        let mut rest = Vec::with_capacity(self.unsynced.len());
-        for (m, at, older) in std::mem::take(&mut self.unsynced) {
-            if m == n {
-                put(&mut self.durable, at, &older);
-                self.durable_len = self.durable_len.max(at + older.len() as u64);
-                continue;
-            }
-            let older_end = at + older.len() as u64;
-            if older_end <= position || at >= end {
-                rest.push((m, at, older));
-                continue;
-            }
-            // Keep only the parts outside this write's range.
-            if at < position {
-                rest.push((m, at, older[..(position - at) as usize].to_vec()));
-            }
-            if older_end > end {
-                rest.push((m, end, older[(end - at) as usize..].to_vec()));
-            }
-        }
-        self.unsynced = rest;
+        put(&mut self.durable, position, bytes);
     }
 
     /// The writes completed up to `upto` (a sync's snapshot of `completed_writes` when it was
@@ -124,9 +117,21 @@ impl SimFile {
             .partition(|(n, _, _)| *n <= upto);
         self.unsynced = rest;
         for (_, position, bytes) in synced {
+            cut_out(&mut self.lost, position, position + bytes.len() as u64);
             put(&mut self.durable, position, &bytes);
             self.durable_len = self.durable_len.max(position + bytes.len() as u64);
         }
+    }
+
+    /// A sync issued when `upto` writes had completed failed: those writes may be gone from
+    /// the device's cache, and a later flush does not bring them back (as Linux, which reports
+    /// a writeback error once and forgets the data).
+    fn fail_sync(&mut self, upto: u64) {
+        let (covered, rest) = std::mem::take(&mut self.unsynced)
+            .into_iter()
+            .partition(|(n, _, _)| *n <= upto);
+        self.unsynced = rest;
+        self.lost.extend::<Vec<_>>(covered);
     }
 
     fn set_len(&mut self, len: u64) {
@@ -134,9 +139,11 @@ impl SimFile {
         self.durable_len = len;
         self.data.truncate(len as usize);
         self.durable.truncate(len as usize);
-        self.unsynced.retain(|(_, p, _)| *p < len);
-        for (_, p, bytes) in &mut self.unsynced {
-            bytes.truncate((len - *p) as usize);
+        for writes in [&mut self.unsynced, &mut self.lost] {
+            writes.retain(|(_, p, _)| *p < len);
+            for (_, p, bytes) in writes.iter_mut() {
+                bytes.truncate((len - *p) as usize);
+            }
         }
     }
 
@@ -144,6 +151,26 @@ impl SimFile {
     fn materialise(&mut self) {
         self.data.resize(self.len as usize, 0);
     }
+}
+
+/// Remove the range `position..end` from `writes` (newer data is there now), keeping the parts of
+/// each write outside it.
+fn cut_out(writes: &mut Vec<(u64, u64, Vec<u8>)>, position: u64, end: u64) {
+    let mut rest = Vec::with_capacity(writes.len());
+    for (m, at, older) in std::mem::take(writes) {
+        let older_end = at + older.len() as u64;
+        if older_end <= position || at >= end {
+            rest.push((m, at, older));
+            continue;
+        }
+        if at < position {
+            rest.push((m, at, older[..(position - at) as usize].to_vec()));
+        }
+        if older_end > end {
+            rest.push((m, end, older[(end - at) as usize..].to_vec()));
+        }
+    }
+    *writes = rest;
 }
 
 fn put(image: &mut Vec<u8>, position: u64, bytes: &[u8]) {
@@ -265,6 +292,7 @@ impl SimFs {
                     data: f.data.clone(),
                     len: f.len,
                     unsynced: f.unsynced.clone(),
+                    lost: f.lost.clone(),
                     durable: f.durable.clone(),
                     durable_len: f.durable_len,
                     completed_writes: f.completed_writes,
@@ -285,7 +313,9 @@ impl SimFs {
             let mut f = lock(&file);
             if kind == CrashKind::PowerCut {
                 let mut image = f.durable.clone();
-                let unsynced = std::mem::take(&mut f.unsynced);
+                // The lost writes are older than every unsynced one.
+                let mut unsynced = std::mem::take(&mut f.lost);
+                unsynced.append(&mut f.unsynced);
                 for (_, position, bytes) in unsynced {
                     let blocks = bytes.len() / block_bytes;
                     let kept = match state.next_u64() % 3 {
@@ -299,6 +329,7 @@ impl SimFs {
                 f.len = f.durable_len.max(f.data.len() as u64);
             }
             f.unsynced.clear();
+            f.lost.clear();
             f.durable = f.data.clone();
             f.durable_len = f.len;
         }
@@ -312,6 +343,7 @@ impl SimFs {
         let r = edit(&mut f.data);
         f.len = f.data.len() as u64;
         f.unsynced.clear();
+        f.lost.clear();
         f.durable = f.data.clone();
         f.durable_len = f.len;
         Some(r)
@@ -370,8 +402,9 @@ impl State {
     }
 
     /// Decide whether the sync about to run fails (an injected or random fault); counts it if not.
-    /// A failure is like Linux after failed writeback: the unsynced data may or may not be on
-    /// disk, and a later sync will not report it again.
+    /// A failure is like Linux after failed writeback: the unsynced data the sync covered may or
+    /// may not be on disk, and a later sync will not report it again. With
+    /// `failed_sync_drops_writes` a later sync does not make it durable either.
     fn begin_sync(&mut self) -> io::Result<()> {
         let rate = self.faults.sync_error_rate;
         if self.fail_syncs > 0 || self.chance(rate) {
@@ -554,10 +587,17 @@ impl SimHandle {
             }
             if durable {
                 // RWF_DSYNC: the write and its flush, so a sync fault applies too.
-                // A failed flush leaves the data written but not durable.
+                // A failed flush leaves the data written but not durable (and, with
+                // `failed_sync_drops_writes`, lost to later syncs).
                 state.writes += 1;
                 if let Err(e) = state.begin_sync() {
-                    lock(&file).write(position, bytes);
+                    // Its flush covered every write of the file completed so far.
+                    let mut f = lock(&file);
+                    f.write(position, bytes);
+                    let upto = f.completed_writes;
+                    if state.faults.failed_sync_drops_writes {
+                        f.fail_sync(upto);
+                    }
                     return (Err(e), buf);
                 }
                 lock(&file).write_durable(position, bytes);
@@ -626,7 +666,12 @@ impl StorageFile for SimHandle {
             };
             pause(&fs).await;
             let mut state = lock(&fs.state);
-            state.begin_sync()?;
+            if let Err(e) = state.begin_sync() {
+                if state.faults.failed_sync_drops_writes {
+                    lock(&file).fail_sync(upto);
+                }
+                return Err(e);
+            }
             lock(&file).sync(upto, len);
             Ok(())
         })
@@ -649,7 +694,14 @@ impl StorageFile for SimHandle {
                 .collect();
             pause(&fs).await;
             let mut state = lock(&fs.state);
-            state.begin_sync()?;
+            if let Err(e) = state.begin_sync() {
+                for (file, upto, _) in snapshot {
+                    if state.faults.failed_sync_drops_writes {
+                        lock(&file).fail_sync(upto);
+                    }
+                }
+                return Err(e);
+            }
             for (file, upto, len) in snapshot {
                 lock(&file).sync(upto, len);
             }
@@ -740,5 +792,35 @@ mod tests {
         );
         assert_eq!(&f.durable[..block_bytes], &[1; block_bytes][..]);
         assert_eq!(&f.durable[2 * block_bytes..], &[1; block_bytes][..]);
+    }
+
+    #[test]
+    fn a_write_a_failed_sync_covered_is_never_made_durable_by_a_later_one() {
+        let mut f = SimFile::new(Vec::new());
+        // Blocks 0..3 written; the sync issued after it fails; block 3 written after that.
+        f.write(0, &[1; 3 * block_bytes]);
+        f.fail_sync(f.completed_writes);
+        f.write(3 * block_bytes as u64, &[3; block_bytes]);
+        // Block 1 written again; a later sync makes it and block 3 durable, not blocks 0 and 2.
+        f.write(block_bytes as u64, &[2; block_bytes]);
+        f.sync(f.completed_writes, f.len);
+        assert_eq!(
+            f.durable,
+            [
+                [0; block_bytes],
+                [2; block_bytes],
+                [0; block_bytes],
+                [3; block_bytes]
+            ]
+            .concat()
+        );
+        // What a power cut may still keep of the lost write: blocks 0 and 2, never its old block 1.
+        let left: Vec<(u64, usize)> = f.lost.iter().map(|(_, at, b)| (*at, b.len())).collect();
+        assert_eq!(
+            left,
+            vec![(0, block_bytes), (2 * block_bytes as u64, block_bytes)]
+        );
+        // Reads still see the lost bytes (the page cache, or the device's, still holds them).
+        assert_eq!(&f.data[..block_bytes], &[1; block_bytes][..]);
     }
 }
