@@ -74,6 +74,19 @@ impl Error {
         }
     }
 
+    /// A failed fsync or fdatasync: what was written before it is in doubt for good (the device
+    /// may have dropped it, and a later sync that succeeds does not bring it back), so the log
+    /// goes back to its durable point and is written again from memory.
+    pub(crate) fn is_failed_sync(&self) -> bool {
+        matches!(
+            self,
+            Error::Io {
+                op: "fsync" | "fdatasync",
+                ..
+            }
+        )
+    }
+
     /// Errors are handed to every waiter of a failed group commit, so they must be duplicable.
     pub(crate) fn duplicate(&self) -> Error {
         match self {

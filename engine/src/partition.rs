@@ -1857,13 +1857,7 @@ impl Partition {
         }
         // A failed sync (a roll's or a cut's fsync, an allocation's fdatasync) leaves what was
         // written since the last good one in doubt, as a failed group commit does (`on_synced`).
-        let back_to_durable = matches!(
-            &error,
-            Error::Io {
-                op: "fsync" | "fdatasync",
-                ..
-            }
-        );
+        let back_to_durable = error.is_failed_sync();
         self.fail(error, back_to_durable, io);
     }
 
@@ -1938,7 +1932,8 @@ impl Partition {
             .iter()
             .position(|b| b.base_offset == to)
             .expect("batches not durable in the segment stay in memory");
-        let (segment, position) = (self.tail[index].segment, self.tail[index].position);
+        let (segment, position) =
+            self.entered(to, self.tail[index].segment, self.tail[index].position);
         self.offsets.rewind_written(to);
         self.copy_index = index;
         self.copy_offset = 0;
@@ -1954,6 +1949,21 @@ impl Partition {
         } else {
             CarryState::NeedsLoad
         };
+    }
+
+    /// The log ends (or is written again from) `to`, found at `position` of `segment`. A segment
+    /// the log has not rolled into yet (no file: its first batch waited for the roll when the
+    /// failure came) is not entered: the log stays at the end of the segment before it, which
+    /// is then cut like any write segment, and rolls again when that batch is written. Entering
+    /// it would leave the segment before it unsealed — not cut to its size, not synced, without
+    /// indexes — in the middle of the log, where a restart refuses it as damaged.
+    fn entered(&self, to: u64, segment: u64, position: u64) -> (u64, u64) {
+        if position == 0 && to == segment && self.segments[&segment].file.is_none() {
+            if let Some((&before, s)) = self.segments.range(..segment).next_back() {
+                return (before, s.size);
+            }
+        }
+        (segment, position)
     }
 
     /// Where the batch starting at `to` lies, if known without reading the disk: in the tail, or
@@ -2043,11 +2053,12 @@ impl Partition {
     fn apply_truncation(&mut self, to: u64, position: u64) {
         let error = Error::Truncated { offset: to };
         self.fail_waiters_after(to, &error);
-        let (&base, _) = self
+        let (&found, _) = self
             .segments
             .range(..=to)
             .next_back()
             .expect("to ≥ log start");
+        let (base, position) = self.entered(to, found, position);
         let removed: Vec<u64> = self.segments.range(base + 1..).map(|(&b, _)| b).collect();
         for b in removed {
             self.segments.remove(&b);
@@ -2125,11 +2136,15 @@ impl Partition {
             // The cut is what removes batches whose appends were failed: a write error in it is
             // tried again at once (a transient error would otherwise leave them on disk until
             // the retry after `rewrite_backoff`, and a crash in between would bring them back).
+            // Not a failed fsync: a second one that succeeds would not make what the first
+            // covered durable, so that failure goes back to the durable point (`fail`).
             let mut attempt = 1;
             let allocated = loop {
                 match crate::recovery::cut(file.as_ref(), size, reserved).await {
                     Ok(allocated) => break allocated,
-                    Err(Error::Io { .. }) if attempt < cut_attempts => attempt += 1,
+                    Err(e @ Error::Io { .. }) if !e.is_failed_sync() && attempt < cut_attempts => {
+                        attempt += 1
+                    }
                     Err(e) => return Err(e),
                 }
             };

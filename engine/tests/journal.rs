@@ -242,7 +242,11 @@ fn a_recreated_partition_gets_none_of_its_predecessors_records() {
 #[test]
 fn a_failed_journal_write_or_sync_loses_nothing() {
     for inject_sync in [false, true] {
-        let fs = SimFs::default();
+        // A failed sync loses what it covered for good (ARCHITECTURE.md, decision 26).
+        let fs = SimFs::new(FaultConfig {
+            failed_sync_drops_writes: true,
+            ..Default::default()
+        });
         let parts = ids(4);
         let engine = Engine::open(sim_config(&fs, 1)).unwrap();
         create(&engine, &parts);

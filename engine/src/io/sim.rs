@@ -37,8 +37,8 @@ pub struct FaultConfig {
     pub zero_range_unsupported: bool,
     /// A failed sync loses the writes it covered for good (`SimFile::fail_sync`): no later sync
     /// makes them durable, a power cut keeps any part of them or none. The device may have
-    /// dropped them from its cache, and Linux reports a writeback error once. Off by default:
-    /// the engine does not yet survive it (docs/ARCHITECTURE.md, "Known gaps").
+    /// dropped them from its cache, and Linux reports a writeback error once (ARCHITECTURE.md,
+    /// decision 26). `random_io_errors_never_lose_or_invent_an_acknowledged_append` runs with it.
     pub failed_sync_drops_writes: bool,
 }
 
