@@ -74,14 +74,14 @@ impl Error {
         }
     }
 
-    /// A failed fsync or fdatasync: what was written before it is in doubt for good (the device
+    /// A failed fsync, fdatasync or syncfs: what was written before it is in doubt for good (the device
     /// may have dropped it, and a later sync that succeeds does not bring it back), so the log
     /// goes back to its durable point and is written again from memory.
     pub(crate) fn is_failed_sync(&self) -> bool {
         matches!(
             self,
             Error::Io {
-                op: "fsync" | "fdatasync",
+                op: "fsync" | "fdatasync" | "syncfs",
                 ..
             }
         )

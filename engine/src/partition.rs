@@ -71,6 +71,11 @@ pub(crate) enum Event {
     Synced {
         result: io::Result<()>,
     },
+    /// A syncfs this partition was not part of failed: the file system's flush, so this
+    /// partition's unflushed segment writes may be gone too (ARCHITECTURE.md, decision 27).
+    FlushLost {
+        error: io::Error,
+    },
     /// A zero write that extended the runway (see [`Partition::schedule_runway`]) finished.
     RunwayWritten {
         result: io::Result<()>,
@@ -1681,6 +1686,14 @@ impl Partition {
                 self.on_written(serial, result, io);
             }
             Event::Synced { result } => self.on_synced(result, io),
+            Event::FlushLost { error } => {
+                // Written segment bytes not yet durable (or being written) rest on the lost
+                // flush: back to the durable point, as after a failed sync of this file.
+                if self.written_position > self.durable_position || !self.writes.is_empty() {
+                    let path = self.segments[&self.write_segment].log_path.clone();
+                    self.fail(Error::io("syncfs", path, error), true, io);
+                }
+            }
             Event::RunwayWritten { result, buf } => {
                 io.buffers.give_back(buf);
                 *io.writes_inflight -= 1;

@@ -595,6 +595,35 @@ impl Shard {
             _ => unreachable!("not a journal event"),
         };
         if let Err(error) = result {
+            self.journal_off(error);
+        }
+    }
+
+    /// A syncfs failed: the file system's flush, so every file's unflushed writes may be gone,
+    /// not only its members' (ARCHITECTURE.md, decision 27). The journal's records not yet
+    /// acknowledged go the way of a failed journal sync, and every other partition with
+    /// segment writes not yet durable rolls back to its durable point.
+    fn on_filesystem_flush_failed(&mut self, members: &[PartitionId], error: &std::io::Error) {
+        self.journal_off(std::io::Error::new(error.kind(), error.to_string()));
+        let others: Vec<PartitionId> = self
+            .partitions
+            .keys()
+            .filter(|id| !members.contains(id))
+            .cloned()
+            .collect();
+        for id in others {
+            let error = std::io::Error::new(error.kind(), error.to_string());
+            self.on_event((id, Event::FlushLost { error }));
+        }
+    }
+
+    /// A journal write or sync failed (or a flush that covered it): the journal is off until
+    /// restart.
+    fn journal_off(&mut self, error: std::io::Error) {
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        {
             if j.pipeline.failed {
                 return; // a late completion of a journal already off
             }
@@ -640,6 +669,9 @@ impl Shard {
         }
         if let Event::GroupSynced { members, result } = event {
             self.sync_inflight = false;
+            if let Err(error) = &result {
+                self.on_filesystem_flush_failed(&members, error);
+            }
             for member in members {
                 let result = match &result {
                     Ok(()) => Ok(()),

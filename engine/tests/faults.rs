@@ -958,6 +958,55 @@ fn a_failed_fsync_in_a_rollbacks_cut_goes_back_to_the_durable_point() {
     assert_eq!(log_contents(&reopened, &p), expected, "after a power cut");
 }
 
+/// A syncfs is the file system's flush: when it fails, every file's unflushed writes may be
+/// gone, not only its members'. A partition outside the failed group, with writes not yet
+/// durable, rolls back to its durable point too; otherwise its next fdatasync would succeed and
+/// vouch for bytes the disk no longer has (ARCHITECTURE.md, decision 27).
+#[test]
+fn a_failed_syncfs_rolls_back_the_partitions_outside_its_group_too() {
+    let fs = SimFs::new(FaultConfig {
+        failed_sync_drops_writes: true,
+        ..Default::default()
+    });
+    let [a, b, c] = ["outside", "member-b", "member-c"].map(|t| PartitionId::new(t, 0));
+    let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
+    let config = PartitionConfig {
+        flush: never_by_itself(),
+        ..config()
+    };
+    create_partitions(&engine, &[a.clone(), b.clone(), c.clone()], &config);
+    block_on(async {
+        engine.append(&a, batch(0, 1, 10_000, 0), 0).await.unwrap();
+        engine.flush(&a).await.unwrap();
+        // Written, not durable: a's 1 and 2, b's and c's first.
+        for (p, tag) in [(&a, 1), (&a, 2), (&b, 10), (&c, 20)] {
+            engine.append(p, batch(tag, 1, 10_000, 0), 0).await.unwrap();
+        }
+        // b and c become due together (the shard takes both flushes in one go): one syncfs,
+        // which fails.
+        fs.fail_next_syncs(1);
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        engine
+            .run_on_shard(engine.shard_of(&a), move || {
+                let _ = held.recv_timeout(Duration::from_secs(30));
+            })
+            .await
+            .unwrap();
+        let (fb, fc, ()) = futures::join!(engine.flush(&b), engine.flush(&c), async {
+            release.send(()).unwrap();
+        });
+        assert!(fb.is_err() && fc.is_err(), "{fb:?} {fc:?}");
+        assert_eq!(engine.metrics().group_syncs, 1);
+        engine.flush(&a).await.unwrap();
+    });
+    // a went back to its durable point with the members: what it shows now survives a power cut.
+    let live = log_contents(&engine, &a);
+    assert_eq!(live, BTreeMap::from([(0, 0)]));
+    let image = fs.crash_image(CrashKind::PowerCut);
+    let reopened = Engine::open(without_journal(sim_config(&image, 1))).unwrap();
+    assert_eq!(log_contents(&reopened, &a), live, "after a power cut");
+}
+
 /// A failed fdatasync rolls back to the durable offset even when the batches since then have
 /// already left the in-memory tail (interval flushing, a small cache).
 #[test]

@@ -303,3 +303,69 @@ fn a_checkpoint_syncs_the_rests_it_forces_out_together() {
         assert_holds(&engine, &acked, &format!("seed {seed}"));
     }
 }
+
+/// Random write and sync failures over many journaled partitions on one shard (the journal
+/// taken off by a failure, checkpoints, syncfs groups), on a disk that loses for good what a
+/// failed sync covered (ARCHITECTURE.md, decisions 26 and 27); then a power cut. Exactly the
+/// acknowledged appends come back. Fails about 1 run in 15: see "Known gaps".
+#[test]
+#[ignore = "a known gap (ARCHITECTURE.md, Known gaps): an acknowledged tail is lost about 1 run in 15"]
+fn random_io_errors_across_many_partitions_then_a_power_cut_lose_nothing_acknowledged() {
+    let parts = ids(16);
+    for seed in 0..4u64 {
+        let (fs, engine) = jittery_engine(seed, &parts);
+        fs.set_faults(FaultConfig {
+            seed,
+            latency: Duration::from_micros(100),
+            latency_jitter: Duration::from_micros(900),
+            write_error_rate: 0.01,
+            sync_error_rate: 0.01,
+            failed_sync_drops_writes: true,
+            ..Default::default()
+        });
+        let engine_ref = &engine;
+        let (acked, failed) = block_on(async {
+            let mut acked: BTreeMap<PartitionId, BTreeMap<u64, u64>> = BTreeMap::new();
+            let mut failed = 0;
+            let mut inflight = FuturesUnordered::new();
+            for tag in 0..1500u64 {
+                let p = &parts[(tag as usize * 7) % parts.len()];
+                let size = 300 + (tag as usize * 7919) % 6000;
+                inflight.push(async move {
+                    (
+                        p,
+                        tag,
+                        engine_ref.append(p, batch(tag, 1, size, 0), 0).await,
+                    )
+                });
+                while inflight.len() >= 32 || (tag + 1 == 1500 && !inflight.is_empty()) {
+                    match inflight.next().await.unwrap() {
+                        (p, tag, Ok(out)) => {
+                            acked
+                                .entry(p.clone())
+                                .or_default()
+                                .insert(out.base_offset, tag);
+                        }
+                        (_, _, Err(_)) => failed += 1,
+                    }
+                }
+            }
+            (acked, failed)
+        });
+        let m = engine.metrics();
+        assert!(m.io_errors > 0, "seed {seed}: no fault hit anything");
+        fs.set_faults(FaultConfig::default());
+        for (p, expected) in &acked {
+            assert_eq!(&log_contents(&engine, p), expected, "seed {seed}, {p}");
+        }
+        let image = fs.crash_image(CrashKind::PowerCut);
+        let reopened = Engine::open(sim_config(&image, 1)).unwrap();
+        for (p, expected) in &acked {
+            assert_eq!(
+                &log_contents(&reopened, p),
+                expected,
+                "seed {seed}, {p}, after a power cut ({failed} appends failed, {m:?})"
+            );
+        }
+    }
+}
