@@ -620,32 +620,27 @@ impl Shard {
     /// A journal write or sync failed (or a flush that covered it): the journal is off until
     /// restart.
     fn journal_off(&mut self, error: std::io::Error) {
-        let Some(j) = self.journal.as_mut() else {
-            return;
+        let Some(j) = self.journal.as_mut().filter(|j| !j.pipeline.failed) else {
+            return; // no journal, or a late completion of a journal already off
         };
-        {
-            if j.pipeline.failed {
-                return; // a late completion of a journal already off
+        // Unacknowledged records may or may not be on disk; what the journal made durable stays
+        // durable. From here on every partition syncs its own segment, and truncations and
+        // rollbacks retire old records with a new incarnation as always.
+        for (id, offset) in j.pipeline.fail() {
+            if let Some(p) = self.partitions.get_mut(&id) {
+                p.on_journaled(offset, false);
             }
-            // Unacknowledged records may or may not be on disk; what the journal made durable
-            // stays durable. From here on every partition syncs its own segment, and
-            // truncations and rollbacks retire old records with a new incarnation as always.
-            for (id, offset) in j.pipeline.fail() {
-                if let Some(p) = self.partitions.get_mut(&id) {
-                    p.on_journaled(offset, false);
-                }
-            }
-            bump(&self.metrics.io_errors, 1);
-            tracing::error!(shard = self.index, path = %j.file.path().display(), %error,
-                "journal I/O failed; the journal is off until restart, partitions sync their own segments");
-            self.journal_candidates.clear();
-            self.checkpoint_waiting.clear();
-            self.checkpoint_writers.clear();
-            for (id, p) in self.partitions.iter_mut() {
-                p.set_journaled(false);
-                p.end_checkpoint();
-                self.dirty.insert(id.clone());
-            }
+        }
+        bump(&self.metrics.io_errors, 1);
+        tracing::error!(shard = self.index, path = %j.file.path().display(), %error,
+            "journal I/O (or a file system flush) failed; the journal is off until restart, partitions sync their own segments");
+        self.journal_candidates.clear();
+        self.checkpoint_waiting.clear();
+        self.checkpoint_writers.clear();
+        for (id, p) in self.partitions.iter_mut() {
+            p.set_journaled(false);
+            p.end_checkpoint();
+            self.dirty.insert(id.clone());
         }
     }
 
