@@ -88,6 +88,19 @@ fn assert_log_is(
     }
 }
 
+/// Hold shard `shard` until the returned sender sends (or 30 s pass): commands queued meanwhile
+/// are taken by the shard in one go, before it schedules any I/O for them.
+async fn hold_shard(engine: &Engine, shard: usize) -> std::sync::mpsc::Sender<()> {
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    engine
+        .run_on_shard(shard, move || {
+            let _ = held.recv_timeout(Duration::from_secs(30));
+        })
+        .await
+        .unwrap();
+    release
+}
+
 #[test]
 fn failed_writes_and_fdatasyncs_roll_back_and_the_log_carries_on() {
     // A lone small append goes out as one write durable by itself (`RWF_DSYNC`): a failed flush
@@ -262,20 +275,17 @@ fn random_io_errors_never_lose_or_invent_an_acknowledged_append() {
             "seed {seed}: the faults should have hit something"
         );
         fs.set_faults(FaultConfig::default());
-        // Exactly the acknowledged appends, nothing else, at the offsets they were given.
-        assert_eq!(log_contents(&engine, &p), acked, "seed {seed}");
-        // And so does a power cut now, on a disk that lost for good every write a failed sync
-        // covered: nothing acknowledged rests on one.
-        let image = fs.crash_image(CrashKind::PowerCut);
-        let after_cut = Engine::open(sim_config(&image, 1)).unwrap();
-        assert_eq!(
-            log_contents(&after_cut, &p),
-            acked,
-            "seed {seed} after a power cut"
+        // Exactly the acknowledged appends, nothing else, at the offsets they were given: live,
+        // after a process crash, and after a power cut on a disk that lost for good every write
+        // a failed sync covered (nothing acknowledged rests on one).
+        assert_log_is(
+            engine,
+            &fs,
+            &p,
+            &acked,
+            &[CrashKind::Process, CrashKind::PowerCut],
+            seed,
         );
-        drop(engine);
-        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
-        assert_eq!(log_contents(&engine, &p), acked, "seed {seed} after reopen");
     }
     assert!(deferred_writes > 0, "no carried block was ever queued");
 }
@@ -952,10 +962,7 @@ fn a_failed_fsync_in_a_rollbacks_cut_goes_back_to_the_durable_point() {
         engine.flush(&p).await.unwrap();
     });
     let expected = BTreeMap::from([(0, 0), (1, 1), (2, 2), (3, 6)]);
-    assert_eq!(log_contents(&engine, &p), expected);
-    let image = fs.crash_image(CrashKind::PowerCut);
-    let reopened = Engine::open(without_journal(sim_config(&image, 1))).unwrap();
-    assert_eq!(log_contents(&reopened, &p), expected, "after a power cut");
+    assert_log_is(engine, &fs, &p, &expected, &[CrashKind::PowerCut], 0);
 }
 
 /// A syncfs is the file system's flush: when it fails, every file's unflushed writes may be
@@ -976,22 +983,20 @@ fn a_failed_syncfs_rolls_back_the_partitions_outside_its_group_too() {
     };
     create_partitions(&engine, &[a.clone(), b.clone(), c.clone()], &config);
     block_on(async {
-        engine.append(&a, batch(0, 1, 10_000, 0), 0).await.unwrap();
-        engine.flush(&a).await.unwrap();
-        // Written, not durable: a's 1 and 2, b's and c's first.
-        for (p, tag) in [(&a, 1), (&a, 2), (&b, 10), (&c, 20)] {
+        // One durable batch each, so every leader-epoch file is written before the failure is
+        // injected (its sync would take the failure otherwise).
+        for (p, tag) in [(&a, 0), (&b, 10), (&c, 20)] {
+            engine.append(p, batch(tag, 1, 10_000, 0), 0).await.unwrap();
+            engine.flush(p).await.unwrap();
+        }
+        // Written, not durable: a's 1 and 2, b's 11 and c's 21.
+        for (p, tag) in [(&a, 1), (&a, 2), (&b, 11), (&c, 21)] {
             engine.append(p, batch(tag, 1, 10_000, 0), 0).await.unwrap();
         }
         // b and c become due together (the shard takes both flushes in one go): one syncfs,
         // which fails.
         fs.fail_next_syncs(1);
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        engine
-            .run_on_shard(engine.shard_of(&a), move || {
-                let _ = held.recv_timeout(Duration::from_secs(30));
-            })
-            .await
-            .unwrap();
+        let release = hold_shard(&engine, engine.shard_of(&a)).await;
         let (fb, fc, ()) = futures::join!(engine.flush(&b), engine.flush(&c), async {
             release.send(()).unwrap();
         });
@@ -1000,11 +1005,8 @@ fn a_failed_syncfs_rolls_back_the_partitions_outside_its_group_too() {
         engine.flush(&a).await.unwrap();
     });
     // a went back to its durable point with the members: what it shows now survives a power cut.
-    let live = log_contents(&engine, &a);
-    assert_eq!(live, BTreeMap::from([(0, 0)]));
-    let image = fs.crash_image(CrashKind::PowerCut);
-    let reopened = Engine::open(without_journal(sim_config(&image, 1))).unwrap();
-    assert_eq!(log_contents(&reopened, &a), live, "after a power cut");
+    let expected = BTreeMap::from([(0, 0)]);
+    assert_log_is(engine, &fs, &a, &expected, &[CrashKind::PowerCut], 0);
 }
 
 /// A failed fdatasync rolls back to the durable offset even when the batches since then have
@@ -1159,11 +1161,7 @@ fn a_cohort_arriving_together_as_large_as_the_last_group_goes_out_in_one_durable
         let before = engine.metrics();
         // The shard runs this task before it looks at the appends queued behind it, so it
         // takes them all in one go.
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        block_on(engine.run_on_shard(shard, move || {
-            let _ = held.recv_timeout(Duration::from_secs(30));
-        }))
-        .unwrap();
+        let release = block_on(hold_shard(&engine, shard));
         let pending: Vec<_> = (0..n)
             .map(|i| {
                 let size = 5000 + 313 * (tag + i) as usize;
