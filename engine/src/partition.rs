@@ -692,6 +692,8 @@ impl Partition {
             .is_some_and(|w| w.end_offset <= durable)
         {
             let w = self.durable_waiters.pop_front().expect("checked");
+            tracing::trace!(target: "keel::durability", partition = %self.id,
+                end = w.end_offset, "acknowledged durable");
             self.flush_waiters -= usize::from(w.flush);
             complete(w, Durability::Durable, log_start);
             completed += 1;
@@ -1689,7 +1691,10 @@ impl Partition {
             Event::FlushLost { error } => {
                 // Written segment bytes not yet durable (or being written) rest on the lost
                 // flush: back to the durable point, as after a failed sync of this file.
-                if self.written_position > self.durable_position || !self.writes.is_empty() {
+                if self.written_position > self.durable_position
+                    || self.offsets.written().0 > self.offsets.durable().0
+                    || !self.writes.is_empty()
+                {
                     let path = self.segments[&self.write_segment].log_path.clone();
                     self.fail(Error::io("syncfs", path, error), true, io);
                 }
@@ -1768,6 +1773,8 @@ impl Partition {
 
     fn on_synced(&mut self, result: io::Result<()>, io: &mut IoCtx<'_>) {
         let (target, position) = self.sync_inflight.take().expect("a sync was in flight");
+        tracing::trace!(target: "keel::durability", partition = %self.id, target, position,
+            ok = result.is_ok(), "sync done");
         match result {
             Ok(()) => self.became_durable(target, position),
             Err(e) => {
@@ -1780,9 +1787,22 @@ impl Partition {
     /// The log is durable up to `offset`, the segment up to `position`: a sync completed, or a
     /// write durable by itself did.
     fn became_durable(&mut self, offset: u64, position: u64) {
+        let frozen = self.durable_frozen();
+        tracing::trace!(target: "keel::durability", partition = %self.id, offset, position,
+            segment = self.write_segment, frozen, "durable");
+        if frozen {
+            return;
+        }
         self.offsets.advance_durable(Durable(offset));
         self.last_group_bytes = position.saturating_sub(self.durable_position);
         self.durable_position = position;
+    }
+
+    /// A flush failed and the rollback to the durable point has not happened yet: a sync that
+    /// completes meanwhile (a roll's, a durable write's) may have been issued after the failure,
+    /// and the writes the failed flush covered are not durable through it. The rollback decides.
+    fn durable_frozen(&self) -> bool {
+        self.failure.as_ref().is_some_and(|f| f.back_to_durable)
     }
 
     fn on_control(&mut self, done: ControlDone, metrics: &Metrics) {
@@ -1797,7 +1817,9 @@ impl Partition {
                 let old = self.segments.get_mut(&self.write_segment).expect("exists");
                 old.sealed = true;
                 old.allocated = old.size;
-                self.offsets.advance_durable(Durable(durable));
+                if !self.durable_frozen() {
+                    self.offsets.advance_durable(Durable(durable));
+                }
                 let next_base = self.uncopied().expect("waiting batch").segment;
                 let new = self
                     .segments
@@ -1889,7 +1911,8 @@ impl Partition {
             Error::Full { .. } => bump(&io.metrics.disk_full_errors, 1),
             _ => bump(&io.metrics.io_errors, 1),
         }
-        tracing::warn!(partition = %self.id, %error, "I/O failed; rolling the log back to its last good point");
+        tracing::warn!(partition = %self.id, %error, back_to_durable,
+            "I/O failed; rolling the log back to its last good point");
         match &mut self.failure {
             Some(f) => f.back_to_durable |= back_to_durable,
             None => {
@@ -1915,6 +1938,9 @@ impl Partition {
         // What the journal made durable stays: it was acknowledged. It is written again.
         let keep = to.max(self.journal_durable);
         let durable_position = self.durable_position;
+        tracing::trace!(target: "keel::durability", partition = %self.id, to, keep,
+            durable_position, written = self.offsets.written().0, segment = self.write_segment,
+            back_to_durable = failure.back_to_durable, "rolling back");
         self.writes.clear();
         self.roll_back_waiters(keep, &error);
         if self.journal_used {
@@ -2098,7 +2124,14 @@ impl Partition {
         self.write_segment = base;
         self.next_write_position = position;
         self.written_position = position;
-        self.durable_position = position;
+        // A rollback that keeps written bytes (a failed write keeps what was written before it,
+        // or the journal kept more) leaves them as durable as they were: only a sync makes them
+        // durable, and a failed flush before it must still find them (`Event::FlushLost`).
+        if self.offsets.durable().0 >= to {
+            self.durable_position = position;
+        } else {
+            self.durable_position = self.durable_position.min(position);
+        }
         // The cut drops the file past `position`: what lies there is no longer laid out.
         self.zeroed_end = self.zeroed_end.min(align_down(position));
         self.carry_len = 0;
@@ -2116,6 +2149,8 @@ impl Partition {
         // After a rewind the batches from the write head on are written again: cut there.
         let size = segment.size.min(self.next_write_position);
         let reserved = segment.allocated;
+        tracing::trace!(target: "keel::durability", partition = %self.id,
+            segment = self.write_segment, size, "cut");
         let log_path = segment.log_path.clone();
         let file = segment.file.clone();
         let storage = io.storage.clone();

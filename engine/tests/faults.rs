@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use futures::stream::{FuturesUnordered, StreamExt};
-use keel_engine::io::sim::{CrashKind, FaultConfig, SimFs};
+use keel_engine::io::sim::{CrashKind, FaultConfig, Hold, SimFs};
 use keel_engine::{block_on, constants, Engine, Error, PartitionConfig, PartitionId};
 
 fn config() -> PartitionConfig {
@@ -965,46 +965,148 @@ fn a_failed_fsync_in_a_rollbacks_cut_goes_back_to_the_durable_point() {
     assert_log_is(engine, &fs, &p, &expected, &[CrashKind::PowerCut], 0);
 }
 
+/// Three partitions of one shard on a disk whose failed syncs lose what they covered, flushed
+/// by hand (`never_by_itself`, `config` otherwise): one outside the group a test fails, and the
+/// group's two members. Each holds one durable 10 KB batch (tagged 0, 10, 20), so every
+/// leader-epoch file is written before a failure is injected (its sync would take it otherwise).
+fn outside_and_a_group(config: PartitionConfig) -> (SimFs, Engine, [PartitionId; 3]) {
+    let fs = SimFs::new(FaultConfig {
+        failed_sync_drops_writes: true,
+        ..Default::default()
+    });
+    let parts = ["outside", "member-b", "member-c"].map(|t| PartitionId::new(t, 0));
+    let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
+    create_partitions(&engine, &parts, &config);
+    block_on(async {
+        for (p, tag) in parts.iter().zip([0, 10, 20]) {
+            engine.append(p, batch(tag, 1, 10_000, 0), 0).await.unwrap();
+            engine.flush(p).await.unwrap();
+        }
+    });
+    (fs, engine, parts)
+}
+
+/// The group's members each write a batch (11, 21) and become due together (the shard takes
+/// both flushes in one go): one syncfs, which fails.
+async fn fail_a_group_syncfs(fs: &SimFs, engine: &Engine, [b, c]: [&PartitionId; 2]) {
+    for (p, tag) in [(b, 11), (c, 21)] {
+        engine.append(p, batch(tag, 1, 10_000, 0), 0).await.unwrap();
+    }
+    let syncs_before = engine.metrics().group_syncs;
+    fs.fail_next_syncs(1);
+    let release = hold_shard(engine, engine.shard_of(b)).await;
+    let (fb, fc, ()) = futures::join!(engine.flush(b), engine.flush(c), async {
+        release.send(()).unwrap();
+    });
+    assert!(fb.is_err() && fc.is_err(), "{fb:?} {fc:?}");
+    assert_eq!(engine.metrics().group_syncs, syncs_before + 1);
+}
+
+/// Wait (30 s at most) until `ready`: something on a shard reached a point the test holds it at.
+fn wait_until(what: &str, ready: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A syncfs is the file system's flush: when it fails, every file's unflushed writes may be
 /// gone, not only its members'. A partition outside the failed group, with writes not yet
 /// durable, rolls back to its durable point too; otherwise its next fdatasync would succeed and
 /// vouch for bytes the disk no longer has (ARCHITECTURE.md, decision 27).
 #[test]
 fn a_failed_syncfs_rolls_back_the_partitions_outside_its_group_too() {
-    let fs = SimFs::new(FaultConfig {
-        failed_sync_drops_writes: true,
-        ..Default::default()
-    });
-    let [a, b, c] = ["outside", "member-b", "member-c"].map(|t| PartitionId::new(t, 0));
-    let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
     let config = PartitionConfig {
         flush: never_by_itself(),
         ..config()
     };
-    create_partitions(&engine, &[a.clone(), b.clone(), c.clone()], &config);
+    let (fs, engine, [a, b, c]) = outside_and_a_group(config);
     block_on(async {
-        // One durable batch each, so every leader-epoch file is written before the failure is
-        // injected (its sync would take the failure otherwise).
-        for (p, tag) in [(&a, 0), (&b, 10), (&c, 20)] {
-            engine.append(p, batch(tag, 1, 10_000, 0), 0).await.unwrap();
-            engine.flush(p).await.unwrap();
+        // Written, not durable: a's 1 and 2.
+        for tag in [1, 2] {
+            engine
+                .append(&a, batch(tag, 1, 10_000, 0), 0)
+                .await
+                .unwrap();
         }
-        // Written, not durable: a's 1 and 2, b's 11 and c's 21.
-        for (p, tag) in [(&a, 1), (&a, 2), (&b, 11), (&c, 21)] {
-            engine.append(p, batch(tag, 1, 10_000, 0), 0).await.unwrap();
-        }
-        // b and c become due together (the shard takes both flushes in one go): one syncfs,
-        // which fails.
-        fs.fail_next_syncs(1);
-        let release = hold_shard(&engine, engine.shard_of(&a)).await;
-        let (fb, fc, ()) = futures::join!(engine.flush(&b), engine.flush(&c), async {
-            release.send(()).unwrap();
-        });
-        assert!(fb.is_err() && fc.is_err(), "{fb:?} {fc:?}");
-        assert_eq!(engine.metrics().group_syncs, 1);
+        fail_a_group_syncfs(&fs, &engine, [&b, &c]).await;
         engine.flush(&a).await.unwrap();
     });
     // a went back to its durable point with the members: what it shows now survives a power cut.
+    let expected = BTreeMap::from([(0, 0)]);
+    assert_log_is(engine, &fs, &a, &expected, &[CrashKind::PowerCut], 0);
+}
+
+/// A failed write rolls the log back to the end of what was written before it, which stays as
+/// far from durable as it was. When a file system flush fails while that rollback's cut is on
+/// its way (here: held before its fsync), the partition has unflushed writes like any other and
+/// goes back to its durable point (decision 28: the rollback had counted the kept bytes as
+/// durable, and the failed flush passed the partition by).
+#[test]
+fn a_failed_syncfs_during_a_failed_writes_rollback_goes_back_to_the_durable_point() {
+    let config = PartitionConfig {
+        flush: never_by_itself(),
+        ..config()
+    };
+    let (fs, engine, [a, b, c]) = outside_and_a_group(config);
+    block_on(async {
+        for tag in [1, 2] {
+            engine
+                .append(&a, batch(tag, 1, 10_000, 0), 0)
+                .await
+                .unwrap();
+        }
+        // a's next write fails: the rollback keeps 1 and 2, and its cut waits before its fsync.
+        fs.hold(Hold::FileSyncs, true);
+        fs.fail_next_writes(1);
+        let (failed, ()) = futures::join!(engine.append(&a, batch(3, 1, 10_000, 0), 0), async {
+            wait_until("the rollback's cut never reached its fsync", || {
+                fs.waiting(Hold::FileSyncs) > 0
+            });
+            fail_a_group_syncfs(&fs, &engine, [&b, &c]).await;
+            fs.hold(Hold::FileSyncs, false);
+        });
+        let err = failed.unwrap_err();
+        assert!(matches!(err, Error::Io { op: "write", .. }), "{err}");
+        engine.flush(&a).await.unwrap();
+    });
+    let expected = BTreeMap::from([(0, 0)]);
+    assert_log_is(engine, &fs, &a, &expected, &[CrashKind::PowerCut], 0);
+}
+
+/// A roll fsyncs the segment it seals. If a file system flush fails while that fsync waits, the
+/// fsync's success does not vouch for the writes the failed flush covered: the roll does not
+/// advance the durable point, and the rollback goes back into the sealed segment (decision 28).
+#[test]
+fn a_failed_syncfs_while_a_roll_waits_for_its_fsync_goes_back_to_the_durable_point() {
+    let config = PartitionConfig {
+        flush: never_by_itself(),
+        segment_bytes: 1024 * 1024,
+        max_message_bytes: 1024 * 1024,
+        ..config()
+    };
+    let (fs, engine, [a, b, c]) = outside_and_a_group(config);
+    block_on(async {
+        // 10 KB + 5 × 200 KB written; the sixth 200 KB batch needs a new segment.
+        for tag in 1..=5 {
+            engine
+                .append(&a, batch(tag, 1, 200_000, 0), 0)
+                .await
+                .unwrap();
+        }
+        fs.hold(Hold::FileSyncs, true);
+        let (rolled, ()) = futures::join!(engine.append(&a, batch(6, 1, 200_000, 0), 0), async {
+            wait_until("the roll never reached its fsync", || {
+                fs.waiting(Hold::FileSyncs) > 0
+            });
+            fail_a_group_syncfs(&fs, &engine, [&b, &c]).await;
+            fs.hold(Hold::FileSyncs, false);
+        });
+        let err = rolled.unwrap_err();
+        assert!(matches!(err, Error::Io { op: "syncfs", .. }), "{err}");
+        engine.flush(&a).await.unwrap();
+    });
     let expected = BTreeMap::from([(0, 0)]);
     assert_log_is(engine, &fs, &a, &expected, &[CrashKind::PowerCut], 0);
 }
@@ -1210,21 +1312,16 @@ fn a_partition_stalled_in_its_creation_holds_up_no_other() {
         std::slice::from_ref(&serving),
         &PartitionConfig::default(),
     );
-    fs.hold_file_writes(true);
+    fs.hold(Hold::FileWrites, true);
     let creating = {
         let (engine, new) = (engine.clone(), new.clone());
         std::thread::spawn(move || {
             block_on(engine.create_partition(&new, PartitionConfig::default()))
         })
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while fs.file_writes_waiting() == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the creation never reached a file write"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until("the creation never reached a file write", || {
+        fs.waiting(Hold::FileWrites) > 0
+    });
     // The serving partition appends and reads while the creation is stalled.
     let (tx, rx) = std::sync::mpsc::channel();
     let appending = {
@@ -1253,7 +1350,7 @@ fn a_partition_stalled_in_its_creation_holds_up_no_other() {
         let (engine, new) = (engine.clone(), new.clone());
         std::thread::spawn(move || block_on(engine.append(&new, batch(99, 1, 100, 0), 0)))
     };
-    fs.hold_file_writes(false);
+    fs.hold(Hold::FileWrites, false);
     creating.join().unwrap().unwrap();
     assert_eq!(appending_new.join().unwrap().unwrap().base_offset, 0);
     assert_eq!(log_contents(&engine, &new), BTreeMap::from([(0, 99)]));

@@ -192,10 +192,10 @@ struct State {
     fail_syncs: u32,
     writes: u64,
     syncs: u64,
-    /// Whole-file writes (`write_file_durable`) wait while this is set, as on a stalled disk.
-    file_writes_held: bool,
-    /// How many are waiting.
-    file_writes_waiting: usize,
+    /// Operations of each kind of [`Hold`] wait while its flag is set, as on a stalled disk.
+    held: [bool; 2],
+    /// How many of each are waiting.
+    waiting: [usize; 2],
     /// Bytes another tenant took (`FaultConfig::freed_space_taken`).
     taken: u64,
 }
@@ -233,8 +233,8 @@ impl SimFs {
                 fail_syncs: 0,
                 writes: 0,
                 syncs: 0,
-                file_writes_held: false,
-                file_writes_waiting: 0,
+                held: [false; 2],
+                waiting: [0; 2],
                 taken: 0,
             })),
         }
@@ -254,15 +254,14 @@ impl SimFs {
         lock(&self.state).fail_syncs = n;
     }
 
-    /// Hold (or release) every whole-file write (`write_file_durable`: the small files a
-    /// partition's creation or a checkpoint of its metadata writes) until released.
-    pub fn hold_file_writes(&self, hold: bool) {
-        lock(&self.state).file_writes_held = hold;
+    /// Hold (or release) every operation of kind `what` until released.
+    pub fn hold(&self, what: Hold, hold: bool) {
+        lock(&self.state).held[what as usize] = hold;
     }
 
-    /// Whole-file writes waiting for [`hold_file_writes`](Self::hold_file_writes) to release them.
-    pub fn file_writes_waiting(&self) -> usize {
-        lock(&self.state).file_writes_waiting
+    /// Operations of kind `what` waiting for [`hold`](Self::hold) to release them.
+    pub fn waiting(&self, what: Hold) -> usize {
+        lock(&self.state).waiting[what as usize]
     }
 
     /// Counts of successful writes and syncs so far.
@@ -435,6 +434,28 @@ struct SimHandle {
     path: PathBuf,
 }
 
+/// What a test can stall ([`SimFs::hold`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Whole-file writes (`write_file_durable`: the small files a partition's creation or a
+    /// checkpoint of its metadata writes).
+    FileWrites = 0,
+    /// fdatasync and fsync of one file (`sync_data`, `sync_all`: a group of one, a roll, a cut),
+    /// before they take their snapshot of what they cover. Not `syncfs`.
+    FileSyncs = 1,
+}
+
+async fn wait_while_held(fs: &SimFs, what: Hold) {
+    let i = what as usize;
+    if lock(&fs.state).held[i] {
+        lock(&fs.state).waiting[i] += 1;
+        while lock(&fs.state).held[i] {
+            compio::time::sleep(Duration::from_millis(1)).await;
+        }
+        lock(&fs.state).waiting[i] -= 1;
+    }
+}
+
 async fn pause(fs: &SimFs) {
     let latency = fs.delay();
     if !latency.is_zero() {
@@ -521,13 +542,7 @@ impl Storage for SimFs {
         let path = path.to_path_buf();
         Box::pin(async move {
             pause(&fs).await;
-            if lock(&fs.state).file_writes_held {
-                lock(&fs.state).file_writes_waiting += 1;
-                while lock(&fs.state).file_writes_held {
-                    compio::time::sleep(Duration::from_millis(1)).await;
-                }
-                lock(&fs.state).file_writes_waiting -= 1;
-            }
+            wait_while_held(&fs, Hold::FileWrites).await;
             // Takes space as the real backend does: never between a cut and its re-allocation.
             let _space = super::SPACE.lock().await;
             let mut state = lock(&fs.state);
@@ -564,6 +579,7 @@ impl SimHandle {
         buf.zero_padding();
         let fs = self.fs.clone();
         let file = self.file.clone();
+        let path = self.path.clone();
         Box::pin(async move {
             assert_eq!(
                 position % block_bytes as u64,
@@ -579,6 +595,8 @@ impl SimHandle {
                 state.chance(rate)
             } {
                 state.fail_writes = state.fail_writes.saturating_sub(1);
+                tracing::trace!(target: "keel::sim", path = %path.display(), position,
+                    len = bytes.len(), "write failed");
                 return (Err(io::Error::from_raw_os_error(libc::EIO)), buf);
             }
             let current_len = lock(&file).len;
@@ -595,15 +613,22 @@ impl SimHandle {
                     let mut f = lock(&file);
                     f.write(position, bytes);
                     let upto = f.completed_writes;
+                    tracing::trace!(target: "keel::sim", path = %path.display(), position,
+                        len = bytes.len(), covered = upto, "RWF_DSYNC write: its flush failed");
                     if state.faults.failed_sync_drops_writes {
                         f.fail_sync(upto);
                     }
                     return (Err(e), buf);
                 }
                 lock(&file).write_durable(position, bytes);
+                tracing::trace!(target: "keel::sim", path = %path.display(), position,
+                    len = bytes.len(), completion = lock(&file).completed_writes,
+                    "RWF_DSYNC write");
             } else {
                 state.writes += 1;
                 lock(&file).write(position, bytes);
+                tracing::trace!(target: "keel::sim", path = %path.display(), position,
+                    len = bytes.len(), completion = lock(&file).completed_writes, "write");
             }
             (Ok(()), buf)
         })
@@ -659,7 +684,9 @@ impl StorageFile for SimHandle {
     fn sync_data(&self) -> IoFuture<io::Result<()>> {
         let fs = self.fs.clone();
         let file = self.file.clone();
+        let path = self.path.clone();
         Box::pin(async move {
+            wait_while_held(&fs, Hold::FileSyncs).await;
             let (upto, len) = {
                 let f = lock(&file);
                 (f.completed_writes, f.len)
@@ -670,9 +697,13 @@ impl StorageFile for SimHandle {
                 if state.faults.failed_sync_drops_writes {
                     lock(&file).fail_sync(upto);
                 }
+                tracing::trace!(target: "keel::sim", path = %path.display(), covered = upto,
+                    "fdatasync failed");
                 return Err(e);
             }
             lock(&file).sync(upto, len);
+            tracing::trace!(target: "keel::sim", path = %path.display(), covered = upto, len,
+                "fdatasync");
             Ok(())
         })
     }
@@ -695,6 +726,7 @@ impl StorageFile for SimHandle {
             pause(&fs).await;
             let mut state = lock(&fs.state);
             if let Err(e) = state.begin_sync() {
+                tracing::trace!(target: "keel::sim", "syncfs failed");
                 for (file, upto, _) in snapshot {
                     if state.faults.failed_sync_drops_writes {
                         lock(&file).fail_sync(upto);
@@ -702,6 +734,7 @@ impl StorageFile for SimHandle {
                 }
                 return Err(e);
             }
+            tracing::trace!(target: "keel::sim", "syncfs");
             for (file, upto, len) in snapshot {
                 lock(&file).sync(upto, len);
             }
@@ -730,6 +763,7 @@ impl StorageFile for SimHandle {
     fn zero_range(&self, from: u64, to: u64) -> IoFuture<io::Result<()>> {
         let fs = self.fs.clone();
         let file = self.file.clone();
+        let path = self.path.clone();
         Box::pin(async move {
             let state = lock(&fs.state);
             if state.faults.zero_range_unsupported {
@@ -740,6 +774,7 @@ impl StorageFile for SimHandle {
                 return Err(enospc());
             }
             let mut f = lock(&file);
+            tracing::trace!(target: "keel::sim", path = %path.display(), from, to, "zero range");
             // Like a cut at `from` whose blocks stay allocated: durable at once, as metadata.
             let keep = f.len.max(to);
             f.set_len(from);
@@ -752,12 +787,14 @@ impl StorageFile for SimHandle {
     fn set_len(&self, len: u64) -> IoFuture<io::Result<()>> {
         let fs = self.fs.clone();
         let file = self.file.clone();
+        let path = self.path.clone();
         Box::pin(async move {
             let mut state = lock(&fs.state);
             let mut f = lock(&file);
             if state.faults.freed_space_taken {
                 state.taken += f.len.saturating_sub(len);
             }
+            tracing::trace!(target: "keel::sim", path = %path.display(), len, "set length");
             f.set_len(len);
             Ok(())
         })

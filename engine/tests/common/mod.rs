@@ -29,7 +29,21 @@ pub fn tag_of(batch: &[u8]) -> u64 {
     u64::from_be_bytes(batch[61..69].try_into().unwrap())
 }
 
+/// With `KEEL_TRACE` set (an env-filter, e.g. `keel::sim=trace,keel::durability=trace`), the
+/// engine's log of a test: every simulated write, sync and cut, every durable point, rollback and
+/// acknowledgement, shown with the test's output when it fails.
+pub fn trace_from_env() {
+    if let Ok(filter) = std::env::var("KEEL_TRACE") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .with_ansi(false)
+            .try_init();
+    }
+}
+
 pub fn sim_config(fs: &SimFs, shards: usize) -> EngineConfig {
+    trace_from_env();
     let mut c = EngineConfig::new("/sim/data");
     c.backend = Backend::Sim(fs.clone());
     c.shards = shards;
