@@ -44,6 +44,10 @@ counters!(
     /// Batches that failed their integrity checks (CRC or header) on a read; never served.
     crc_failures,
     io_errors,
+    /// Failed flushes anywhere on the node (an fdatasync, fsync or syncfs, or the flush of an
+    /// `RWF_DSYNC` write): each puts every file's writes completed before it in doubt, since
+    /// the device's cache is shared (ARCHITECTURE.md, decision 29).
+    flush_failures,
     disk_full_errors,
     reads,
     /// Reads answered from the in-memory tail without touching the disk.

@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -92,6 +93,8 @@ pub(crate) enum Event {
     /// A shard journal write (ending at logical position `end`) completed or failed.
     JournalWritten {
         end: u64,
+        /// Issued with `RWF_DSYNC`.
+        durable: bool,
         result: io::Result<()>,
         buf: AlignedBuf,
     },
@@ -291,6 +294,11 @@ pub(crate) struct Partition {
     /// Positions in the write segment that `written` and `durable` correspond to.
     written_position: u64,
     durable_position: u64,
+    /// The node's `flush_failures` when this partition last had nothing written that was not
+    /// durable: a sync that completes while the count differs does not vouch for the writes
+    /// (one of those failures may have dropped them), and the log goes back to its durable
+    /// point (decision 29).
+    flush_failures_seen: u64,
     carry: Box<[u8; block_bytes]>,
     carry_len: usize,
     carry_state: CarryState,
@@ -403,6 +411,7 @@ impl Partition {
             next_write_position: size,
             written_position: size,
             durable_position: size,
+            flush_failures_seen: 0,
             carry: Box::new([0; block_bytes]),
             carry_len: 0,
             carry_state,
@@ -1087,6 +1096,14 @@ impl Partition {
     /// one `RWF_DSYNC` write, possibly through an io-wq worker, instead of three writes and an
     /// fdatasync (the fdatasync is punted to a worker anyway).
     fn start_write(&mut self, io: &mut IoCtx<'_>, defer_head: bool) -> bool {
+        if self.writes.is_empty()
+            && self.sync_inflight.is_none()
+            && self.offsets.written().0 == self.offsets.durable().0
+            && self.written_position == self.durable_position
+        {
+            // Nothing in doubt: failures before this write cannot have dropped it.
+            self.flush_failures_seen = io.metrics.flush_failures.load(Ordering::Relaxed);
+        }
         let segment_size = self.segments[&self.write_segment].size;
         let pending = (segment_size - self.next_write_position) as usize;
         let start_position = align_down(self.next_write_position);
@@ -1708,7 +1725,7 @@ impl Partition {
             Event::Control(result) => {
                 self.control_busy = false;
                 match result {
-                    Ok(done) => self.on_control(done, io.metrics),
+                    Ok(done) => self.on_control(done, io),
                     Err(e) => self.on_control_failed(e, io),
                 }
             }
@@ -1733,6 +1750,10 @@ impl Partition {
         write.done = true;
         if let Err(e) = result {
             write.failed = true;
+            if write.durable && !crate::error::is_full(&e) {
+                // Its flush may be what failed.
+                bump(&io.metrics.flush_failures, 1);
+            }
             let path = self.segments[&self.write_segment].log_path.clone();
             self.fail(Error::io("write", path, e), false, io);
             return;
@@ -1740,6 +1761,7 @@ impl Partition {
         self.issue_deferred(io);
         let before = self.offsets.written().0;
         let mut made_durable = false;
+        let mut lost = false;
         while self.writes.front().is_some_and(|w| w.done && !w.failed) {
             let w = self.writes.pop_front().expect("checked");
             // A durable write's bytes are durable once it is done; the log is durable through it
@@ -1751,10 +1773,16 @@ impl Partition {
             self.offsets
                 .advance_written(Written(w.end_offset.max(self.offsets.written().0)));
             self.written_position = w.end_position;
-            if durable_through {
+            if durable_through && self.flush_lost(io.metrics) && !self.durable_frozen() {
+                lost = true;
+            } else if durable_through {
                 self.became_durable(self.offsets.written().0, self.written_position);
                 made_durable = true;
             }
+        }
+        if lost {
+            self.fail(self.flush_lost_error(), true, io);
+            return;
         }
         if made_durable && self.durable_position == self.written_position {
             // As a sync's start would have (`begin_sync`): nothing written waits for a sync.
@@ -1776,12 +1804,29 @@ impl Partition {
         tracing::trace!(target: "keel::durability", partition = %self.id, target, position,
             ok = result.is_ok(), "sync done");
         match result {
+            Ok(()) if self.flush_lost(io.metrics) && !self.durable_frozen() => {
+                self.fail(self.flush_lost_error(), true, io)
+            }
             Ok(()) => self.became_durable(target, position),
             Err(e) => {
                 let path = self.segments[&self.write_segment].log_path.clone();
                 self.fail(Error::io("fdatasync", path, e), true, io);
             }
         }
+    }
+
+    /// Has a flush failed anywhere on the node since this partition last had nothing in doubt?
+    fn flush_lost(&self, metrics: &Metrics) -> bool {
+        metrics.flush_failures.load(Ordering::Relaxed) != self.flush_failures_seen
+    }
+
+    fn flush_lost_error(&self) -> Error {
+        let path = self.segments[&self.write_segment].log_path.clone();
+        Error::io(
+            "flush",
+            path,
+            io::Error::other("a flush failed on this node since these writes completed"),
+        )
     }
 
     /// The log is durable up to `offset`, the segment up to `position`: a sync completed, or a
@@ -1805,7 +1850,8 @@ impl Partition {
         self.failure.as_ref().is_some_and(|f| f.back_to_durable)
     }
 
-    fn on_control(&mut self, done: ControlDone, metrics: &Metrics) {
+    fn on_control(&mut self, done: ControlDone, io: &mut IoCtx<'_>) {
+        let metrics = io.metrics;
         match done {
             ControlDone::Rolled {
                 file,
@@ -1817,7 +1863,10 @@ impl Partition {
                 let old = self.segments.get_mut(&self.write_segment).expect("exists");
                 old.sealed = true;
                 old.allocated = old.size;
-                if !self.durable_frozen() {
+                // The roll's fsync vouches for the segment it sealed unless a flush failed
+                // since its writes (then the log goes back into it).
+                let lost = !self.durable_frozen() && self.flush_lost(metrics);
+                if !self.durable_frozen() && !lost {
                     self.offsets.advance_durable(Durable(durable));
                 }
                 let next_base = self.uncopied().expect("waiting batch").segment;
@@ -1836,6 +1885,9 @@ impl Partition {
                 self.zeroed_end = 0;
                 self.runway_off = false;
                 self.ahead_tried_at = None;
+                if lost {
+                    self.fail(self.flush_lost_error(), true, io);
+                }
             }
             ControlDone::Allocated { len, short } => {
                 bump(&metrics.allocations_short, u64::from(short));
@@ -1893,6 +1945,9 @@ impl Partition {
         // A failed sync (a roll's or a cut's fsync, an allocation's fdatasync) leaves what was
         // written since the last good one in doubt, as a failed group commit does (`on_synced`).
         let back_to_durable = error.is_failed_sync();
+        if back_to_durable {
+            bump(&io.metrics.flush_failures, 1);
+        }
         self.fail(error, back_to_durable, io);
     }
 

@@ -8,6 +8,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -200,6 +201,9 @@ pub(crate) fn run(
 struct ShardJournal {
     file: Rc<dyn StorageFile>,
     pipeline: journal::Pipeline,
+    /// The node's `flush_failures` when the journal last had nothing unacknowledged: a write or
+    /// sync that completes while the count differs acknowledges nothing (decision 29).
+    flush_failures_seen: u64,
 }
 
 struct Shard {
@@ -526,6 +530,10 @@ impl Shard {
             })
             .collect();
         let durable = j.pipeline.next_write_durable();
+        if durable {
+            // Nothing unacknowledged: failures before this write cannot have dropped any of it.
+            j.flush_failures_seen = self.metrics.flush_failures.load(Ordering::Relaxed);
+        }
         j.pipeline.begin_write(start, padded, members, durable);
         bump(&self.metrics.journal_writes, 1);
         if durable {
@@ -543,7 +551,12 @@ impl Shard {
             };
             (
                 journal_event_id(),
-                Event::JournalWritten { end, result, buf },
+                Event::JournalWritten {
+                    end,
+                    durable,
+                    result,
+                    buf,
+                },
             )
         }));
         !self.journal_candidates.is_empty()
@@ -554,8 +567,32 @@ impl Shard {
             .journal
             .as_mut()
             .expect("journal events come from the journal");
+        let metrics = &self.metrics;
+        // A write or sync that succeeded vouches for nothing if a flush failed anywhere since
+        // the journal last had nothing unacknowledged (decision 29); one that failed is such a
+        // failure if it flushed.
+        let vouched = |result: std::io::Result<()>, flushed: bool| match result {
+            Ok(()) if metrics.flush_failures.load(Ordering::Relaxed) != j.flush_failures_seen => {
+                Err(std::io::Error::other(
+                    "a flush failed on this node since these journal writes completed",
+                ))
+            }
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if flushed && !crate::error::is_full(&e) {
+                    bump(&metrics.flush_failures, 1);
+                }
+                Err(e)
+            }
+        };
         let result = match event {
-            Event::JournalWritten { end, result, buf } => {
+            Event::JournalWritten {
+                end,
+                durable,
+                result,
+                buf,
+            } => {
+                let result = vouched(result, durable);
                 j.pipeline.give_back(buf);
                 if result.is_ok() {
                     for (id, offset) in j.pipeline.on_written(end) {
@@ -568,6 +605,7 @@ impl Shard {
                 result
             }
             Event::JournalSynced { upto, result } => {
+                let result = vouched(result, true);
                 if result.is_ok() {
                     for (id, offset) in j.pipeline.on_synced(upto) {
                         if let Some(p) = self.partitions.get_mut(&id) {
@@ -579,6 +617,9 @@ impl Shard {
                 result
             }
             Event::JournalHeader { header, result } => {
+                if result.as_ref().is_err_and(|e| !crate::error::is_full(e)) {
+                    bump(&metrics.flush_failures, 1); // its write and sync, either may have failed
+                }
                 j.pipeline.header_inflight = false;
                 if result.is_ok() {
                     j.pipeline.header = header;
@@ -665,6 +706,9 @@ impl Shard {
         if let Event::GroupSynced { members, result } = event {
             self.sync_inflight = false;
             if let Err(error) = &result {
+                if !crate::error::is_full(error) {
+                    bump(&self.metrics.flush_failures, 1);
+                }
                 self.on_filesystem_flush_failed(&members, error);
             }
             for member in members {
@@ -1032,6 +1076,7 @@ impl Shard {
         self.journal = Some(ShardJournal {
             file,
             pipeline: journal::Pipeline::new(header, buffers),
+            flush_failures_seen: self.metrics.flush_failures.load(Ordering::Relaxed),
         });
         for p in self.partitions.values_mut() {
             p.set_journaled(true);

@@ -1111,6 +1111,50 @@ fn a_failed_syncfs_while_a_roll_waits_for_its_fsync_goes_back_to_the_durable_poi
     assert_log_is(engine, &fs, &a, &expected, &[CrashKind::PowerCut], 0);
 }
 
+/// A failed flush is the device's: an fdatasync that fails on one shard may have dropped the
+/// unflushed writes of a partition on another shard, whose own fdatasync then succeeds. That
+/// sync vouches for nothing written before the failure: the partition goes back to its durable
+/// point (decision 29), as a partition of the failed sync's own shard would (decision 27).
+#[test]
+fn a_failed_fdatasync_on_one_shard_rolls_back_unflushed_writes_on_another() {
+    let fs = SimFs::new(FaultConfig {
+        failed_sync_drops_writes: true,
+        ..Default::default()
+    });
+    let engine = Engine::open(without_journal(sim_config(&fs, 2))).unwrap();
+    let on_shard = |shard: usize| {
+        (0..)
+            .map(|i| PartitionId::new(&format!("shard-{shard}-{i}"), 0))
+            .find(|p| engine.shard_of(p) == shard)
+            .unwrap()
+    };
+    let (a, b) = (on_shard(0), on_shard(1));
+    let config = PartitionConfig {
+        flush: never_by_itself(),
+        ..config()
+    };
+    create_partitions(&engine, &[a.clone(), b.clone()], &config);
+    block_on(async {
+        for (p, tag) in [(&a, 0), (&b, 10)] {
+            engine.append(p, batch(tag, 1, 10_000, 0), 0).await.unwrap();
+            engine.flush(p).await.unwrap();
+        }
+        // Written, not durable: a's 1 and 2, b's 11; then b's fdatasync fails.
+        for (p, tag) in [(&a, 1), (&a, 2), (&b, 11)] {
+            engine.append(p, batch(tag, 1, 10_000, 0), 0).await.unwrap();
+        }
+        fs.fail_next_syncs(1);
+        assert!(engine.flush(&b).await.is_err());
+        assert_eq!(engine.metrics().flush_failures, 1);
+        // a's fdatasync succeeds, and vouches for nothing: a goes back to its durable point.
+        let err = engine.flush(&a).await.unwrap_err();
+        assert!(matches!(err, Error::Io { op: "flush", .. }), "{err}");
+        engine.flush(&a).await.unwrap();
+    });
+    let expected = BTreeMap::from([(0, 0)]);
+    assert_log_is(engine, &fs, &a, &expected, &[CrashKind::PowerCut], 0);
+}
+
 /// A failed fdatasync rolls back to the durable offset even when the batches since then have
 /// already left the in-memory tail (interval flushing, a small cache).
 #[test]

@@ -145,6 +145,7 @@ impl Metrics {
             ("segment_durable_writes", engine.segment_durable_writes),
             ("crc_failures", engine.crc_failures),
             ("io_errors", engine.io_errors),
+            ("flush_failures", engine.flush_failures),
             ("disk_full_errors", engine.disk_full_errors),
             ("reads", engine.reads),
             ("reads_from_memory", engine.reads_from_memory),

@@ -38,7 +38,9 @@ pub struct FaultConfig {
     /// A failed sync loses the writes it covered for good (`SimFile::fail_sync`): no later sync
     /// makes them durable, a power cut keeps any part of them or none. The device may have
     /// dropped them from its cache, and Linux reports a writeback error once (ARCHITECTURE.md,
-    /// decision 26). `random_io_errors_never_lose_or_invent_an_acknowledged_append` runs with it.
+    /// decision 26). Every other file's writes completed before the failure are lost the same
+    /// way: the cache is the device's (decision 29).
+    /// `random_io_errors_never_lose_or_invent_an_acknowledged_append` runs with it.
     pub failed_sync_drops_writes: bool,
 }
 
@@ -414,6 +416,21 @@ impl State {
         Ok(())
     }
 
+    /// A flush of `file` covering its writes up to `upto` failed. With
+    /// `failed_sync_drops_writes` those writes are lost, and so are every other file's writes
+    /// completed so far: the device's cache is shared (ARCHITECTURE.md, decision 29).
+    fn flush_failed(&self, file: &Arc<Mutex<SimFile>>, upto: u64) {
+        if !self.faults.failed_sync_drops_writes {
+            return;
+        }
+        lock(file).fail_sync(upto);
+        for other in self.files.values().filter(|f| !Arc::ptr_eq(f, file)) {
+            let mut f = lock(other);
+            let completed = f.completed_writes;
+            f.fail_sync(completed);
+        }
+    }
+
     fn used(&self) -> u64 {
         self.files.values().map(|f| lock(f).len).sum()
     }
@@ -610,14 +627,14 @@ impl SimHandle {
                 state.writes += 1;
                 if let Err(e) = state.begin_sync() {
                     // Its flush covered every write of the file completed so far.
-                    let mut f = lock(&file);
-                    f.write(position, bytes);
-                    let upto = f.completed_writes;
+                    let upto = {
+                        let mut f = lock(&file);
+                        f.write(position, bytes);
+                        f.completed_writes
+                    };
                     tracing::trace!(target: "keel::sim", path = %path.display(), position,
                         len = bytes.len(), covered = upto, "RWF_DSYNC write: its flush failed");
-                    if state.faults.failed_sync_drops_writes {
-                        f.fail_sync(upto);
-                    }
+                    state.flush_failed(&file, upto);
                     return (Err(e), buf);
                 }
                 lock(&file).write_durable(position, bytes);
@@ -694,9 +711,7 @@ impl StorageFile for SimHandle {
             pause(&fs).await;
             let mut state = lock(&fs.state);
             if let Err(e) = state.begin_sync() {
-                if state.faults.failed_sync_drops_writes {
-                    lock(&file).fail_sync(upto);
-                }
+                state.flush_failed(&file, upto);
                 tracing::trace!(target: "keel::sim", path = %path.display(), covered = upto,
                     "fdatasync failed");
                 return Err(e);
