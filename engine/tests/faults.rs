@@ -970,6 +970,10 @@ fn a_failed_fsync_in_a_rollbacks_cut_goes_back_to_the_durable_point() {
 /// group's two members. Each holds one durable 10 KB batch (tagged 0, 10, 20), so every
 /// leader-epoch file is written before a failure is injected (its sync would take it otherwise).
 fn outside_and_a_group(config: PartitionConfig) -> (SimFs, Engine, [PartitionId; 3]) {
+    let config = PartitionConfig {
+        flush: never_by_itself(),
+        ..config
+    };
     let fs = SimFs::new(FaultConfig {
         failed_sync_drops_writes: true,
         ..Default::default()
@@ -1002,6 +1006,44 @@ async fn fail_a_group_syncfs(fs: &SimFs, engine: &Engine, [b, c]: [&PartitionId;
     assert_eq!(engine.metrics().group_syncs, syncs_before + 1);
 }
 
+/// Append `bytes` to `p` with every file sync held; once one waits (the sync the append led to:
+/// a rollback's cut, a roll), fail a syncfs of the group `members`, then release the syncs.
+async fn append_while_a_group_syncfs_fails(
+    fs: &SimFs,
+    engine: &Engine,
+    p: &PartitionId,
+    bytes: bytes::Bytes,
+    members: [&PartitionId; 2],
+) -> keel_engine::Result<keel_engine::AppendOutcome> {
+    fs.hold(Hold::FileSyncs, true);
+    let (appended, ()) = futures::join!(engine.append(p, bytes, 0), async {
+        wait_until("no file sync ever waited", || {
+            fs.waiting(Hold::FileSyncs) > 0
+        });
+        fail_a_group_syncfs(fs, engine, members).await;
+        fs.hold(Hold::FileSyncs, false);
+    });
+    appended
+}
+
+/// Append a `size`-byte batch for each tag to `p`, one at a time, each answered.
+async fn append_each(
+    engine: &Engine,
+    p: &PartitionId,
+    tags: impl IntoIterator<Item = u64>,
+    size: usize,
+) {
+    for tag in tags {
+        engine.append(p, batch(tag, 1, size, 0), 0).await.unwrap();
+    }
+}
+
+/// `p` holds only its durable first batch (tag 0), live and after a power cut.
+fn assert_back_to_its_first_batch(engine: Engine, fs: &SimFs, p: &PartitionId) {
+    let expected = BTreeMap::from([(0, 0)]);
+    assert_log_is(engine, fs, p, &expected, &[CrashKind::PowerCut], 0);
+}
+
 /// Wait (30 s at most) until `ready`: something on a shard reached a point the test holds it at.
 fn wait_until(what: &str, ready: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -1017,25 +1059,15 @@ fn wait_until(what: &str, ready: impl Fn() -> bool) {
 /// vouch for bytes the disk no longer has (ARCHITECTURE.md, decision 27).
 #[test]
 fn a_failed_syncfs_rolls_back_the_partitions_outside_its_group_too() {
-    let config = PartitionConfig {
-        flush: never_by_itself(),
-        ..config()
-    };
-    let (fs, engine, [a, b, c]) = outside_and_a_group(config);
+    let (fs, engine, [a, b, c]) = outside_and_a_group(config());
     block_on(async {
         // Written, not durable: a's 1 and 2.
-        for tag in [1, 2] {
-            engine
-                .append(&a, batch(tag, 1, 10_000, 0), 0)
-                .await
-                .unwrap();
-        }
+        append_each(&engine, &a, [1, 2], 10_000).await;
         fail_a_group_syncfs(&fs, &engine, [&b, &c]).await;
         engine.flush(&a).await.unwrap();
     });
-    // a went back to its durable point with the members: what it shows now survives a power cut.
-    let expected = BTreeMap::from([(0, 0)]);
-    assert_log_is(engine, &fs, &a, &expected, &[CrashKind::PowerCut], 0);
+    // a went back to its durable point with the members.
+    assert_back_to_its_first_batch(engine, &fs, &a);
 }
 
 /// A failed write rolls the log back to the end of what was written before it, which stays as
@@ -1045,34 +1077,19 @@ fn a_failed_syncfs_rolls_back_the_partitions_outside_its_group_too() {
 /// durable, and the failed flush passed the partition by).
 #[test]
 fn a_failed_syncfs_during_a_failed_writes_rollback_goes_back_to_the_durable_point() {
-    let config = PartitionConfig {
-        flush: never_by_itself(),
-        ..config()
-    };
-    let (fs, engine, [a, b, c]) = outside_and_a_group(config);
+    let (fs, engine, [a, b, c]) = outside_and_a_group(config());
     block_on(async {
-        for tag in [1, 2] {
-            engine
-                .append(&a, batch(tag, 1, 10_000, 0), 0)
-                .await
-                .unwrap();
-        }
+        append_each(&engine, &a, [1, 2], 10_000).await;
         // a's next write fails: the rollback keeps 1 and 2, and its cut waits before its fsync.
-        fs.hold(Hold::FileSyncs, true);
         fs.fail_next_writes(1);
-        let (failed, ()) = futures::join!(engine.append(&a, batch(3, 1, 10_000, 0), 0), async {
-            wait_until("the rollback's cut never reached its fsync", || {
-                fs.waiting(Hold::FileSyncs) > 0
-            });
-            fail_a_group_syncfs(&fs, &engine, [&b, &c]).await;
-            fs.hold(Hold::FileSyncs, false);
-        });
-        let err = failed.unwrap_err();
+        let appended = batch(3, 1, 10_000, 0);
+        let err = append_while_a_group_syncfs_fails(&fs, &engine, &a, appended, [&b, &c])
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Io { op: "write", .. }), "{err}");
         engine.flush(&a).await.unwrap();
     });
-    let expected = BTreeMap::from([(0, 0)]);
-    assert_log_is(engine, &fs, &a, &expected, &[CrashKind::PowerCut], 0);
+    assert_back_to_its_first_batch(engine, &fs, &a);
 }
 
 /// A roll fsyncs the segment it seals. If a file system flush fails while that fsync waits, the
@@ -1081,7 +1098,6 @@ fn a_failed_syncfs_during_a_failed_writes_rollback_goes_back_to_the_durable_poin
 #[test]
 fn a_failed_syncfs_while_a_roll_waits_for_its_fsync_goes_back_to_the_durable_point() {
     let config = PartitionConfig {
-        flush: never_by_itself(),
         segment_bytes: 1024 * 1024,
         max_message_bytes: 1024 * 1024,
         ..config()
@@ -1089,26 +1105,15 @@ fn a_failed_syncfs_while_a_roll_waits_for_its_fsync_goes_back_to_the_durable_poi
     let (fs, engine, [a, b, c]) = outside_and_a_group(config);
     block_on(async {
         // 10 KB + 5 × 200 KB written; the sixth 200 KB batch needs a new segment.
-        for tag in 1..=5 {
-            engine
-                .append(&a, batch(tag, 1, 200_000, 0), 0)
-                .await
-                .unwrap();
-        }
-        fs.hold(Hold::FileSyncs, true);
-        let (rolled, ()) = futures::join!(engine.append(&a, batch(6, 1, 200_000, 0), 0), async {
-            wait_until("the roll never reached its fsync", || {
-                fs.waiting(Hold::FileSyncs) > 0
-            });
-            fail_a_group_syncfs(&fs, &engine, [&b, &c]).await;
-            fs.hold(Hold::FileSyncs, false);
-        });
-        let err = rolled.unwrap_err();
+        append_each(&engine, &a, 1..=5, 200_000).await;
+        let appended = batch(6, 1, 200_000, 0);
+        let err = append_while_a_group_syncfs_fails(&fs, &engine, &a, appended, [&b, &c])
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Io { op: "syncfs", .. }), "{err}");
         engine.flush(&a).await.unwrap();
     });
-    let expected = BTreeMap::from([(0, 0)]);
-    assert_log_is(engine, &fs, &a, &expected, &[CrashKind::PowerCut], 0);
+    assert_back_to_its_first_batch(engine, &fs, &a);
 }
 
 /// A failed flush is the device's: an fdatasync that fails on one shard may have dropped the
@@ -1140,9 +1145,8 @@ fn a_failed_fdatasync_on_one_shard_rolls_back_unflushed_writes_on_another() {
             engine.flush(p).await.unwrap();
         }
         // Written, not durable: a's 1 and 2, b's 11; then b's fdatasync fails.
-        for (p, tag) in [(&a, 1), (&a, 2), (&b, 11)] {
-            engine.append(p, batch(tag, 1, 10_000, 0), 0).await.unwrap();
-        }
+        append_each(&engine, &a, [1, 2], 10_000).await;
+        append_each(&engine, &b, [11], 10_000).await;
         fs.fail_next_syncs(1);
         assert!(engine.flush(&b).await.is_err());
         assert_eq!(engine.metrics().flush_failures, 1);
@@ -1151,8 +1155,7 @@ fn a_failed_fdatasync_on_one_shard_rolls_back_unflushed_writes_on_another() {
         assert!(matches!(err, Error::Io { op: "flush", .. }), "{err}");
         engine.flush(&a).await.unwrap();
     });
-    let expected = BTreeMap::from([(0, 0)]);
-    assert_log_is(engine, &fs, &a, &expected, &[CrashKind::PowerCut], 0);
+    assert_back_to_its_first_batch(engine, &fs, &a);
 }
 
 /// A failed fdatasync rolls back to the durable offset even when the batches since then have
