@@ -30,7 +30,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -1102,7 +1101,7 @@ impl Partition {
             && self.written_position == self.durable_position
         {
             // Nothing in doubt: failures before this write cannot have dropped it.
-            self.flush_failures_seen = io.metrics.flush_failures.load(Ordering::Relaxed);
+            self.flush_failures_seen = io.storage.flush_failures();
         }
         let segment_size = self.segments[&self.write_segment].size;
         let pending = (segment_size - self.next_write_position) as usize;
@@ -1773,7 +1772,7 @@ impl Partition {
             self.offsets
                 .advance_written(Written(w.end_offset.max(self.offsets.written().0)));
             self.written_position = w.end_position;
-            if durable_through && self.flush_lost(io.metrics) && !self.durable_frozen() {
+            if durable_through && self.flush_lost(io.storage.as_ref()) && !self.durable_frozen() {
                 lost = true;
             } else if durable_through {
                 self.became_durable(self.offsets.written().0, self.written_position);
@@ -1804,7 +1803,7 @@ impl Partition {
         tracing::trace!(target: "keel::durability", partition = %self.id, target, position,
             ok = result.is_ok(), "sync done");
         match result {
-            Ok(()) if self.flush_lost(io.metrics) && !self.durable_frozen() => {
+            Ok(()) if self.flush_lost(io.storage.as_ref()) && !self.durable_frozen() => {
                 self.fail(self.flush_lost_error(), true, io)
             }
             Ok(()) => self.became_durable(target, position),
@@ -1816,8 +1815,8 @@ impl Partition {
     }
 
     /// Has a flush failed anywhere on the node since this partition last had nothing in doubt?
-    fn flush_lost(&self, metrics: &Metrics) -> bool {
-        metrics.flush_failures.load(Ordering::Relaxed) != self.flush_failures_seen
+    fn flush_lost(&self, storage: &dyn Storage) -> bool {
+        storage.flush_failures() != self.flush_failures_seen
     }
 
     fn flush_lost_error(&self) -> Error {
@@ -1865,7 +1864,7 @@ impl Partition {
                 old.allocated = old.size;
                 // The roll's fsync vouches for the segment it sealed unless a flush failed
                 // since its writes (then the log goes back into it).
-                let lost = !self.durable_frozen() && self.flush_lost(metrics);
+                let lost = !self.durable_frozen() && self.flush_lost(io.storage.as_ref());
                 if !self.durable_frozen() && !lost {
                     self.offsets.advance_durable(Durable(durable));
                 }

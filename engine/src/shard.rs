@@ -8,7 +8,6 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -532,7 +531,7 @@ impl Shard {
         let durable = j.pipeline.next_write_durable();
         if durable {
             // Nothing unacknowledged: failures before this write cannot have dropped any of it.
-            j.flush_failures_seen = self.metrics.flush_failures.load(Ordering::Relaxed);
+            j.flush_failures_seen = self.storage.flush_failures();
         }
         j.pipeline.begin_write(start, padded, members, durable);
         bump(&self.metrics.journal_writes, 1);
@@ -568,15 +567,14 @@ impl Shard {
             .as_mut()
             .expect("journal events come from the journal");
         let metrics = &self.metrics;
+        let flush_failures = self.storage.flush_failures();
         // A write or sync that succeeded vouches for nothing if a flush failed anywhere since
         // the journal last had nothing unacknowledged (decision 29); one that failed is such a
         // failure if it flushed.
         let vouched = |result: std::io::Result<()>, flushed: bool| match result {
-            Ok(()) if metrics.flush_failures.load(Ordering::Relaxed) != j.flush_failures_seen => {
-                Err(std::io::Error::other(
-                    "a flush failed on this node since these journal writes completed",
-                ))
-            }
+            Ok(()) if flush_failures != j.flush_failures_seen => Err(std::io::Error::other(
+                "a flush failed on this node since these journal writes completed",
+            )),
             Ok(()) => Ok(()),
             Err(e) => {
                 if flushed && !crate::error::is_full(&e) {
@@ -1076,7 +1074,7 @@ impl Shard {
         self.journal = Some(ShardJournal {
             file,
             pipeline: journal::Pipeline::new(header, buffers),
-            flush_failures_seen: self.metrics.flush_failures.load(Ordering::Relaxed),
+            flush_failures_seen: self.storage.flush_failures(),
         });
         for p in self.partitions.values_mut() {
             p.set_journaled(true);

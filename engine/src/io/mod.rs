@@ -50,6 +50,21 @@ pub trait Storage {
     fn write_file_durable(&self, path: &Path, bytes: Vec<u8>) -> IoFuture<io::Result<()>>;
     /// Make entries created or removed in a directory durable.
     fn sync_dir(&self, path: &Path) -> IoFuture<io::Result<()>>;
+    /// Flushes that failed so far (an fdatasync, fsync or syncfs, the flush of an `RWF_DSYNC`
+    /// write or of a whole-file write; not ENOSPC or EDQUOT), counted as each failure
+    /// completes, before any engine code sees it: a sync that succeeds while this differs from
+    /// what it was when its writes were issued does not vouch for them (ARCHITECTURE.md,
+    /// decision 29).
+    fn flush_failures(&self) -> u64;
+}
+
+/// Count `result` as a failed flush if it is one (see [`Storage::flush_failures`]).
+pub(crate) fn count_flush(counter: &std::sync::atomic::AtomicU64, result: &io::Result<()>) {
+    if let Err(e) = result {
+        if !crate::error::is_full(e) {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// An open file. Offsets, lengths and buffers of reads and writes are multiples of

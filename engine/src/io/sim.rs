@@ -200,6 +200,8 @@ struct State {
     waiting: [usize; 2],
     /// Bytes another tenant took (`FaultConfig::freed_space_taken`).
     taken: u64,
+    /// Failed flushes ([`Storage::flush_failures`]), counted as each fails.
+    flush_failures: u64,
 }
 
 /// The simulated file system; cheap to clone, shared by every shard of an engine.
@@ -238,6 +240,7 @@ impl SimFs {
                 held: [false; 2],
                 waiting: [0; 2],
                 taken: 0,
+                flush_failures: 0,
             })),
         }
     }
@@ -410,6 +413,7 @@ impl State {
         let rate = self.faults.sync_error_rate;
         if self.fail_syncs > 0 || self.chance(rate) {
             self.fail_syncs = self.fail_syncs.saturating_sub(1);
+            self.flush_failures += 1;
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         self.syncs += 1;
@@ -570,6 +574,7 @@ impl Storage for SimFs {
             }
             if state.fail_syncs > 0 {
                 state.fail_syncs -= 1;
+                state.flush_failures += 1;
                 return Err(io::Error::other("injected fsync failure"));
             }
             state.files.remove(&temp_path(&path));
@@ -582,6 +587,10 @@ impl Storage for SimFs {
 
     fn sync_dir(&self, _path: &Path) -> IoFuture<io::Result<()>> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn flush_failures(&self) -> u64 {
+        lock(&self.state).flush_failures
     }
 }
 

@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use compio::buf::BufResult;
 use compio::driver::{OpCode, OpEntry};
@@ -20,6 +21,17 @@ use crate::constants::block_bytes;
 
 #[derive(Debug, Default)]
 pub struct UringStorage;
+
+/// Failed flushes of every io_uring engine in the process ([`Storage::flush_failures`]): one
+/// process serves one device in practice, and a failure seen by another engine only makes
+/// this one re-check its unflushed writes.
+static FLUSH_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// `result`, counted as a failed flush if it is one.
+fn flushed<T>(result: (io::Result<()>, T)) -> (io::Result<()>, T) {
+    super::count_flush(&FLUSH_FAILURES, &result.0);
+    result
+}
 
 impl UringStorage {
     pub fn new() -> UringStorage {
@@ -102,7 +114,9 @@ impl Storage for UringStorage {
                 compio::io::AsyncWriteAtExt::write_all_at(&mut file, bytes, 0).await;
             drop(space);
             written?;
-            file.sync_all().await?;
+            let synced = file.sync_all().await;
+            super::count_flush(&FLUSH_FAILURES, &synced);
+            synced?;
             file.close().await?;
             compio::fs::rename(&temp, &path).await?;
             sync_dir(path.parent().unwrap_or(Path::new("."))).await
@@ -113,11 +127,17 @@ impl Storage for UringStorage {
         let path = path.to_path_buf();
         Box::pin(async move { sync_dir(&path).await })
     }
+
+    fn flush_failures(&self) -> u64 {
+        FLUSH_FAILURES.load(Ordering::Relaxed)
+    }
 }
 
 async fn sync_dir(path: &Path) -> io::Result<()> {
     let dir = File::open(path).await?;
-    dir.sync_all().await
+    let synced = dir.sync_all().await;
+    super::count_flush(&FLUSH_FAILURES, &synced);
+    synced
 }
 
 impl StorageFile for UringFile {
@@ -134,12 +154,8 @@ impl StorageFile for UringFile {
         position: u64,
         buf: AlignedBuf,
     ) -> IoFuture<(io::Result<()>, AlignedBuf)> {
-        Box::pin(write_whole(
-            self.file.clone(),
-            position,
-            buf,
-            libc::RWF_DSYNC,
-        ))
+        let write = write_whole(self.file.clone(), position, buf, libc::RWF_DSYNC);
+        Box::pin(async move { flushed(write.await) })
     }
 
     fn read_at(
@@ -157,7 +173,7 @@ impl StorageFile for UringFile {
 
     fn sync_data(&self) -> IoFuture<io::Result<()>> {
         let file = self.file.clone();
-        Box::pin(async move { file.sync_data().await })
+        Box::pin(async move { flushed((file.sync_data().await, ())).0 })
     }
 
     fn sync_filesystem(&self) -> IoFuture<io::Result<()>> {
@@ -177,13 +193,17 @@ impl StorageFile for UringFile {
             })
             .await;
             drop(file);
-            rc.unwrap_or_else(|_| Err(io::Error::other("syncfs thread panicked")))
+            flushed((
+                rc.unwrap_or_else(|_| Err(io::Error::other("syncfs thread panicked"))),
+                (),
+            ))
+            .0
         })
     }
 
     fn sync_all(&self) -> IoFuture<io::Result<()>> {
         let file = self.file.clone();
-        Box::pin(async move { file.sync_all().await })
+        Box::pin(async move { flushed((file.sync_all().await, ())).0 })
     }
 
     fn allocate(&self, len: u64) -> IoFuture<io::Result<()>> {
