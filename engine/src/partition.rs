@@ -293,10 +293,10 @@ pub(crate) struct Partition {
     /// Positions in the write segment that `written` and `durable` correspond to.
     written_position: u64,
     durable_position: u64,
-    /// The node's `flush_failures` when this partition last had nothing written that was not
-    /// durable: a sync that completes while the count differs does not vouch for the writes
-    /// (one of those failures may have dropped them), and the log goes back to its durable
-    /// point (decision 29).
+    /// The storage's count of failed flushes (`Storage::flush_failures`) when this partition
+    /// last had nothing written that was not durable: a sync that completes while the count
+    /// differs does not vouch for the writes (one of those failures may have dropped them), and
+    /// the log goes back to its durable point (decision 29).
     flush_failures_seen: u64,
     carry: Box<[u8; block_bytes]>,
     carry_len: usize,

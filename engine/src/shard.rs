@@ -200,8 +200,9 @@ pub(crate) fn run(
 struct ShardJournal {
     file: Rc<dyn StorageFile>,
     pipeline: journal::Pipeline,
-    /// The node's `flush_failures` when the journal last had nothing unacknowledged: a write or
-    /// sync that completes while the count differs acknowledges nothing (decision 29).
+    /// The storage's count of failed flushes (`Storage::flush_failures`) when the journal last
+    /// had nothing unacknowledged: a write or sync that completes while the count differs
+    /// acknowledges nothing (decision 29).
     flush_failures_seen: u64,
 }
 
