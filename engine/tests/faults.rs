@@ -1158,6 +1158,36 @@ fn a_failed_fdatasync_on_one_shard_rolls_back_unflushed_writes_on_another() {
     assert_back_to_its_first_batch(engine, &fs, &a);
 }
 
+/// A leader-epoch checkpoint's fsync that fails is a failed flush like any other: the rollback
+/// of the control operation keeps what was written, but the partition's next sync finds the
+/// storage's count of failed flushes moved and vouches for nothing (decision 29).
+#[test]
+fn a_failed_fsync_of_a_metadata_file_leaves_no_unflushed_write_acknowledged() {
+    let fs = SimFs::new(FaultConfig {
+        failed_sync_drops_writes: true,
+        ..Default::default()
+    });
+    let p = PartitionId::new("epoch-file", 0);
+    let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
+    let config = PartitionConfig {
+        flush: never_by_itself(),
+        ..config()
+    };
+    block_on(async {
+        durable_then_written(&engine, &p, config, 0..1, 1..3, 10_000).await;
+        // A new leader epoch: its checkpoint file's fsync fails.
+        fs.fail_next_syncs(1);
+        let _ = engine.append(&p, batch(3, 1, 10_000, 0), 1).await;
+        wait_until("the epoch checkpoint never failed", || {
+            engine.metrics().io_errors > 0
+        });
+        let err = engine.flush(&p).await.unwrap_err();
+        assert!(matches!(err, Error::Io { op: "flush", .. }), "{err}");
+        engine.flush(&p).await.unwrap();
+    });
+    assert_back_to_its_first_batch(engine, &fs, &p);
+}
+
 /// A failed fdatasync rolls back to the durable offset even when the batches since then have
 /// already left the in-memory tail (interval flushing, a small cache).
 #[test]

@@ -420,15 +420,21 @@ impl State {
         Ok(())
     }
 
-    /// A flush of `file` covering its writes up to `upto` failed. With
+    /// A flush of `file` (or of a file not among them) covering its writes up to `upto` failed. With
     /// `failed_sync_drops_writes` those writes are lost, and so are every other file's writes
     /// completed so far: the device's cache is shared (ARCHITECTURE.md, decision 29).
-    fn flush_failed(&self, file: &Arc<Mutex<SimFile>>, upto: u64) {
+    fn flush_failed(&self, file: Option<&Arc<Mutex<SimFile>>>, upto: u64) {
         if !self.faults.failed_sync_drops_writes {
             return;
         }
-        lock(file).fail_sync(upto);
-        for other in self.files.values().filter(|f| !Arc::ptr_eq(f, file)) {
+        if let Some(file) = file {
+            lock(file).fail_sync(upto);
+        }
+        for other in self
+            .files
+            .values()
+            .filter(|f| file.is_none_or(|file| !Arc::ptr_eq(f, file)))
+        {
             let mut f = lock(other);
             let completed = f.completed_writes;
             f.fail_sync(completed);
@@ -575,6 +581,8 @@ impl Storage for SimFs {
             if state.fail_syncs > 0 {
                 state.fail_syncs -= 1;
                 state.flush_failures += 1;
+                // Its fsync failed: the device's flush, as for any other file (decision 29).
+                state.flush_failed(None, 0);
                 return Err(io::Error::other("injected fsync failure"));
             }
             state.files.remove(&temp_path(&path));
@@ -643,7 +651,7 @@ impl SimHandle {
                     };
                     tracing::trace!(target: "keel::sim", path = %path.display(), position,
                         len = bytes.len(), covered = upto, "RWF_DSYNC write: its flush failed");
-                    state.flush_failed(&file, upto);
+                    state.flush_failed(Some(&file), upto);
                     return (Err(e), buf);
                 }
                 lock(&file).write_durable(position, bytes);
@@ -720,7 +728,7 @@ impl StorageFile for SimHandle {
             pause(&fs).await;
             let mut state = lock(&fs.state);
             if let Err(e) = state.begin_sync() {
-                state.flush_failed(&file, upto);
+                state.flush_failed(Some(&file), upto);
                 tracing::trace!(target: "keel::sim", path = %path.display(), covered = upto,
                     "fdatasync failed");
                 return Err(e);
