@@ -66,8 +66,8 @@ fn create(engine: &Engine, parts: &[PartitionId]) {
     create_partitions(engine, parts, &config());
 }
 
-/// One shard on a simulated disk whose operations take 0.1–1 ms and complete out of order, with
-/// `parts` created.
+/// `shards` shards on a simulated disk whose operations take 0.1–1 ms and complete out of
+/// order, with `parts` created.
 fn jittery_engine(seed: u64, parts: &[PartitionId], shards: usize) -> (SimFs, Engine) {
     let fs = SimFs::new(FaultConfig {
         seed,
