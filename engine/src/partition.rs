@@ -1772,7 +1772,7 @@ impl Partition {
             self.offsets
                 .advance_written(Written(w.end_offset.max(self.offsets.written().0)));
             self.written_position = w.end_position;
-            if durable_through && self.flush_lost(io.storage.as_ref()) && !self.durable_frozen() {
+            if durable_through && self.flush_lost(io.storage.as_ref()) {
                 lost = true;
             } else if durable_through {
                 self.became_durable(self.offsets.written().0, self.written_position);
@@ -1803,7 +1803,7 @@ impl Partition {
         tracing::trace!(target: "keel::durability", partition = %self.id, target, position,
             ok = result.is_ok(), "sync done");
         match result {
-            Ok(()) if self.flush_lost(io.storage.as_ref()) && !self.durable_frozen() => {
+            Ok(()) if self.flush_lost(io.storage.as_ref()) => {
                 self.fail(self.flush_lost_error(), true, io)
             }
             Ok(()) => self.became_durable(target, position),
@@ -1814,9 +1814,10 @@ impl Partition {
         }
     }
 
-    /// Has a flush failed anywhere on the node since this partition last had nothing in doubt?
+    /// Has a flush failed anywhere on the node since this partition last had nothing in doubt,
+    /// with no rollback to the durable point pending yet (that one already answers for it)?
     fn flush_lost(&self, storage: &dyn Storage) -> bool {
-        storage.flush_failures() != self.flush_failures_seen
+        !self.durable_frozen() && storage.flush_failures() != self.flush_failures_seen
     }
 
     fn flush_lost_error(&self) -> Error {
@@ -1864,7 +1865,7 @@ impl Partition {
                 old.allocated = old.size;
                 // The roll's fsync vouches for the segment it sealed unless a flush failed
                 // since its writes (then the log goes back into it).
-                let lost = !self.durable_frozen() && self.flush_lost(io.storage.as_ref());
+                let lost = self.flush_lost(io.storage.as_ref());
                 if !self.durable_frozen() && !lost {
                     self.offsets.advance_durable(Durable(durable));
                 }

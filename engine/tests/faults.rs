@@ -935,18 +935,10 @@ fn a_failed_fsync_at_a_roll_rolls_back_to_the_durable_point() {
 /// it), so the rollback goes on to the durable point instead of trying the fsync again.
 #[test]
 fn a_failed_fsync_in_a_rollbacks_cut_goes_back_to_the_durable_point() {
-    let fs = SimFs::new(FaultConfig {
-        failed_sync_drops_writes: true,
-        ..Default::default()
-    });
+    let (fs, engine) = strict_disk(1);
     let p = PartitionId::new("cut-sync", 0);
-    let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
     block_on(async {
-        let config = PartitionConfig {
-            flush: never_by_itself(),
-            ..config()
-        };
-        durable_then_written(&engine, &p, config, 0..3, 3..5, 10_000).await;
+        durable_then_written(&engine, &p, by_hand(), 0..3, 3..5, 10_000).await;
         // The next append's write fails: the rollback keeps what was written (3 and 4) and cuts
         // the file after it; the cut's fsync fails too.
         fs.fail_next_writes(1);
@@ -965,6 +957,25 @@ fn a_failed_fsync_in_a_rollbacks_cut_goes_back_to_the_durable_point() {
     assert_log_is(engine, &fs, &p, &expected, &[CrashKind::PowerCut], 0);
 }
 
+/// An engine of `shards` shards, without the journal, on a disk whose failed flushes lose for
+/// good the writes they covered, in every file (`FaultConfig::failed_sync_drops_writes`).
+fn strict_disk(shards: usize) -> (SimFs, Engine) {
+    let fs = SimFs::new(FaultConfig {
+        failed_sync_drops_writes: true,
+        ..Default::default()
+    });
+    let engine = Engine::open(without_journal(sim_config(&fs, shards))).unwrap();
+    (fs, engine)
+}
+
+/// `config()` flushed by hand: appends are answered once written, made durable by `flush`.
+fn by_hand() -> PartitionConfig {
+    PartitionConfig {
+        flush: never_by_itself(),
+        ..config()
+    }
+}
+
 /// Three partitions of one shard on a disk whose failed syncs lose what they covered, flushed
 /// by hand (`never_by_itself`, `config` otherwise): one outside the group a test fails, and the
 /// group's two members. Each holds one durable 10 KB batch (tagged 0, 10, 20), so every
@@ -974,12 +985,8 @@ fn outside_and_a_group(config: PartitionConfig) -> (SimFs, Engine, [PartitionId;
         flush: never_by_itself(),
         ..config
     };
-    let fs = SimFs::new(FaultConfig {
-        failed_sync_drops_writes: true,
-        ..Default::default()
-    });
+    let (fs, engine) = strict_disk(1);
     let parts = ["outside", "member-b", "member-c"].map(|t| PartitionId::new(t, 0));
-    let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
     create_partitions(&engine, &parts, &config);
     block_on(async {
         for (p, tag) in parts.iter().zip([0, 10, 20]) {
@@ -1122,11 +1129,7 @@ fn a_failed_syncfs_while_a_roll_waits_for_its_fsync_goes_back_to_the_durable_poi
 /// point (decision 29), as a partition of the failed sync's own shard would (decision 27).
 #[test]
 fn a_failed_fdatasync_on_one_shard_rolls_back_unflushed_writes_on_another() {
-    let fs = SimFs::new(FaultConfig {
-        failed_sync_drops_writes: true,
-        ..Default::default()
-    });
-    let engine = Engine::open(without_journal(sim_config(&fs, 2))).unwrap();
+    let (fs, engine) = strict_disk(2);
     let on_shard = |shard: usize| {
         (0..)
             .map(|i| PartitionId::new(&format!("shard-{shard}-{i}"), 0))
@@ -1134,19 +1137,11 @@ fn a_failed_fdatasync_on_one_shard_rolls_back_unflushed_writes_on_another() {
             .unwrap()
     };
     let (a, b) = (on_shard(0), on_shard(1));
-    let config = PartitionConfig {
-        flush: never_by_itself(),
-        ..config()
-    };
-    create_partitions(&engine, &[a.clone(), b.clone()], &config);
     block_on(async {
-        for (p, tag) in [(&a, 0), (&b, 10)] {
-            engine.append(p, batch(tag, 1, 10_000, 0), 0).await.unwrap();
-            engine.flush(p).await.unwrap();
-        }
-        // Written, not durable: a's 1 and 2, b's 11; then b's fdatasync fails.
-        append_each(&engine, &a, [1, 2], 10_000).await;
-        append_each(&engine, &b, [11], 10_000).await;
+        // Durable: a's 0, b's 10. Written, not durable: a's 1 and 2, b's 11; then b's
+        // fdatasync fails.
+        durable_then_written(&engine, &a, by_hand(), 0..1, 1..3, 10_000).await;
+        durable_then_written(&engine, &b, by_hand(), 10..11, 11..12, 10_000).await;
         fs.fail_next_syncs(1);
         assert!(engine.flush(&b).await.is_err());
         assert_eq!(engine.metrics().flush_failures, 1);
@@ -1163,19 +1158,12 @@ fn a_failed_fdatasync_on_one_shard_rolls_back_unflushed_writes_on_another() {
 /// storage's count of failed flushes moved and vouches for nothing (decision 29).
 #[test]
 fn a_failed_fsync_of_a_metadata_file_leaves_no_unflushed_write_acknowledged() {
-    let fs = SimFs::new(FaultConfig {
-        failed_sync_drops_writes: true,
-        ..Default::default()
-    });
+    let (fs, engine) = strict_disk(1);
     let p = PartitionId::new("epoch-file", 0);
-    let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
-    let config = PartitionConfig {
-        flush: never_by_itself(),
-        ..config()
-    };
     block_on(async {
-        durable_then_written(&engine, &p, config, 0..1, 1..3, 10_000).await;
-        // A new leader epoch: its checkpoint file's fsync fails.
+        durable_then_written(&engine, &p, by_hand(), 0..1, 1..3, 10_000).await;
+        // A new leader epoch: its checkpoint file's fsync fails. The append itself may be
+        // answered either way (written before the failure, or rolled back by it).
         fs.fail_next_syncs(1);
         let _ = engine.append(&p, batch(3, 1, 10_000, 0), 1).await;
         wait_until("the epoch checkpoint never failed", || {

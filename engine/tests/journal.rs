@@ -36,29 +36,59 @@ fn small_appends(
     total: u64,
     crash_after: Option<usize>,
 ) -> (BTreeMap<PartitionId, BTreeMap<u64, u64>>, Option<SimFs>) {
+    let (acked, failed, image) =
+        spread_appends(engine, fs, parts, concurrency, total, crash_after, None);
+    assert_eq!(failed, 0, "appends failed on a disk without faults");
+    (acked, image)
+}
+
+/// `total` appends of 300–6,300 bytes spread over `parts`, `concurrency` in flight; the next
+/// sync fails once `sync_failure_at` appends are issued. Returns offset → tag of those
+/// acknowledged per partition, how many failed, and a power-cut image if `crash_after` of them
+/// completed.
+fn spread_appends(
+    engine: &Engine,
+    fs: &SimFs,
+    parts: &[PartitionId],
+    concurrency: usize,
+    total: u64,
+    crash_after: Option<usize>,
+    sync_failure_at: Option<u64>,
+) -> (
+    BTreeMap<PartitionId, BTreeMap<u64, u64>>,
+    usize,
+    Option<SimFs>,
+) {
     block_on(async {
         let mut acked: BTreeMap<PartitionId, BTreeMap<u64, u64>> = BTreeMap::new();
+        let mut failed = 0;
         let mut inflight = FuturesUnordered::new();
         let mut done = 0;
         for tag in 0..total {
+            if sync_failure_at == Some(tag) {
+                fs.fail_next_syncs(1);
+            }
             let p = &parts[(tag as usize * 7) % parts.len()];
             let size = 300 + (tag as usize * 7919) % 6000;
             inflight
                 .push(async move { (p, tag, engine.append(p, batch(tag, 1, size, 0), 0).await) });
             while inflight.len() >= concurrency || (tag + 1 == total && !inflight.is_empty()) {
-                let (p, tag, r) = inflight.next().await.unwrap();
-                let out = r.unwrap();
-                acked
-                    .entry(p.clone())
-                    .or_default()
-                    .insert(out.base_offset, tag);
+                match inflight.next().await.unwrap() {
+                    (p, tag, Ok(out)) => {
+                        acked
+                            .entry(p.clone())
+                            .or_default()
+                            .insert(out.base_offset, tag);
+                    }
+                    (_, _, Err(_)) => failed += 1,
+                }
                 done += 1;
                 if crash_after == Some(done) {
-                    return (acked, Some(fs.crash_image(CrashKind::PowerCut)));
+                    return (acked, failed, Some(fs.crash_image(CrashKind::PowerCut)));
                 }
             }
         }
-        (acked, None)
+        (acked, failed, None)
     })
 }
 
@@ -325,39 +355,8 @@ fn random_io_errors_across_many_partitions_then_a_power_cut_lose_nothing_acknowl
             failed_sync_drops_writes: true,
             ..Default::default()
         });
-        let engine_ref = &engine;
-        let (acked, failed) = block_on(async {
-            let mut acked: BTreeMap<PartitionId, BTreeMap<u64, u64>> = BTreeMap::new();
-            let mut failed = 0;
-            let mut inflight = FuturesUnordered::new();
-            for tag in 0..1500u64 {
-                if tag == 750 {
-                    // At least one fault, whatever the random ones hit.
-                    fs.fail_next_syncs(1);
-                }
-                let p = &parts[(tag as usize * 7) % parts.len()];
-                let size = 300 + (tag as usize * 7919) % 6000;
-                inflight.push(async move {
-                    (
-                        p,
-                        tag,
-                        engine_ref.append(p, batch(tag, 1, size, 0), 0).await,
-                    )
-                });
-                while inflight.len() >= 32 || (tag + 1 == 1500 && !inflight.is_empty()) {
-                    match inflight.next().await.unwrap() {
-                        (p, tag, Ok(out)) => {
-                            acked
-                                .entry(p.clone())
-                                .or_default()
-                                .insert(out.base_offset, tag);
-                        }
-                        (_, _, Err(_)) => failed += 1,
-                    }
-                }
-            }
-            (acked, failed)
-        });
+        // At least one fault halfway, whatever the random ones hit.
+        let (acked, failed, _) = spread_appends(&engine, &fs, &parts, 32, 1500, None, Some(750));
         let m = engine.metrics();
         assert!(m.io_errors > 0, "seed {seed}: no fault hit anything");
         fs.set_faults(FaultConfig::default());
