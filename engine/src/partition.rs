@@ -1095,14 +1095,7 @@ impl Partition {
     /// one `RWF_DSYNC` write, possibly through an io-wq worker, instead of three writes and an
     /// fdatasync (the fdatasync is punted to a worker anyway).
     fn start_write(&mut self, io: &mut IoCtx<'_>, defer_head: bool) -> bool {
-        if self.writes.is_empty()
-            && self.sync_inflight.is_none()
-            && self.offsets.written().0 == self.offsets.durable().0
-            && self.written_position == self.durable_position
-        {
-            // Nothing in doubt: failures before this write cannot have dropped it.
-            self.flush_failures_seen = io.storage.flush_failures();
-        }
+        self.note_flush_failures_if_settled(io.storage.as_ref());
         let segment_size = self.segments[&self.write_segment].size;
         let pending = (segment_size - self.next_write_position) as usize;
         let start_position = align_down(self.next_write_position);
@@ -1589,6 +1582,7 @@ impl Partition {
     /// Seal the write segment (truncate to size, fsync, persist indexes), create the next one and
     /// move the recovery point to it. Runs with nothing else in flight.
     fn start_roll(&mut self, io: &mut IoCtx<'_>) {
+        self.note_flush_failures_if_settled(io.storage.as_ref());
         let next_base = self
             .uncopied()
             .expect("a batch waits for the new segment")
@@ -1816,6 +1810,20 @@ impl Partition {
 
     /// Has a flush failed anywhere on the node since this partition last had nothing in doubt,
     /// with no rollback to the durable point pending yet (that one already answers for it)?
+    /// With nothing written but not durable and no write or sync in flight, a failed flush
+    /// before now cannot have dropped anything this partition will vouch for: note the storage's
+    /// count, so that only failures from here on put what it writes next in doubt. Called as a
+    /// write or a roll starts (a roll's fsync vouches for the segment it seals).
+    fn note_flush_failures_if_settled(&mut self, storage: &dyn Storage) {
+        if self.writes.is_empty()
+            && self.sync_inflight.is_none()
+            && self.offsets.written().0 == self.offsets.durable().0
+            && self.written_position == self.durable_position
+        {
+            self.flush_failures_seen = storage.flush_failures();
+        }
+    }
+
     fn flush_lost(&self, storage: &dyn Storage) -> bool {
         !self.durable_frozen() && storage.flush_failures() != self.flush_failures_seen
     }

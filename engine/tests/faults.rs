@@ -930,6 +930,76 @@ fn a_failed_fsync_at_a_roll_rolls_back_to_the_durable_point() {
     });
 }
 
+/// The same failure when the log is durable exactly up to the segment it seals: the rollback
+/// lands on the base of the new segment, which has no file yet (the roll failed before
+/// creating it), and the log stays at the end of the segment before (decision 26). The next
+/// append rolls again and succeeds: the failed fsync came before that roll started, with nothing
+/// in doubt, so it puts nothing the roll vouches for in doubt (decision 29). Until the roll noted
+/// the count of failed flushes as a write does, that append failed too ("a flush failed on
+/// this node"), once.
+#[test]
+fn after_a_failed_roll_at_the_durable_point_the_next_append_rolls_again() {
+    let (fs, engine) = strict_disk(1);
+    let p = PartitionId::new("roll-boundary", 0);
+    block_on(async {
+        // Five 200 KB batches fill the first segment and are durable; the sixth needs a new one.
+        durable_then_written(&engine, &p, full_after_five(), 0..5, 5..5, 200_000).await;
+        fs.fail_next_syncs(1);
+        let err = engine
+            .append(&p, batch(5, 1, 200_000, 0), 0)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Io { op: "fsync", .. }), "{err}");
+        let state = engine.partition_state(&p).await.unwrap();
+        assert_eq!((state.appended.0, state.durable.0), (5, 5));
+        engine.append(&p, batch(6, 1, 200_000, 0), 0).await.unwrap();
+        engine.flush(&p).await.unwrap();
+        assert_eq!(engine.partition_state(&p).await.unwrap().segments, 2);
+    });
+    let expected: BTreeMap<u64, u64> = (0..5).map(|t| (t, t)).chain([(5, 6)]).collect();
+    assert_log_is(
+        engine,
+        &fs,
+        &p,
+        &expected,
+        &[CrashKind::Process, CrashKind::PowerCut],
+        0,
+    );
+}
+
+/// A failed flush puts in doubt only writes made before it (decision 29). A partition with
+/// everything durable whose next append needs a new segment rolls, and that roll's fsync
+/// vouches for nothing the failure could have dropped: the append succeeds. (Before the roll
+/// noted the storage's count of failed flushes, it failed with "a flush failed on this node".)
+#[test]
+fn a_failed_flush_elsewhere_does_not_fail_a_settled_partitions_roll() {
+    let (fs, engine) = strict_disk(1);
+    let (full, other) = (PartitionId::new("full", 0), PartitionId::new("other", 0));
+    block_on(async {
+        durable_then_written(&engine, &full, full_after_five(), 0..5, 5..5, 200_000).await;
+        durable_then_written(&engine, &other, by_hand(), 0..1, 1..2, 10_000).await;
+        fs.fail_next_syncs(1);
+        engine.flush(&other).await.unwrap_err();
+        let out = engine
+            .append(&full, batch(5, 1, 200_000, 0), 0)
+            .await
+            .unwrap();
+        assert_eq!(out.base_offset, 5);
+        engine.flush(&full).await.unwrap();
+    });
+    let expected: BTreeMap<u64, u64> = (0..6).map(|t| (t, t)).collect();
+    assert_log_is(engine, &fs, &full, &expected, &[CrashKind::PowerCut], 0);
+}
+
+/// Flushed by hand, 1 MiB segments: five 200 KB batches fill one, a sixth starts the next.
+fn full_after_five() -> PartitionConfig {
+    PartitionConfig {
+        segment_bytes: 1024 * 1024,
+        max_message_bytes: 1024 * 1024,
+        ..by_hand()
+    }
+}
+
 /// A rollback's cut ends with an fsync. If that fails, what was written before it is in doubt for
 /// good (the device may have dropped it, and a second fsync that succeeds does not vouch for
 /// it), so the rollback goes on to the durable point instead of trying the fsync again.
