@@ -80,6 +80,9 @@ pub struct BrokerLoadResult {
     pub e2e_curve: serde_json::Value,
     pub consumed_bytes: u64,
     pub errors: u64,
+    /// CPU spent from the end of the warm-up to the end of the run (with `--bootstrap` the
+    /// broker is another process: only the load generator's is here).
+    pub cpu: crate::cpu::CpuUse,
 }
 
 /// Send times of batches not yet seen by a consumer, by (producer id, partition, base sequence).
@@ -264,6 +267,13 @@ pub fn run(config: &BrokerLoadConfig) -> Result<BrokerLoadResult, String> {
         }));
     }
     let mut result = BrokerLoadResult::default();
+    // Producers and consumers run on threads of their own until `end` (or `max_messages`):
+    // sample the CPU around the measured window meanwhile.
+    let producing = || producer_threads.iter().any(|t| !t.is_finished());
+    sleep_while(measure_from, producing);
+    let cpu_from = crate::cpu::sample();
+    sleep_while(end, producing);
+    result.cpu = crate::cpu::CpuUse::between(&cpu_from, &crate::cpu::sample());
     let mut produce_h = histogram();
     let mut timeline = Timeline::new(measure_from, Duration::from_secs(1));
     let mut first: Option<Instant> = None;
@@ -603,6 +613,16 @@ fn consume_loop(
         }
     }
     Ok(out)
+}
+
+/// Sleep until `at`, or until `going` says the work stopped (checked every 10 ms).
+fn sleep_while(at: Instant, going: impl Fn() -> bool) {
+    while going() {
+        let Some(left) = at.checked_duration_since(Instant::now()) else {
+            return;
+        };
+        std::thread::sleep(left.min(Duration::from_millis(10)));
+    }
 }
 
 #[cfg(test)]

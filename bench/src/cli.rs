@@ -614,6 +614,8 @@ fn engine_run(args: &EngineArgs, base: Option<RawResult>) -> Result<Value, Strin
         r.metrics.journal_checkpoints, r.metrics.journal_full
     );
     print_latency("engine: append latency", &r.latency);
+    let mb = r.bytes as f64 / 1e6;
+    println!("{}", r.cpu.describe("engine", mb));
     if let Some(b) = base {
         println!(
             "baseline: sequential {:.0} MB/s; 4 KiB write+fdatasync p50 {:.0} µs p99 {:.0} µs",
@@ -645,6 +647,7 @@ fn engine_run(args: &EngineArgs, base: Option<RawResult>) -> Result<Value, Strin
         "baseline_latency_us": baseline_latency.to_json(),
         "timeline": r.timeline,
         "latency_curve": r.curve,
+        "cpu": r.cpu.to_json(mb),
         "engine": { "writes": r.metrics.writes, "write_bytes": r.metrics.write_bytes, "fsyncs": r.metrics.fsyncs, "segment_sync_calls": r.metrics.segment_sync_calls, "segment_durable_writes": r.metrics.segment_durable_writes, "group_syncs": r.metrics.group_syncs, "journal_writes": r.metrics.journal_writes, "journal_syncs": r.metrics.journal_syncs, "appends": r.metrics.appends },
     });
     Ok(result)
@@ -819,6 +822,8 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
     if args.consumers > 0 {
         print_latency("broker: end-to-end latency", &r.e2e_latency);
     }
+    let mb = r.bytes as f64 / 1e6;
+    println!("{}", r.cpu.describe("broker", mb));
     let engine_mb_s = engine.as_ref().map_or(0.0, |e| e.throughput_mb_s);
     let engine_ratio = ratio(r.throughput_mb_s, engine_mb_s);
     if let Some(e) = &engine {
@@ -835,6 +840,7 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
             );
         }
         print_latency("engine alone: append latency", &e.latency);
+        println!("{}", e.cpu.describe("engine alone", e.bytes as f64 / 1e6));
     }
     let baseline_mb_s = base.map_or(0.0, |b| b.bandwidth_mb_s);
     let baseline_latency = base.map(|b| b.sync_latency).unwrap_or_default();
@@ -867,6 +873,8 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
         "engine_latency_us": engine.as_ref().map(|e| e.latency.to_json()),
         "baseline_latency_us": baseline_latency.to_json(),
         "errors": r.errors,
+        "cpu": r.cpu.to_json(mb),
+        "engine_cpu": engine.as_ref().map(|e| e.cpu.to_json(e.bytes as f64 / 1e6)),
         "timeline": r.timeline,
         "latency_curve": r.produce_curve,
         "e2e_latency_curve": r.e2e_curve,

@@ -10,6 +10,7 @@ use keel_engine::batch::BatchBuilder;
 use keel_engine::metrics::MetricsSnapshot;
 use keel_engine::{block_on, Engine, EngineConfig, FlushPolicy, PartitionConfig, PartitionId};
 
+use crate::cpu::{self, CpuUse};
 use crate::report::{histogram, mb_per_s, percentile_curve, Percentiles, Progress, Timeline};
 
 #[derive(Clone, Debug)]
@@ -41,6 +42,8 @@ pub struct EngineLoadResult {
     /// The latency distribution as `[[percentile, µs], ...]`.
     pub curve: serde_json::Value,
     pub metrics: MetricsSnapshot,
+    /// CPU spent from the end of the warm-up to the end of the run.
+    pub cpu: CpuUse,
 }
 
 pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
@@ -103,7 +106,11 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
         // (a generator that first collected every completion of a group commit, then sent the
         // replacements, left the engine idle while it did).
         let mut to_issue = config.concurrency;
+        let mut cpu_from = None;
         loop {
+            if cpu_from.is_none() && Instant::now() >= measure_from {
+                cpu_from = Some(cpu::sample());
+            }
             while to_issue > 0 && Instant::now() < end {
                 to_issue -= 1;
                 let id = &ids[next_partition % ids.len()];
@@ -133,6 +140,9 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
                 batches += 1;
             }
         }
+        let cpu = cpu_from.map_or_else(CpuUse::default, |from| {
+            CpuUse::between(&from, &cpu::sample())
+        });
         progress.finish();
         let seconds =
             first_in_window.map_or(0.0, |f| last_completion.duration_since(f).as_secs_f64());
@@ -151,6 +161,7 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
             timeline: timeline.map_or(serde_json::Value::Array(Vec::new()), |t| t.to_json()),
             curve: percentile_curve(&h),
             metrics: engine.metrics(),
+            cpu,
         })
     });
     drop(engine);

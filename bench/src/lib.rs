@@ -5,6 +5,7 @@
 
 pub mod broker_load;
 pub mod cli;
+pub mod cpu;
 pub mod engine_load;
 pub mod plot;
 pub mod raw;

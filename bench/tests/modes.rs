@@ -60,6 +60,19 @@ fn common_fields(v: &Value, mode: &str) {
     has_percentiles(&v["baseline_latency_us"], "baseline_latency_us");
 }
 
+/// CPU spent in the measured window, by whose threads: Keel's shards did work, and so did the
+/// load generator (per-thread nanosecond counters, so even a tiny run shows both).
+fn has_cpu(v: &Value, what: &str) {
+    let cpu = &v[what];
+    for field in ["wall_s", "process_s", "keel_s", "io_workers_s", "load_s"] {
+        assert!(cpu[field].is_number(), "{what}.{field} in {v}");
+    }
+    assert!(cpu["wall_s"].as_f64().unwrap() > 0.0, "{cpu}");
+    assert!(cpu["keel_s"].as_f64().unwrap() > 0.0, "{cpu}");
+    assert!(cpu["load_s"].as_f64().unwrap() > 0.0, "{cpu}");
+    assert!(cpu["keel_s_per_gb"].as_f64().unwrap() > 0.0, "{cpu}");
+}
+
 #[test]
 fn raw_mode() {
     let dir = scratch("raw");
@@ -97,6 +110,7 @@ fn tiny_engine(name: &str, duration: &str, extra: &[&str]) -> Value {
 fn engine_mode() {
     let v = tiny_engine("engine", "300ms", &[]);
     common_fields(&v, "engine");
+    has_cpu(&v, "cpu");
     assert_eq!(v["config"]["concurrency"], 4);
     assert_eq!(v["config"]["rounds"], 1);
     assert!(v.get("rounds").is_none(), "one round has no summary");
@@ -196,6 +210,8 @@ fn broker_mode() {
         ],
     );
     common_fields(&v, "broker");
+    has_cpu(&v, "cpu");
+    has_cpu(&v, "engine_cpu");
     has_percentiles(&v["e2e_latency_us"], "e2e_latency_us");
     assert!(v["engine_mb_s"].as_f64().unwrap() > 0.0);
     assert!(v["engine_ratio"].is_number());
