@@ -44,6 +44,10 @@ pub struct EngineConfig {
     /// appends of many partitions become durable through it with one write and one fdatasync.
     /// 0 turns the journal off (every partition syncs its own segment).
     pub journal_bytes: u64,
+    /// A shard's journal turned off by a failed write or flush is started again (a new lap, once
+    /// every partition's segment holds what the old one made durable) this long after, doubling
+    /// with each time it has been turned off, up to 64 times (ARCHITECTURE.md, decision 31).
+    pub journal_restart_after: Duration,
     /// Each shard's memory for recently appended batches (served to tailing readers without a
     /// disk read), shared by its partitions: the oldest batches go first, whichever partition
     /// holds them; each keeps at most its own `cache_bytes`.
@@ -61,6 +65,7 @@ impl EngineConfig {
             recovery: RecoveryMode::Strict,
             retention_check_interval: Duration::from_secs(30),
             journal_bytes: journal_bytes_default,
+            journal_restart_after: Duration::from_secs(10),
             shard_cache_bytes: shard_cache_bytes_default,
         }
     }

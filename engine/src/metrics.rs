@@ -76,6 +76,8 @@ counters!(
     journal_full,
     /// Journal records appended to logs at start-up.
     journal_replayed,
+    /// Times a shard's journal, turned off by a failed write or flush, started again.
+    journal_restarts,
 );
 
 pub(crate) fn bump(counter: &AtomicU64, by: u64) {

@@ -912,6 +912,12 @@ impl Partition {
         }
     }
 
+    /// Is the segment durable up to everything the journal made durable for this partition?
+    /// Then no record of a journal's past run is needed to replay it.
+    pub fn journal_durable_in_segment(&self) -> bool {
+        self.offsets.durable().0 >= self.journal_durable
+    }
+
     pub fn checkpoint_reached(&self) -> bool {
         self.checkpoint_target
             .is_none_or(|target| self.offsets.durable().0 >= target)

@@ -204,6 +204,24 @@ struct ShardJournal {
     /// had nothing unacknowledged: a write or sync that completes while the count differs
     /// acknowledges nothing (decision 29).
     flush_failures_seen: u64,
+    /// Journal I/O submitted and not handled yet (writes, syncs, header writes): a failed
+    /// journal restarts only once its last one is back, so no late completion meets the new run.
+    ios: usize,
+    /// Off after a failure, and how far its restart is (decision 31).
+    off: Option<JournalOff>,
+    /// Times the journal has been turned off since the engine opened; each doubles the wait
+    /// before the next restart.
+    times_off: u32,
+}
+
+/// A journal turned off by a failure, until it starts again.
+struct JournalOff {
+    since: Instant,
+    /// The new header is being written; the storage's count of failed flushes when it was
+    /// issued. A flush that fails anywhere before it is synced may drop it (decision 29), and
+    /// then the old header stands, whose replay stops at the old run's torn end before it
+    /// reaches the new run's records: so the restart counts only if the count has not moved.
+    restarting: Option<u64>,
 }
 
 struct Shard {
@@ -417,11 +435,13 @@ impl Shard {
     /// checkpoint when half the ring is in use); and, while a write buffer is free, one write of
     /// every candidate partition's small group.
     fn schedule_journal(&mut self) {
+        self.schedule_journal_restart();
         let Some(j) = self.journal.as_mut().filter(|j| !j.pipeline.failed) else {
             return;
         };
         if let Some(upto) = j.pipeline.next_sync() {
             bump(&self.metrics.journal_syncs, 1);
+            j.ios += 1;
             let file = j.file.clone();
             self.inflight.push(Box::pin(async move {
                 let result = file.sync_data().await;
@@ -450,6 +470,7 @@ impl Shard {
                     };
                     pipeline.header_inflight = true;
                     bump(&self.metrics.journal_checkpoints, 1);
+                    j.ios += 1;
                     self.inflight
                         .push(Box::pin(write_header(j.file.clone(), header)));
                 }
@@ -540,6 +561,7 @@ impl Shard {
             bump(&self.metrics.journal_durable_writes, 1);
         }
         bump(&self.metrics.journal_bytes, padded);
+        j.ios += 1;
         let file = j.file.clone();
         let position = journal::HEADER_AREA + start % j.pipeline.header.capacity;
         let end = start + padded;
@@ -567,6 +589,7 @@ impl Shard {
             .journal
             .as_mut()
             .expect("journal events come from the journal");
+        j.ios -= 1;
         let metrics = &self.metrics;
         let flush_failures = self.storage.flush_failures();
         // A write or sync that succeeded vouches for nothing if a flush failed anywhere since
@@ -619,6 +642,10 @@ impl Shard {
                 if result.as_ref().is_err_and(|e| !crate::error::is_full(e)) {
                     bump(&metrics.flush_failures, 1); // its write and sync, either may have failed
                 }
+                if j.off.as_ref().is_some_and(|off| off.restarting.is_some()) {
+                    self.on_journal_restarted(header, result);
+                    return;
+                }
                 j.pipeline.header_inflight = false;
                 if result.is_ok() {
                     j.pipeline.header = header;
@@ -657,8 +684,86 @@ impl Shard {
         }
     }
 
+    /// Start a journal that a failure turned off again, once its wait is over and every I/O of
+    /// its failed run is back: when every partition's segment is durable up to what the old run
+    /// made durable (partitions sync their own segments while it is off, so that comes by
+    /// itself), write a header whose checkpoint is past every record written before. Replay then
+    /// never reaches an old record, and the journal takes small groups again (decision 31).
+    fn schedule_journal_restart(&mut self) {
+        let Some(j) = self.journal.as_ref() else {
+            return;
+        };
+        let Some(off) = &j.off else {
+            return;
+        };
+        if off.restarting.is_some()
+            || j.ios > 0
+            || off.since.elapsed() < restart_wait(self.config.journal_restart_after, j.times_off)
+            || self
+                .partitions
+                .values()
+                .any(|p| !p.journal_durable_in_segment())
+        {
+            return;
+        }
+        let j = self.journal.as_mut().expect("checked");
+        let header = Header {
+            capacity: j.pipeline.header.capacity,
+            seq: j.pipeline.header.seq + 1,
+            checkpoint: j.pipeline.head(),
+        };
+        j.off.as_mut().expect("checked").restarting = Some(self.storage.flush_failures());
+        j.ios += 1;
+        self.inflight
+            .push(Box::pin(write_header(j.file.clone(), header)));
+    }
+
+    /// The restart's header is written (and synced), or failed: the journal runs again from
+    /// it, or stays off for a longer wait.
+    fn on_journal_restarted(&mut self, header: Header, result: std::io::Result<()>) {
+        let j = self.journal.as_mut().expect("a restart is the journal's");
+        let seen = j
+            .off
+            .as_ref()
+            .and_then(|off| off.restarting)
+            .expect("restarting");
+        let result = result.and_then(|()| {
+            if self.storage.flush_failures() == seen {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(
+                    "a flush failed on this node while the journal's new header was written",
+                ))
+            }
+        });
+        if let Err(error) = result {
+            bump(&self.metrics.io_errors, 1);
+            j.times_off += 1;
+            j.off = Some(JournalOff {
+                since: Instant::now(),
+                restarting: None,
+            });
+            let restart_in = restart_wait(self.config.journal_restart_after, j.times_off);
+            tracing::warn!(shard = self.index, path = %j.file.path().display(), %error,
+                restart_in_s = restart_in.as_secs_f64(), "the journal's restart failed");
+            return;
+        }
+        j.pipeline.restart(header);
+        // Nothing is unacknowledged: failures before the header cannot drop a record to come.
+        j.flush_failures_seen = seen;
+        j.off = None;
+        bump(&self.metrics.journal_restarts, 1);
+        tracing::info!(shard = self.index, path = %j.file.path().display(),
+            checkpoint = header.checkpoint, "the journal started again");
+        for (id, p) in self.partitions.iter_mut() {
+            p.set_journaled(true);
+            self.dirty.insert(id.clone());
+            self.journal_candidates.insert(id.clone());
+        }
+    }
+
     /// A journal write or sync failed (or a flush that covered it): the journal is off until
-    /// restart.
+    /// it starts again (`schedule_journal_restart`).
     fn journal_off(&mut self, error: std::io::Error) {
         let Some(j) = self.journal.as_mut().filter(|j| !j.pipeline.failed) else {
             return; // no journal, or a late completion of a journal already off
@@ -672,8 +777,15 @@ impl Shard {
             }
         }
         bump(&self.metrics.io_errors, 1);
+        j.times_off += 1;
+        j.off = Some(JournalOff {
+            since: Instant::now(),
+            restarting: None,
+        });
+        let restart_in = restart_wait(self.config.journal_restart_after, j.times_off);
         tracing::error!(shard = self.index, path = %j.file.path().display(), %error,
-            "journal I/O (or a file system flush) failed; the journal is off until restart, partitions sync their own segments");
+            restart_in_s = restart_in.as_secs_f64(),
+            "journal I/O (or a file system flush) failed; the journal is off, partitions sync their own segments until it starts again");
         self.journal_candidates.clear();
         self.checkpoint_waiting.clear();
         self.checkpoint_writers.clear();
@@ -1076,6 +1188,9 @@ impl Shard {
             file,
             pipeline: journal::Pipeline::new(header, buffers),
             flush_failures_seen: self.storage.flush_failures(),
+            ios: 0,
+            off: None,
+            times_off: 0,
         });
         for p in self.partitions.values_mut() {
             p.set_journaled(true);
@@ -1319,6 +1434,12 @@ async fn header_io(file: Rc<dyn StorageFile>, header: Header) -> (std::io::Resul
         result = file.sync_data().await;
     }
     (result, ())
+}
+
+/// How long a journal turned off for the `times_off`-th time waits before it starts again:
+/// `base`, doubling each time, at most 64 times `base`.
+fn restart_wait(base: Duration, times_off: u32) -> Duration {
+    base * (1u32 << times_off.saturating_sub(1).min(6))
 }
 
 async fn write_header(file: Rc<dyn StorageFile>, header: Header) -> (PartitionId, Event) {

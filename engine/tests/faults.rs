@@ -1121,15 +1121,6 @@ fn assert_back_to_its_first_batch(engine: Engine, fs: &SimFs, p: &PartitionId) {
     assert_log_is(engine, fs, p, &expected, &[CrashKind::PowerCut], 0);
 }
 
-/// Wait (30 s at most) until `ready`: something on a shard reached a point the test holds it at.
-fn wait_until(what: &str, ready: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !ready() {
-        assert!(std::time::Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 /// A syncfs is the file system's flush: when it fails, every file's unflushed writes may be
 /// gone, not only its members'. A partition outside the failed group, with writes not yet
 /// durable, rolls back to its durable point too; otherwise its next fdatasync would succeed and

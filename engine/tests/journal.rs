@@ -105,7 +105,10 @@ fn jittery_engine(seed: u64, parts: &[PartitionId], shards: usize) -> (SimFs, En
         latency_jitter: Duration::from_micros(900),
         ..Default::default()
     });
-    let engine = Engine::open(sim_config(&fs, shards)).unwrap();
+    let mut config = sim_config(&fs, shards);
+    // A journal a fault turns off starts again soon, so faults also meet restarted journals.
+    config.journal_restart_after = Duration::from_millis(20);
+    let engine = Engine::open(config).unwrap();
     create(&engine, parts);
     (fs, engine)
 }
@@ -307,6 +310,96 @@ fn a_failed_journal_write_or_sync_loses_nothing() {
         let engine = Engine::open(sim_config(&fs, 1)).unwrap();
         assert_holds(&engine, &acked, &format!("sync {inject_sync}"));
     }
+}
+
+/// A journal a failure turned off starts again once its wait is over and every partition's
+/// segment holds what it had made durable: a new header whose checkpoint lies past every old
+/// record. Appends go through it again, and a power cut after that loses nothing acknowledged
+/// before, while or after it was off (ARCHITECTURE.md, decision 31).
+#[test]
+fn a_journal_turned_off_by_a_failure_starts_again_and_loses_nothing() {
+    for inject_sync in [false, true] {
+        let what = format!("sync {inject_sync}");
+        let fs = SimFs::new(FaultConfig {
+            failed_sync_drops_writes: true,
+            ..Default::default()
+        });
+        let parts = ids(4);
+        let mut config = sim_config(&fs, 1);
+        config.journal_restart_after = Duration::from_millis(50);
+        let engine = Engine::open(config).unwrap();
+        create(&engine, &parts);
+        let (mut acked, _) = small_appends(&engine, &fs, &parts, 4, 40, None);
+        if inject_sync {
+            fs.fail_next_syncs(1);
+        } else {
+            fs.fail_next_writes(1);
+        }
+        let out = block_on(engine.append(&parts[0], batch(7777, 1, 500, 0), 0)).unwrap();
+        acked
+            .get_mut(&parts[0])
+            .unwrap()
+            .insert(out.base_offset, 7777);
+        assert_eq!(engine.metrics().io_errors, 1, "{what}");
+        wait_until("the journal never started again", || {
+            engine.metrics().journal_restarts == 1
+        });
+        let writes = engine.metrics().journal_writes;
+        let (more, _) = small_appends(&engine, &fs, &parts, 4, 40, None);
+        assert!(
+            engine.metrics().journal_writes > writes,
+            "{what}: the journal takes small appends again"
+        );
+        for (p, m) in more {
+            acked.get_mut(&p).unwrap().extend(m);
+        }
+        let m = engine.metrics();
+        assert_eq!((m.io_errors, m.journal_restarts), (1, 1), "{what}");
+        drop(engine);
+        fs.crash(CrashKind::PowerCut);
+        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+        assert_holds(&engine, &acked, &what);
+        for (p, expected) in &acked {
+            assert_eq!(
+                &log_contents(&engine, p),
+                expected,
+                "{what}: {p} holds exactly these"
+            );
+        }
+    }
+}
+
+/// The restart waits for the segments: here one partition's catch-up write (its small groups,
+/// durable only in the journal, go to its segment once the journal is off) fails too, and its
+/// rewrite waits out `rewrite_backoff` (100 ms). A journal that started again meanwhile, with a
+/// checkpoint past those records, would leave them nowhere after a power cut.
+#[test]
+fn a_journal_starts_again_only_once_the_segments_hold_what_it_made_durable() {
+    let fs = SimFs::new(FaultConfig {
+        failed_sync_drops_writes: true,
+        ..Default::default()
+    });
+    let parts = ids(4);
+    let mut config = sim_config(&fs, 1);
+    config.journal_restart_after = Duration::from_millis(1);
+    let engine = Engine::open(config).unwrap();
+    create(&engine, &parts);
+    // ~10 small appends each: all durable through the journal, none on a segment yet.
+    let (acked, _) = small_appends(&engine, &fs, &parts, 4, 40, None);
+    // The journal's next write fails, and so does the first segment write after it.
+    fs.fail_next_writes(2);
+    let _ = block_on(engine.append(&parts[0], batch(7777, 1, 500, 0), 0));
+    wait_until("the journal never started again", || {
+        engine.metrics().journal_restarts == 1
+    });
+    let image = fs.crash_image(CrashKind::PowerCut);
+    assert_eq!(engine.metrics().io_errors, 2, "both writes failed");
+    let reopened = Engine::open(sim_config(&image, 1)).unwrap();
+    assert_holds(
+        &reopened,
+        &acked,
+        "a power cut as the journal started again",
+    );
 }
 
 #[test]

@@ -160,6 +160,7 @@ impl Metrics {
             ("journal_durable_writes", engine.journal_durable_writes),
             ("journal_checkpoints", engine.journal_checkpoints),
             ("journal_full", engine.journal_full),
+            ("journal_restarts", engine.journal_restarts),
         ];
         for (name, value) in engine_values {
             let _ = writeln!(out, "# TYPE keel_engine_{name} counter");

@@ -17,9 +17,9 @@
 //!   starts the next lap, and replay reaches it by trying the lap start when the record it expects
 //!   is missing. That is only right if nothing before the lap start can be missing for another
 //!   reason, so such a write starts only once every earlier write is durable.
-//! * **A failure ends the journal.** After a failed write or sync, nothing pending is
-//!   acknowledged (the shard turns the journal off until restart); completions still in flight
-//!   only give their buffers back.
+//! * **A failure ends the journal's run.** After a failed write or sync, nothing pending is
+//!   acknowledged (the shard turns the journal off); completions still in flight only give their
+//!   buffers back. The shard may [`restart`](Pipeline::restart) it later from a new header.
 
 use std::collections::VecDeque;
 
@@ -56,7 +56,7 @@ pub(crate) struct Pipeline {
     sync_inflight: Option<u64>,
     /// A header write is in flight.
     pub header_inflight: bool,
-    /// A journal I/O failed: the journal takes nothing more until the engine restarts.
+    /// A journal I/O failed: the journal takes nothing more until the shard restarts it.
     pub failed: bool,
     /// A checkpoint at this position waits for partitions' segments to become durable.
     pub checkpoint_at: Option<u64>,
@@ -83,6 +83,27 @@ impl Pipeline {
 
     pub fn durable_head(&self) -> u64 {
         self.durable_head
+    }
+
+    /// Logical position of the next write.
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// Start again after a failure, from `header` (already durable): its checkpoint is at or past
+    /// every position written before, so replay never reaches an old record. Every I/O of the
+    /// failed pipeline must be back (its buffers returned).
+    pub fn restart(&mut self, header: Header) {
+        assert!(self.failed, "only a failed pipeline restarts");
+        assert!(header.checkpoint >= self.head, "a restart never goes back");
+        self.header = header;
+        self.head = header.checkpoint;
+        self.durable_head = header.checkpoint;
+        self.pending.clear();
+        self.sync_inflight = None;
+        self.header_inflight = false;
+        self.failed = false;
+        self.checkpoint_at = None;
     }
 
     /// How many segment writes the shard may have in flight before a checkpoint's writes wait
@@ -352,5 +373,34 @@ mod tests {
         assert_eq!(j.next_sync(), None);
         assert!(j.take_buffer().is_none());
         assert_eq!(j.durable_head(), 0);
+    }
+
+    #[test]
+    fn a_restart_goes_on_from_a_new_checkpoint_past_every_old_write() {
+        let mut j = pipeline(64 * B, 0, 1);
+        let w1 = issue(&mut j, B, member(1, 10));
+        let buf = j.take_buffer().expect("one buffer");
+        j.fail();
+        j.give_back(buf); // the failed write's completion
+        assert_eq!(j.on_written(w1), Vec::new());
+        let header = Header {
+            capacity: 64 * B,
+            seq: 2,
+            checkpoint: j.head(),
+        };
+        j.restart(header);
+        assert_eq!((j.head(), j.durable_head()), (B, B));
+        assert!(j.take_buffer().is_some(), "writes again");
+        // The whole ring is free from the new checkpoint on, and acknowledgements resume.
+        let w2 = issue(&mut j, 64 * B - B, member(2, 20));
+        assert_eq!(j.place(B), Some(64 * B), "one block of the ring is left");
+        assert_eq!(j.place(2 * B), None, "and no more");
+        assert_eq!(
+            j.on_written(w2),
+            Vec::new(),
+            "a plain write waits for its sync"
+        );
+        let upto = j.next_sync().expect("w2 is written");
+        assert_eq!(j.on_synced(upto), member(2, 20));
     }
 }

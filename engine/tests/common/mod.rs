@@ -132,3 +132,13 @@ pub fn create_partitions(engine: &Engine, ids: &[PartitionId], config: &Partitio
         }
     });
 }
+
+/// Wait (30 s at most) until `ready`: something on a shard reached a point the test holds it
+/// at, or did what it does by itself.
+pub fn wait_until(what: &str, ready: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
