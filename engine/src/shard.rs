@@ -738,12 +738,7 @@ impl Shard {
         });
         if let Err(error) = result {
             bump(&self.metrics.io_errors, 1);
-            j.times_off += 1;
-            j.off = Some(JournalOff {
-                since: Instant::now(),
-                restarting: None,
-            });
-            let restart_in = restart_wait(self.config.journal_restart_after, j.times_off);
+            let restart_in = j.turn_off(self.config.journal_restart_after);
             tracing::warn!(shard = self.index, path = %j.file.path().display(), %error,
                 restart_in_s = restart_in.as_secs_f64(), "the journal's restart failed");
             return;
@@ -777,12 +772,7 @@ impl Shard {
             }
         }
         bump(&self.metrics.io_errors, 1);
-        j.times_off += 1;
-        j.off = Some(JournalOff {
-            since: Instant::now(),
-            restarting: None,
-        });
-        let restart_in = restart_wait(self.config.journal_restart_after, j.times_off);
+        let restart_in = j.turn_off(self.config.journal_restart_after);
         tracing::error!(shard = self.index, path = %j.file.path().display(), %error,
             restart_in_s = restart_in.as_secs_f64(),
             "journal I/O (or a file system flush) failed; the journal is off, partitions sync their own segments until it starts again");
@@ -1440,6 +1430,19 @@ async fn header_io(file: Rc<dyn StorageFile>, header: Header) -> (std::io::Resul
 /// `base`, doubling each time, at most 64 times `base`.
 fn restart_wait(base: Duration, times_off: u32) -> Duration {
     base * (1u32 << times_off.saturating_sub(1).min(6))
+}
+
+impl ShardJournal {
+    /// Off once more, from now (a failure, or a restart that did not take): returns the wait
+    /// before it may start again, `base` doubled for each earlier time.
+    fn turn_off(&mut self, base: Duration) -> Duration {
+        self.times_off += 1;
+        self.off = Some(JournalOff {
+            since: Instant::now(),
+            restarting: None,
+        });
+        restart_wait(base, self.times_off)
+    }
 }
 
 async fn write_header(file: Rc<dyn StorageFile>, header: Header) -> (PartitionId, Event) {

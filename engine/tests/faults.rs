@@ -945,15 +945,7 @@ fn after_a_failed_roll_at_the_durable_point_the_next_append_rolls_again() {
         // Five 200 KB batches fill the first segment and are durable; the sixth needs a new one.
         durable_then_written(&engine, &p, full_after_five(), 0..5, 5..5, 200_000).await;
         fs.fail_next_syncs(1);
-        let err = engine
-            .append(&p, batch(5, 1, 200_000, 0), 0)
-            .await
-            .unwrap_err();
-        assert!(matches!(err, Error::Io { op: "fsync", .. }), "{err}");
-        let state = engine.partition_state(&p).await.unwrap();
-        assert_eq!((state.appended.0, state.durable.0), (5, 5));
-        engine.append(&p, batch(6, 1, 200_000, 0), 0).await.unwrap();
-        engine.flush(&p).await.unwrap();
+        fails_then_carries_on(&engine, &p, [5, 6], 200_000, "fsync", 5).await;
         assert_eq!(engine.partition_state(&p).await.unwrap().segments, 2);
     });
     let expected: BTreeMap<u64, u64> = (0..5).map(|t| (t, t)).chain([(5, 6)]).collect();
@@ -991,6 +983,30 @@ fn a_failed_flush_elsewhere_does_not_fail_a_settled_partitions_roll() {
     assert_log_is(engine, &fs, &full, &expected, &[CrashKind::PowerCut], 0);
 }
 
+/// `p`'s next append (tagged `tags[0]`, `size` bytes) fails with an I/O error of `op`, after
+/// which the log ends, durable, at `back_to`; the append after it (`tags[1]`) succeeds, flushed.
+async fn fails_then_carries_on(
+    engine: &Engine,
+    p: &PartitionId,
+    tags: [u64; 2],
+    size: usize,
+    op: &str,
+    back_to: u64,
+) {
+    let err = engine
+        .append(p, batch(tags[0], 1, size, 0), 0)
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, Error::Io { op: o, .. } if *o == op), "{err}");
+    let state = engine.partition_state(p).await.unwrap();
+    assert_eq!((state.appended.0, state.durable.0), (back_to, back_to));
+    engine
+        .append(p, batch(tags[1], 1, size, 0), 0)
+        .await
+        .unwrap();
+    engine.flush(p).await.unwrap();
+}
+
 /// Flushed by hand, 1 MiB segments: five 200 KB batches fill one, a sixth starts the next.
 fn full_after_five() -> PartitionConfig {
     PartitionConfig {
@@ -1013,15 +1029,7 @@ fn a_failed_fsync_in_a_rollbacks_cut_goes_back_to_the_durable_point() {
         // the file after it; the cut's fsync fails too.
         fs.fail_next_writes(1);
         fs.fail_next_syncs(1);
-        let err = engine
-            .append(&p, batch(5, 1, 10_000, 0), 0)
-            .await
-            .unwrap_err();
-        assert!(matches!(err, Error::Io { op: "write", .. }), "{err}");
-        let state = engine.partition_state(&p).await.unwrap();
-        assert_eq!((state.appended.0, state.durable.0), (3, 3));
-        engine.append(&p, batch(6, 1, 10_000, 0), 0).await.unwrap();
-        engine.flush(&p).await.unwrap();
+        fails_then_carries_on(&engine, &p, [5, 6], 10_000, "write", 3).await;
     });
     let expected = BTreeMap::from([(0, 0), (1, 1), (2, 2), (3, 6)]);
     assert_log_is(engine, &fs, &p, &expected, &[CrashKind::PowerCut], 0);

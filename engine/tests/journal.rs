@@ -272,33 +272,61 @@ fn a_recreated_partition_gets_none_of_its_predecessors_records() {
     );
 }
 
+/// What each partition acknowledged: offset → tag.
+type Acked = BTreeMap<PartitionId, BTreeMap<u64, u64>>;
+
+/// Four journaled partitions on one shard of a disk whose failed flushes lose what they covered
+/// for good (ARCHITECTURE.md, decision 26), each with ~10 small appends acknowledged through the
+/// journal (none on a segment yet), and nothing in flight. `restart_after`: the engine's
+/// `journal_restart_after`, if not the default.
+fn quiet_journaled_engine(
+    restart_after: Option<Duration>,
+) -> (SimFs, Engine, Vec<PartitionId>, Acked) {
+    let fs = SimFs::new(FaultConfig {
+        failed_sync_drops_writes: true,
+        ..Default::default()
+    });
+    let parts = ids(4);
+    let mut config = sim_config(&fs, 1);
+    if let Some(after) = restart_after {
+        config.journal_restart_after = after;
+    }
+    let engine = Engine::open(config).unwrap();
+    create(&engine, &parts);
+    let (acked, _) = small_appends(&engine, &fs, &parts, 4, 40, None);
+    (fs, engine, parts, acked)
+}
+
+/// The next small append's journal write (`inject_sync`: its flush) fails: the journal turns
+/// off, and the append is acknowledged through its partition's segment instead.
+fn fail_the_journal(
+    fs: &SimFs,
+    engine: &Engine,
+    parts: &[PartitionId],
+    acked: &mut Acked,
+    inject_sync: bool,
+) {
+    if inject_sync {
+        fs.fail_next_syncs(1);
+    } else {
+        fs.fail_next_writes(1);
+    }
+    let out = block_on(engine.append(&parts[0], batch(7777, 1, 500, 0), 0)).unwrap();
+    acked
+        .get_mut(&parts[0])
+        .unwrap()
+        .insert(out.base_offset, 7777);
+    assert_eq!(engine.metrics().io_errors, 1, "sync {inject_sync}");
+}
+
 #[test]
 fn a_failed_journal_write_or_sync_loses_nothing() {
     for inject_sync in [false, true] {
-        // A failed sync loses what it covered for good (ARCHITECTURE.md, decision 26).
-        let fs = SimFs::new(FaultConfig {
-            failed_sync_drops_writes: true,
-            ..Default::default()
-        });
-        let parts = ids(4);
-        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
-        create(&engine, &parts);
-        let (mut acked, _) = small_appends(&engine, &fs, &parts, 4, 40, None);
+        let (fs, engine, parts, mut acked) = quiet_journaled_engine(None);
         // Everything is quiet: the next I/O is the journal's write of the next small append.
-        if inject_sync {
-            fs.fail_next_syncs(1);
-        } else {
-            fs.fail_next_writes(1);
-        }
-        let out = block_on(engine.append(&parts[0], batch(7777, 1, 500, 0), 0)).unwrap();
-        acked
-            .get_mut(&parts[0])
-            .unwrap()
-            .insert(out.base_offset, 7777);
-        let m = engine.metrics();
-        assert_eq!(m.io_errors, 1, "sync {inject_sync}");
+        fail_the_journal(&fs, &engine, &parts, &mut acked, inject_sync);
         // The journal is off; partitions sync their own segments and carry on.
-        let writes = m.journal_writes;
+        let writes = engine.metrics().journal_writes;
         let (more, _) = small_appends(&engine, &fs, &parts, 4, 40, None);
         assert_eq!(engine.metrics().journal_writes, writes);
         for (p, m) in more {
@@ -320,27 +348,9 @@ fn a_failed_journal_write_or_sync_loses_nothing() {
 fn a_journal_turned_off_by_a_failure_starts_again_and_loses_nothing() {
     for inject_sync in [false, true] {
         let what = format!("sync {inject_sync}");
-        let fs = SimFs::new(FaultConfig {
-            failed_sync_drops_writes: true,
-            ..Default::default()
-        });
-        let parts = ids(4);
-        let mut config = sim_config(&fs, 1);
-        config.journal_restart_after = Duration::from_millis(50);
-        let engine = Engine::open(config).unwrap();
-        create(&engine, &parts);
-        let (mut acked, _) = small_appends(&engine, &fs, &parts, 4, 40, None);
-        if inject_sync {
-            fs.fail_next_syncs(1);
-        } else {
-            fs.fail_next_writes(1);
-        }
-        let out = block_on(engine.append(&parts[0], batch(7777, 1, 500, 0), 0)).unwrap();
-        acked
-            .get_mut(&parts[0])
-            .unwrap()
-            .insert(out.base_offset, 7777);
-        assert_eq!(engine.metrics().io_errors, 1, "{what}");
+        let (fs, engine, parts, mut acked) =
+            quiet_journaled_engine(Some(Duration::from_millis(50)));
+        fail_the_journal(&fs, &engine, &parts, &mut acked, inject_sync);
         wait_until("the journal never started again", || {
             engine.metrics().journal_restarts == 1
         });
@@ -375,17 +385,7 @@ fn a_journal_turned_off_by_a_failure_starts_again_and_loses_nothing() {
 /// checkpoint past those records, would leave them nowhere after a power cut.
 #[test]
 fn a_journal_starts_again_only_once_the_segments_hold_what_it_made_durable() {
-    let fs = SimFs::new(FaultConfig {
-        failed_sync_drops_writes: true,
-        ..Default::default()
-    });
-    let parts = ids(4);
-    let mut config = sim_config(&fs, 1);
-    config.journal_restart_after = Duration::from_millis(1);
-    let engine = Engine::open(config).unwrap();
-    create(&engine, &parts);
-    // ~10 small appends each: all durable through the journal, none on a segment yet.
-    let (acked, _) = small_appends(&engine, &fs, &parts, 4, 40, None);
+    let (fs, engine, parts, acked) = quiet_journaled_engine(Some(Duration::from_millis(1)));
     // The journal's next write fails, and so does the first segment write after it.
     fs.fail_next_writes(2);
     let _ = block_on(engine.append(&parts[0], batch(7777, 1, 500, 0), 0));
