@@ -323,7 +323,7 @@ fn sweep(args: SweepArgs) -> Result<(), String> {
 /// A Markdown table of raw or engine results: one row per run.
 fn markdown_simple(results: &[Value]) -> String {
     let mut out = String::from(
-        "| mode | settings | MB/s | × raw | latency p50 / p99 / p99.9 µs | raw 4 KiB write+fdatasync p99 µs |\n|---|---|---|---|---|---|\n",
+        "| mode | settings | MB/s | × raw | latency p50 / p99 / p99.9 µs | raw 4 KiB write+fdatasync p99 µs | Keel CPU s/GB |\n|---|---|---|---|---|---|---|\n",
     );
     let num = |v: &Value| v.as_f64().map_or("–".to_string(), |f| format!("{f:.0}"));
     for r in results {
@@ -340,7 +340,7 @@ fn markdown_simple(results: &[Value]) -> String {
         };
         let lat = &r["latency_us"];
         out.push_str(&format!(
-            "| {} | {settings} | {} | {} | {} / {} / {} | {} |\n",
+            "| {} | {settings} | {} | {} | {} / {} / {} | {} | {} |\n",
             r["mode"].as_str().unwrap_or("?"),
             num(&r["throughput_mb_s"]),
             r["ratio"]
@@ -350,6 +350,7 @@ fn markdown_simple(results: &[Value]) -> String {
             num(&lat["p99"]),
             num(&lat["p999"]),
             num(&r["baseline_latency_us"]["p99"]),
+            cpu_per_gb(r),
         ));
     }
     out
@@ -358,7 +359,7 @@ fn markdown_simple(results: &[Value]) -> String {
 /// A Markdown table of broker/engine results: one row per run.
 fn markdown_table(results: &[Value]) -> String {
     let mut out = String::from(
-        "| mode | messages | partitions | producers × in flight | acks | policy | MB/s | msgs/s | × engine | × raw | produce p50 / p99 / p99.9 µs | e2e p99 µs |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| mode | messages | partitions | producers × in flight | acks | policy | MB/s | msgs/s | × engine | × raw | produce p50 / p99 / p99.9 µs | e2e p99 µs | Keel CPU s/GB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let num = |v: &Value| v.as_f64().map_or("–".to_string(), |f| format!("{f:.0}"));
     let ratio = |v: &Value| v.as_f64().map_or("–".to_string(), |f| format!("{f:.2}"));
@@ -366,7 +367,7 @@ fn markdown_table(results: &[Value]) -> String {
         let c = &r["config"];
         let lat = &r["latency_us"];
         out.push_str(&format!(
-            "| {} | {} × {} B | {} | {} × {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |\n",
+            "| {} | {} × {} B | {} | {} × {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} |\n",
             r["mode"].as_str().unwrap_or("?"),
             c["messages_per_batch"],
             c["message_bytes"],
@@ -383,9 +384,17 @@ fn markdown_table(results: &[Value]) -> String {
             num(&lat["p99"]),
             num(&lat["p999"]),
             num(&r["e2e_latency_us"]["p99"]),
+            cpu_per_gb(r),
         ));
     }
     out
+}
+
+/// Keel's core-seconds per GB appended in a run (`cpu.keel_s_per_gb`), or "–" (raw runs).
+fn cpu_per_gb(r: &Value) -> String {
+    r["cpu"]["keel_s_per_gb"]
+        .as_f64()
+        .map_or("–".to_string(), |f| format!("{f:.2}"))
 }
 
 fn write_markdown(common: &Common, results: &[Value]) -> Result<(), String> {

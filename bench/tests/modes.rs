@@ -108,9 +108,26 @@ fn tiny_engine(name: &str, duration: &str, extra: &[&str]) -> Value {
 
 #[test]
 fn engine_mode() {
-    let v = tiny_engine("engine", "300ms", &[]);
+    let md =
+        std::env::temp_dir().join(format!("keel-bench-modes-{}-engine.md", std::process::id()));
+    let v = tiny_engine("engine", "300ms", &["--markdown", md.to_str().unwrap()]);
     common_fields(&v, "engine");
     has_cpu(&v, "cpu");
+    let table = std::fs::read_to_string(&md).unwrap();
+    let _ = std::fs::remove_file(&md);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("| engine |"))
+        .expect(&table);
+    let cpu: f64 = row
+        .trim_end_matches('|')
+        .rsplit('|')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .expect(row);
+    assert!(table.contains("| Keel CPU s/GB |") && cpu > 0.0, "{table}");
     assert_eq!(v["config"]["concurrency"], 4);
     assert_eq!(v["config"]["rounds"], 1);
     assert!(v.get("rounds").is_none(), "one round has no summary");
