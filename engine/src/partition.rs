@@ -1814,8 +1814,6 @@ impl Partition {
         }
     }
 
-    /// Has a flush failed anywhere on the node since this partition last had nothing in doubt,
-    /// with no rollback to the durable point pending yet (that one already answers for it)?
     /// With nothing written but not durable and no write or sync in flight, a failed flush
     /// before now cannot have dropped anything this partition will vouch for: note the storage's
     /// count, so that only failures from here on put what it writes next in doubt. Called as a
@@ -1830,6 +1828,8 @@ impl Partition {
         }
     }
 
+    /// Has a flush failed anywhere on the node since this partition last had nothing in doubt,
+    /// with no rollback to the durable point pending yet (that one already answers for it)?
     fn flush_lost(&self, storage: &dyn Storage) -> bool {
         !self.durable_frozen() && storage.flush_failures() != self.flush_failures_seen
     }

@@ -204,9 +204,6 @@ struct ShardJournal {
     /// had nothing unacknowledged: a write or sync that completes while the count differs
     /// acknowledges nothing (decision 29).
     flush_failures_seen: u64,
-    /// Journal I/O submitted and not handled yet (writes, syncs, header writes): a failed
-    /// journal restarts only once its last one is back, so no late completion meets the new run.
-    ios: usize,
     /// Off after a failure, and how far its restart is (decision 31).
     off: Option<JournalOff>,
     /// Times the journal has been turned off since the engine opened; each doubles the wait
@@ -441,7 +438,6 @@ impl Shard {
         };
         if let Some(upto) = j.pipeline.next_sync() {
             bump(&self.metrics.journal_syncs, 1);
-            j.ios += 1;
             let file = j.file.clone();
             self.inflight.push(Box::pin(async move {
                 let result = file.sync_data().await;
@@ -470,7 +466,6 @@ impl Shard {
                     };
                     pipeline.header_inflight = true;
                     bump(&self.metrics.journal_checkpoints, 1);
-                    j.ios += 1;
                     self.inflight
                         .push(Box::pin(write_header(j.file.clone(), header)));
                 }
@@ -561,7 +556,6 @@ impl Shard {
             bump(&self.metrics.journal_durable_writes, 1);
         }
         bump(&self.metrics.journal_bytes, padded);
-        j.ios += 1;
         let file = j.file.clone();
         let position = journal::HEADER_AREA + start % j.pipeline.header.capacity;
         let end = start + padded;
@@ -589,7 +583,6 @@ impl Shard {
             .journal
             .as_mut()
             .expect("journal events come from the journal");
-        j.ios -= 1;
         let metrics = &self.metrics;
         let flush_failures = self.storage.flush_failures();
         // A write or sync that succeeded vouches for nothing if a flush failed anywhere since
@@ -635,6 +628,8 @@ impl Shard {
                             self.dirty.insert(id);
                         }
                     }
+                } else {
+                    j.pipeline.on_sync_failed(upto);
                 }
                 result
             }
@@ -696,8 +691,9 @@ impl Shard {
         let Some(off) = &j.off else {
             return;
         };
+        // Every I/O of the failed run is back, so no late completion meets the new one.
         if off.restarting.is_some()
-            || j.ios > 0
+            || !j.pipeline.idle()
             || off.since.elapsed() < restart_wait(self.config.journal_restart_after, j.times_off)
             || self
                 .partitions
@@ -713,7 +709,6 @@ impl Shard {
             checkpoint: j.pipeline.head(),
         };
         j.off.as_mut().expect("checked").restarting = Some(self.storage.flush_failures());
-        j.ios += 1;
         self.inflight
             .push(Box::pin(write_header(j.file.clone(), header)));
     }
@@ -1178,7 +1173,6 @@ impl Shard {
             file,
             pipeline: journal::Pipeline::new(header, buffers),
             flush_failures_seen: self.storage.flush_failures(),
-            ios: 0,
             off: None,
             times_off: 0,
         });

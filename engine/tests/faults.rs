@@ -1123,6 +1123,14 @@ async fn append_each(
     }
 }
 
+/// `p`'s next flush finds that a flush failed on the node since its writes (decision 29): it
+/// fails with op `flush`, taking the log back to its durable point, and the one after succeeds.
+async fn flush_finds_a_failed_flush(engine: &Engine, p: &PartitionId) {
+    let err = engine.flush(p).await.unwrap_err();
+    assert!(matches!(err, Error::Io { op: "flush", .. }), "{err}");
+    engine.flush(p).await.unwrap();
+}
+
 /// `p` holds only its durable first batch (tag 0), live and after a power cut.
 fn assert_back_to_its_first_batch(engine: Engine, fs: &SimFs, p: &PartitionId) {
     let expected = BTreeMap::from([(0, 0)]);
@@ -1215,9 +1223,7 @@ fn a_failed_fdatasync_on_one_shard_rolls_back_unflushed_writes_on_another() {
         assert!(engine.flush(&b).await.is_err());
         assert_eq!(engine.metrics().flush_failures, 1);
         // a's fdatasync succeeds, and vouches for nothing: a goes back to its durable point.
-        let err = engine.flush(&a).await.unwrap_err();
-        assert!(matches!(err, Error::Io { op: "flush", .. }), "{err}");
-        engine.flush(&a).await.unwrap();
+        flush_finds_a_failed_flush(&engine, &a).await;
     });
     assert_back_to_its_first_batch(engine, &fs, &a);
 }
@@ -1238,9 +1244,7 @@ fn a_failed_fsync_of_a_metadata_file_leaves_no_unflushed_write_acknowledged() {
         wait_until("the epoch checkpoint never failed", || {
             engine.metrics().io_errors > 0
         });
-        let err = engine.flush(&p).await.unwrap_err();
-        assert!(matches!(err, Error::Io { op: "flush", .. }), "{err}");
-        engine.flush(&p).await.unwrap();
+        flush_finds_a_failed_flush(&engine, &p).await;
     });
     assert_back_to_its_first_batch(engine, &fs, &p);
 }

@@ -22,6 +22,9 @@ fn config() -> PartitionConfig {
     }
 }
 
+/// What each partition acknowledged: offset → tag.
+type Acked = BTreeMap<PartitionId, BTreeMap<u64, u64>>;
+
 fn ids(n: u32) -> Vec<PartitionId> {
     (0..n).map(|i| PartitionId::new("j", i)).collect()
 }
@@ -35,7 +38,7 @@ fn small_appends(
     concurrency: usize,
     total: u64,
     crash_after: Option<usize>,
-) -> (BTreeMap<PartitionId, BTreeMap<u64, u64>>, Option<SimFs>) {
+) -> (Acked, Option<SimFs>) {
     let (acked, failed, image) =
         spread_appends(engine, fs, parts, concurrency, total, crash_after, None);
     assert_eq!(failed, 0, "appends failed on a disk without faults");
@@ -54,13 +57,9 @@ fn spread_appends(
     total: u64,
     crash_after: Option<usize>,
     sync_failure_at: Option<u64>,
-) -> (
-    BTreeMap<PartitionId, BTreeMap<u64, u64>>,
-    usize,
-    Option<SimFs>,
-) {
+) -> (Acked, usize, Option<SimFs>) {
     block_on(async {
-        let mut acked: BTreeMap<PartitionId, BTreeMap<u64, u64>> = BTreeMap::new();
+        let mut acked = Acked::new();
         let mut failed = 0;
         let mut inflight = FuturesUnordered::new();
         let mut done = 0;
@@ -114,11 +113,7 @@ fn jittery_engine(seed: u64, parts: &[PartitionId], shards: usize) -> (SimFs, En
 }
 
 /// Every acknowledged append is there, in a gap-free log from 0.
-fn assert_holds(
-    engine: &Engine,
-    acked: &BTreeMap<PartitionId, BTreeMap<u64, u64>>,
-    what: &str,
-) -> usize {
+fn assert_holds(engine: &Engine, acked: &Acked, what: &str) -> usize {
     let mut total = 0;
     for (p, expected) in acked {
         let got = log_contents(engine, p);
@@ -271,9 +266,6 @@ fn a_recreated_partition_gets_none_of_its_predecessors_records() {
         BTreeMap::from([(0, 50), (1, 51), (2, 52)])
     );
 }
-
-/// What each partition acknowledged: offset → tag.
-type Acked = BTreeMap<PartitionId, BTreeMap<u64, u64>>;
 
 /// Four journaled partitions on one shard of a disk whose failed flushes lose what they covered
 /// for good (ARCHITECTURE.md, decision 26), each with ~10 small appends acknowledged through the

@@ -62,6 +62,8 @@ pub(crate) struct Pipeline {
     pub checkpoint_at: Option<u64>,
     /// Free write buffers (one per write that can be in flight).
     buffers: Vec<AlignedBuf>,
+    /// All of them: fewer free means writes in flight.
+    buffers_total: usize,
 }
 
 impl Pipeline {
@@ -77,6 +79,7 @@ impl Pipeline {
             header_inflight: false,
             failed: false,
             checkpoint_at: None,
+            buffers_total: buffers.len(),
             buffers,
         }
     }
@@ -90,18 +93,25 @@ impl Pipeline {
         self.head
     }
 
+    /// No write, sync or header write of this pipeline is in flight (after a failure too: its
+    /// late completions still come back here).
+    pub fn idle(&self) -> bool {
+        self.buffers.len() == self.buffers_total
+            && self.sync_inflight.is_none()
+            && !self.header_inflight
+    }
+
     /// Start again after a failure, from `header` (already durable): its checkpoint is at or past
     /// every position written before, so replay never reaches an old record. Every I/O of the
-    /// failed pipeline must be back (its buffers returned).
+    /// failed pipeline must be back ([`idle`](Self::idle)).
     pub fn restart(&mut self, header: Header) {
         assert!(self.failed, "only a failed pipeline restarts");
+        assert!(self.idle(), "the failed run's I/O is back");
         assert!(header.checkpoint >= self.head, "a restart never goes back");
         self.header = header;
         self.head = header.checkpoint;
         self.durable_head = header.checkpoint;
         self.pending.clear();
-        self.sync_inflight = None;
-        self.header_inflight = false;
         self.failed = false;
         self.checkpoint_at = None;
     }
@@ -216,6 +226,7 @@ impl Pipeline {
     /// members in journal order.
     pub fn on_synced(&mut self, upto: u64) -> Vec<(PartitionId, u64)> {
         if self.failed {
+            self.sync_inflight = None; // a late completion: the sync is back
             return Vec::new();
         }
         assert_eq!(self.sync_inflight.take(), Some(upto), "the sync in flight");
@@ -230,11 +241,17 @@ impl Pipeline {
         members
     }
 
+    /// The sync issued for the writes up to `upto` failed (or a failure since makes it vouch
+    /// for nothing): it is back, and acknowledges nothing. [`fail`](Self::fail) follows.
+    pub fn on_sync_failed(&mut self, upto: u64) {
+        let inflight = self.sync_inflight.take();
+        assert!(self.failed || inflight == Some(upto), "the sync in flight");
+    }
+
     /// A write or sync failed: nothing pending becomes durable. Returns every pending member
     /// (in journal order) so its partition can fall back to its segment.
     pub fn fail(&mut self) -> Vec<(PartitionId, u64)> {
         self.failed = true;
-        self.sync_inflight = None;
         self.pending.drain(..).flat_map(|w| w.members).collect()
     }
 }
@@ -381,8 +398,10 @@ mod tests {
         let w1 = issue(&mut j, B, member(1, 10));
         let buf = j.take_buffer().expect("one buffer");
         j.fail();
+        assert!(!j.idle(), "its write is still out");
         j.give_back(buf); // the failed write's completion
         assert_eq!(j.on_written(w1), Vec::new());
+        assert!(j.idle());
         let header = Header {
             capacity: 64 * B,
             seq: 2,
