@@ -153,6 +153,12 @@ impl Pipeline {
         (start == self.head || self.pending.is_empty()).then_some(start)
     }
 
+    /// Would a write of one block fit now? If not, no write does (`place` only fails more for
+    /// longer writes) until a checkpoint completes or a new lap may start.
+    pub fn has_room(&self) -> bool {
+        self.place(crate::constants::block_bytes as u64).is_some()
+    }
+
     /// Does the next write go out durable by itself (`StorageFile::write_at_durable`)? Yes when
     /// nothing else is pending: the write would otherwise be followed by a sync of its own, and
     /// one durable write is one I/O instead of two (and no punt to a worker thread, which
@@ -373,6 +379,17 @@ mod tests {
         assert_eq!(j.place(2 * B), Some(6 * B));
         // The next lap is free only up to the checkpoint's data.
         assert_eq!(j.place(5 * B), None);
+    }
+
+    #[test]
+    fn no_write_fits_once_one_block_does_not() {
+        let mut j = pipeline(8 * B, 0, 2);
+        for (i, blocks) in [3, 3, 2].into_iter().enumerate() {
+            assert!(j.has_room(), "write {i}");
+            issue(&mut j, blocks * B, member(1, i as u64));
+        }
+        assert!(!j.has_room(), "the ring is full up to its checkpoint");
+        assert!((1..=8).all(|n| j.place(n * B).is_none()));
     }
 
     #[test]
