@@ -2,8 +2,10 @@
 //! (started in-process on a scratch directory, or an external broker with `--bootstrap`).
 //!
 //! Its own load generator, so batching is exact: each producer is one connection with an
-//! idempotent producer id, keeping `inflight` produce requests of one batch each in flight (as
-//! librdkafka does with `max.in.flight=5`). Like a pipelining client it reads every answer that
+//! idempotent producer id, keeping `inflight` produce requests in flight (as librdkafka does with
+//! `max.in.flight=5`), each of one batch or, with `partitions_per_request`, of one batch for each
+//! of that many partitions (as a Kafka producer's sender drains every partition with a batch
+//! ready into one request per broker). Like a pipelining client it reads every answer that
 //! has arrived, then sends all the requests the window allows in one write (a producer whose
 //! batches are ready does not send them one answer apart); a request's send time is when it was
 //! built, just before that write. A batch is `messages_per_batch` records of `message_bytes`
@@ -33,7 +35,7 @@ use keel_engine::batch::{BatchBuilder, BatchHeader};
 
 use crate::report::{histogram, mb_per_s, percentile_curve, Percentiles, Progress, Timeline};
 
-/// Non-flexible, so a request ends with its records (see `produce_prefix`).
+/// Non-flexible, so a request ends with its partition entries (see `produce_template`).
 const produce_version: i16 = 8;
 const fetch_version: i16 = 11;
 
@@ -50,6 +52,8 @@ pub struct BrokerLoadConfig {
     pub acks: i16,
     /// Produce requests in flight per producer connection.
     pub inflight: usize,
+    /// Batches per produce request, each for another partition (1: one batch per request).
+    pub partitions_per_request: usize,
     pub duration: Duration,
     pub warmup: Duration,
     /// Stop after this many messages in all (0: no limit).
@@ -333,15 +337,31 @@ struct ProducerResult {
 /// A whole Produce request frame for one partition up to its records' length field: the request
 /// encoded with null records (which Produce v8 writes as a trailing i32 -1, the last field of the
 /// frame) minus that marker. The size and correlation id are patched per request.
-fn produce_prefix(topic: &str, partition: i32, acks: i16) -> Result<Vec<u8>, String> {
+/// A whole Produce frame (size prefix included) carrying `count` batches of `batch_len` bytes,
+/// each for a partition of its own, and where in it each partition entry starts: its index
+/// (`i32`), then its records (`i32` length, the batch). For the non-flexible version the
+/// partition entries are the frame's last bytes, so the generator only patches each entry's
+/// index, batch and the correlation id per request.
+fn produce_template(
+    topic: &str,
+    count: usize,
+    acks: i16,
+    batch_len: usize,
+) -> Result<(Vec<u8>, Vec<usize>), String> {
     let request = ProduceRequest::default()
         .with_acks(acks)
         .with_timeout_ms(30_000)
         .with_topic_data(vec![TopicProduceData::default()
             .with_name(topic_name(topic))
-            .with_partition_data(vec![PartitionProduceData::default()
-                .with_index(partition)
-                .with_records(None)])]);
+            .with_partition_data(
+                (0..count as i32)
+                    .map(|p| {
+                        PartitionProduceData::default()
+                            .with_index(p)
+                            .with_records(Some(Bytes::from(vec![0u8; batch_len])))
+                    })
+                    .collect(),
+            )]);
     let header = RequestHeader::default()
         .with_request_api_key(ProduceRequest::KEY)
         .with_request_api_version(produce_version)
@@ -354,11 +374,22 @@ fn produce_prefix(topic: &str, partition: i32, acks: i16) -> Result<Vec<u8>, Str
     request
         .encode(&mut out, produce_version)
         .map_err(|e| e.to_string())?;
-    if !out.ends_with(&[0xff; 4]) {
-        return Err("unexpected Produce encoding (records are not the last field)".into());
+    let size = (out.len() - 4) as i32;
+    out[..4].copy_from_slice(&size.to_be_bytes());
+    let entry = 8 + batch_len;
+    let entries: Vec<usize> = (0..count)
+        .map(|j| out.len() - (count - j) * entry)
+        .collect();
+    let laid_out = entries.iter().enumerate().all(|(j, &at)| {
+        out[at..at + 4] == (j as i32).to_be_bytes()
+            && out[at + 4..at + 8] == (batch_len as i32).to_be_bytes()
+    });
+    if !laid_out {
+        return Err(
+            "unexpected Produce encoding (partition entries are not the last field)".into(),
+        );
     }
-    out.truncate(out.len() - 4);
-    Ok(out.to_vec())
+    Ok((out.to_vec(), entries))
 }
 
 /// What the producer threads share.
@@ -400,9 +431,9 @@ fn produce_loop(
         ..Default::default()
     }
     .build(&payload);
-    let prefixes: Vec<Vec<u8>> = (0..config.partitions as i32)
-        .map(|p| produce_prefix(&config.topic, p, config.acks))
-        .collect::<Result<_, _>>()?;
+    let per_request = config.partitions_per_request.max(1);
+    let (template, entries) =
+        produce_template(&config.topic, per_request, config.acks, batch.len())?;
     let mut seqs = vec![0i32; config.partitions as usize];
     let mut next_partition = index;
     let mut out = ProducerResult {
@@ -415,7 +446,8 @@ fn produce_loop(
         first: None,
         last: Instant::now(),
     };
-    let mut pending: std::collections::VecDeque<(Instant, usize)> = Default::default();
+    // Per request in flight: its send time, its bytes of batches, its batches.
+    let mut pending: std::collections::VecDeque<(Instant, usize, usize)> = Default::default();
     let interval = (config.rate_messages_per_s > 0.0).then(|| {
         let per_producer = config.rate_messages_per_s / config.producers.max(1) as f64;
         Duration::from_secs_f64(config.messages_per_batch as f64 / per_producer)
@@ -424,8 +456,7 @@ fn produce_loop(
     // Every request the window allows goes out in one write, as a pipelining client sends
     // what its queue holds: the broker then reads them together and its engine takes them in one
     // write, as the engine-only run does with its appends.
-    let mut outbox: Vec<u8> =
-        Vec::with_capacity(config.inflight * (prefixes[0].len() + 4 + batch.len()));
+    let mut outbox: Vec<u8> = Vec::with_capacity(config.inflight * template.len());
     loop {
         let mut built = 0;
         loop {
@@ -452,47 +483,50 @@ fn produce_loop(
                 }
                 None => None,
             };
-            let partition = next_partition % config.partitions as usize;
-            next_partition += config.producers.max(1);
-            let seq = seqs[partition];
-            seqs[partition] = seq.wrapping_add(records);
-            // Patch the batch template (sequence, then CRC) and the frame (size, correlation id):
-            // one CRC and one copy per request, so the generator measures the broker, not itself.
-            batch[53..57].copy_from_slice(&seq.to_be_bytes());
-            let crc = keel_engine::batch::compute_crc(&batch);
-            batch[17..21].copy_from_slice(&crc.to_be_bytes());
-            let size = batch.len();
+            // Patch the batch template (sequence, then CRC) into each partition entry of the
+            // frame, then the correlation id: one CRC and one copy per batch, so the generator
+            // measures the broker, not itself.
             let at = outbox.len();
-            outbox.extend_from_slice(&prefixes[partition]);
-            outbox.extend_from_slice(&(size as i32).to_be_bytes());
-            outbox.extend_from_slice(&batch);
-            let frame_size = (outbox.len() - at - 4) as i32;
-            outbox[at..at + 4].copy_from_slice(&frame_size.to_be_bytes());
+            outbox.extend_from_slice(&template);
+            let mut sequences = Vec::with_capacity(per_request);
+            for &entry in &entries {
+                let partition = next_partition % config.partitions as usize;
+                next_partition += config.producers.max(1);
+                let seq = seqs[partition];
+                seqs[partition] = seq.wrapping_add(records);
+                batch[53..57].copy_from_slice(&seq.to_be_bytes());
+                let crc = keel_engine::batch::compute_crc(&batch);
+                batch[17..21].copy_from_slice(&crc.to_be_bytes());
+                let entry = at + entry;
+                outbox[entry..entry + 4].copy_from_slice(&(partition as i32).to_be_bytes());
+                outbox[entry + 8..entry + 8 + batch.len()].copy_from_slice(&batch);
+                sequences.push((partition as i32, seq));
+            }
             conn.correlation += 1;
             outbox[at + 8..at + 12].copy_from_slice(&conn.correlation.to_be_bytes());
             built += 1;
+            let size = batch.len() * per_request;
             let sent_at = scheduled.unwrap_or_else(Instant::now);
             if config.consumers > 0 {
-                shared
-                    .times
-                    .lock()
-                    .expect("times")
-                    .insert((pid, partition as i32, seq), sent_at);
+                let mut times = shared.times.lock().expect("times");
+                for &(partition, seq) in &sequences {
+                    times.insert((pid, partition, seq), sent_at);
+                }
             }
             shared
                 .sent_messages
-                .fetch_add(records as u64, Ordering::Relaxed);
+                .fetch_add(records as u64 * per_request as u64, Ordering::Relaxed);
             shared.done_bytes.fetch_add(size as u64, Ordering::Relaxed);
             if config.acks == 0 {
                 if sent_at >= measure_from {
                     out.first.get_or_insert(sent_at);
                     out.last = sent_at;
                     out.bytes += size as u64;
-                    out.messages += records as u64;
-                    out.batches += 1;
+                    out.messages += records as u64 * per_request as u64;
+                    out.batches += per_request as u64;
                 }
             } else {
-                pending.push_back((sent_at, size));
+                pending.push_back((sent_at, size, per_request));
             }
         }
         if !outbox.is_empty() {
@@ -509,27 +543,31 @@ fn produce_loop(
         }
         // One answer, waiting for it if need be, then every other one already read.
         loop {
-            let (sent_at, size) = pending.pop_front().expect("an answer is due");
+            let (sent_at, size, batches) = pending.pop_front().expect("an answer is due");
             let response = conn
                 .receive::<ProduceRequest>(produce_version)
                 .map_err(|e| format!("producer {index}: {e}"))?;
             let now = Instant::now();
-            let code = response
+            // Each batch counts on its own: a partition that answers with an error (or does
+            // not answer) is an error, the others are appended.
+            let ok = response
                 .responses
-                .first()
-                .and_then(|t| t.partition_responses.first())
-                .map_or(-1, |p| p.error_code);
-            if code != 0 {
-                out.errors += 1;
-            } else if sent_at >= measure_from {
+                .iter()
+                .flat_map(|t| &t.partition_responses)
+                .filter(|p| p.error_code == 0)
+                .count()
+                .min(batches);
+            out.errors += (batches - ok) as u64;
+            if ok > 0 && sent_at >= measure_from {
+                let bytes = (size / batches * ok) as u64;
                 out.first.get_or_insert(sent_at);
                 out.last = now;
                 let us = now.duration_since(sent_at).as_micros().max(1) as u64;
-                out.latency.record(us).ok();
-                out.timeline.record(now, size as u64, us);
-                out.bytes += size as u64;
-                out.messages += records as u64;
-                out.batches += 1;
+                out.latency.record_n(us, ok as u64).ok();
+                out.timeline.record(now, bytes, us);
+                out.bytes += bytes;
+                out.messages += records as u64 * ok as u64;
+                out.batches += ok as u64;
             }
             if pending.is_empty() || conn.frame_ready().is_none() {
                 break;
@@ -631,8 +669,21 @@ mod tests {
 
     #[test]
     fn a_tiny_run_consumes_everything_it_produced() {
-        let dir =
-            std::env::temp_dir().join(format!("keel-bench-broker-test-{}", std::process::id()));
+        tiny_run(1);
+    }
+
+    #[test]
+    fn a_tiny_run_with_two_partitions_in_each_request_consumes_everything_it_produced() {
+        // Two of three: the partitions of a request change from one request to the next, and so
+        // do their sequences, so a batch sent to the wrong partition is refused.
+        tiny_run(2);
+    }
+
+    fn tiny_run(partitions_per_request: usize) {
+        let dir = std::env::temp_dir().join(format!(
+            "keel-bench-broker-test-{}-{partitions_per_request}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         let mut c = keel_server::BrokerConfig::default();
         for (k, v) in [
@@ -653,6 +704,7 @@ mod tests {
             messages_per_batch: 4,
             acks: -1,
             inflight: 3,
+            partitions_per_request,
             duration: Duration::from_secs(30),
             warmup: Duration::ZERO,
             max_messages: 2_000,

@@ -189,7 +189,8 @@ struct BrokerArgs {
     consumers: usize,
     #[arg(long, default_value = "1KiB", value_parser = parse_bytes)]
     message_bytes: u64,
-    /// Messages per produce request (one batch per request, like linger-filled client batches).
+    /// Messages per batch (like linger-filled client batches; one batch per request unless
+    /// `--partitions-per-request` says more).
     #[arg(long, default_value_t = 64)]
     messages_per_batch: usize,
     #[arg(long, value_enum, default_value = "all")]
@@ -197,6 +198,13 @@ struct BrokerArgs {
     /// Produce requests in flight per producer connection.
     #[arg(long, default_value_t = 5)]
     inflight: usize,
+    /// Batches per produce request, each for another partition of the producer's turn, as a
+    /// Kafka producer's sender puts every partition with a batch ready into one request per
+    /// broker. At most the partitions a producer cycles through (`--partitions` ÷ gcd of
+    /// partitions and producers). The engine-alone run then keeps producers × in flight × this
+    /// many appends in flight.
+    #[arg(long, default_value_t = 1)]
+    partitions_per_request: usize,
     #[arg(long, value_enum, default_value = "every-batch")]
     policy: Policy,
     #[arg(long, default_value_t = 1000)]
@@ -356,6 +364,14 @@ fn markdown_simple(results: &[Value]) -> String {
     out
 }
 
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// A Markdown table of broker/engine results: one row per run.
 fn markdown_table(results: &[Value]) -> String {
     let mut out = String::from(
@@ -373,7 +389,10 @@ fn markdown_table(results: &[Value]) -> String {
             c["message_bytes"],
             c["partitions"],
             c["producers"],
-            c["inflight"],
+            match c["partitions_per_request"].as_u64() {
+                Some(n) if n > 1 => format!("{} ({n} partitions per request)", c["inflight"]),
+                _ => c["inflight"].to_string(),
+            },
             c["acks"].as_str().unwrap_or("?"),
             c["flush_policy"].as_str().unwrap_or("?"),
             num(&r["throughput_mb_s"]),
@@ -696,6 +715,13 @@ fn lingered_batch(
 /// measured once by the caller.
 fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, String> {
     let common = &args.common;
+    let cycle = args.partitions as usize / gcd(args.partitions as usize, args.producers.max(1));
+    if args.partitions_per_request == 0 || args.partitions_per_request > cycle {
+        return Err(format!(
+            "--partitions-per-request {} must be between 1 and {cycle}: the partitions a producer cycles through ({} partitions, {} producers)",
+            args.partitions_per_request, args.partitions, args.producers
+        ));
+    }
     let messages_per_batch = lingered_batch(
         args.messages_per_batch,
         args.rate,
@@ -752,6 +778,7 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
         Acks::One => 1,
         Acks::Zero => 0,
     };
+    let appends_in_flight = (args.producers * args.inflight * args.partitions_per_request).max(1);
     let load = BrokerLoadConfig {
         bootstrap,
         topic: format!("keel-bench-{}", std::process::id()),
@@ -762,6 +789,7 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
         messages_per_batch,
         acks,
         inflight: args.inflight,
+        partitions_per_request: args.partitions_per_request,
         duration: args.duration,
         warmup: args.warmup,
         max_messages: args.max_messages,
@@ -801,7 +829,7 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
                 batch_bytes: batch_bytes as usize,
                 records_per_batch: messages_per_batch as i32,
                 flush,
-                concurrency: (args.producers * args.inflight).max(1),
+                concurrency: appends_in_flight,
                 duration: args.duration,
                 warmup: args.warmup,
                 shards: args.shards,
@@ -817,8 +845,12 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
         Acks::One => "1",
         Acks::Zero => "0",
     };
+    let per_request = match args.partitions_per_request {
+        1 => String::new(),
+        n => format!(" ({n} partitions' batches per request)"),
+    };
     println!(
-        "broker: {} partition(s), {} producer(s) x {} in flight, {} consumer(s), {} B messages x {} per batch, acks={acks_name}, {policy_name}",
+        "broker: {} partition(s), {} producer(s) x {} in flight{per_request}, {} consumer(s), {} B messages x {} per batch, acks={acks_name}, {policy_name}",
         args.partitions, args.producers, args.inflight, args.consumers, args.message_bytes, messages_per_batch
     );
     println!(
@@ -838,7 +870,7 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
     if let Some(e) = &engine {
         println!(
             "engine alone, same settings ({} appends in flight): {:.0} MB/s; broker/engine {:.3}",
-            args.producers * args.inflight,
+            appends_in_flight,
             e.throughput_mb_s,
             engine_ratio.unwrap_or(f64::NAN)
         );
@@ -866,7 +898,8 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
             "dir": common.dir, "bootstrap": args.bootstrap.map(|a| a.to_string()), "partitions": args.partitions,
             "producers": args.producers, "consumers": args.consumers, "message_bytes": args.message_bytes,
             "messages_per_batch": messages_per_batch, "batch_bytes": batch_bytes, "acks": acks_name,
-            "inflight": args.inflight, "flush_policy": policy_name, "duration_s": args.duration.as_secs_f64(),
+            "inflight": args.inflight, "partitions_per_request": args.partitions_per_request,
+            "flush_policy": policy_name, "duration_s": args.duration.as_secs_f64(),
             "warmup_s": args.warmup.as_secs_f64(), "max_messages": args.max_messages, "shards": args.shards,
             "rate_messages_per_s": args.rate, "linger_ms": args.linger_ms,
             "baseline": !common.no_baseline, "engine": !args.no_engine,

@@ -239,6 +239,51 @@ fn broker_mode() {
 }
 
 #[test]
+fn broker_mode_with_several_partitions_per_request() {
+    let dir = scratch("broker-per-request");
+    let v = run(
+        &dir,
+        &[
+            "broker",
+            "--duration",
+            "500ms",
+            "--warmup",
+            "0s",
+            "--message-bytes",
+            "100",
+            "--messages-per-batch",
+            "4",
+            "--partitions",
+            "3",
+            "--partitions-per-request",
+            "3",
+        ],
+    );
+    common_fields(&v, "broker");
+    assert_eq!(v["config"]["partitions_per_request"], 3);
+    assert_eq!(v["errors"], 0, "every partition of every request appended");
+    // (broker_load's tiny runs check that every batch of such requests is consumed.)
+    assert!(v["e2e_latency_us"]["count"].as_u64().unwrap() > 0, "{v}");
+    // More partitions per request than a producer cycles through is refused, not run.
+    let refused = Command::new(env!("CARGO_BIN_EXE_keel-bench"))
+        .args([
+            "broker",
+            "--partitions",
+            "4",
+            "--producers",
+            "2",
+            "--partitions-per-request",
+            "3",
+        ])
+        .args(["--duration", "100ms", "--no-baseline", "--dir"])
+        .arg(dir.join("refused"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("between 1 and 2"));
+}
+
+#[test]
 fn plot_mode() {
     let dir = scratch("plot");
     let json = dir.join("run.json");
