@@ -392,6 +392,16 @@ fn produce_template(
     Ok((out.to_vec(), entries))
 }
 
+/// Open loop: how often each producer sends a request, so that all of them together offer
+/// `rate_messages_per_s` (each request holds `partitions_per_request` batches).
+fn request_interval(config: &BrokerLoadConfig) -> Option<Duration> {
+    (config.rate_messages_per_s > 0.0).then(|| {
+        let per_producer = config.rate_messages_per_s / config.producers.max(1) as f64;
+        let per_request = config.messages_per_batch * config.partitions_per_request.max(1);
+        Duration::from_secs_f64(per_request as f64 / per_producer)
+    })
+}
+
 /// What the producer threads share.
 struct Shared<'a> {
     stop: &'a AtomicBool,
@@ -448,10 +458,7 @@ fn produce_loop(
     };
     // Per request in flight: its send time, its bytes of batches, its batches.
     let mut pending: std::collections::VecDeque<(Instant, usize, usize)> = Default::default();
-    let interval = (config.rate_messages_per_s > 0.0).then(|| {
-        let per_producer = config.rate_messages_per_s / config.producers.max(1) as f64;
-        Duration::from_secs_f64(config.messages_per_batch as f64 / per_producer)
-    });
+    let interval = request_interval(config);
     let mut next_scheduled = Instant::now();
     // Every request the window allows goes out in one write, as a pipelining client sends
     // what its queue holds: the broker then reads them together and its engine takes them in one
@@ -668,6 +675,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_open_loop_offers_the_rate_whatever_the_batches_per_request() {
+        let mut config = tiny_config("127.0.0.1:9".parse().unwrap(), 1);
+        config.producers = 4;
+        config.messages_per_batch = 10;
+        config.rate_messages_per_s = 8_000.0;
+        // 2,000 messages a second per producer, 10 per batch: a batch every 5 ms.
+        assert_eq!(request_interval(&config), Some(Duration::from_millis(5)));
+        config.partitions_per_request = 3;
+        assert_eq!(request_interval(&config), Some(Duration::from_millis(15)));
+        config.rate_messages_per_s = 0.0;
+        assert_eq!(request_interval(&config), None, "closed loop");
+    }
+
+    #[test]
     fn a_tiny_run_consumes_everything_it_produced() {
         tiny_run(1);
     }
@@ -694,23 +715,7 @@ mod tests {
             c.set(k, v).unwrap();
         }
         let server = keel_server::Server::start(c).unwrap();
-        let config = BrokerLoadConfig {
-            bootstrap: server.local_addr(),
-            topic: "tiny".into(),
-            partitions: 3,
-            producers: 2,
-            consumers: 2,
-            message_bytes: 100,
-            messages_per_batch: 4,
-            acks: -1,
-            inflight: 3,
-            partitions_per_request,
-            duration: Duration::from_secs(30),
-            warmup: Duration::ZERO,
-            max_messages: 2_000,
-            rate_messages_per_s: 0.0,
-            topic_configs: vec![("flush.policy".into(), "every-batch".into())],
-        };
+        let config = tiny_config(server.local_addr(), partitions_per_request);
         let r = run(&config).unwrap();
         server.shutdown().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
@@ -725,5 +730,25 @@ mod tests {
             "every batch was matched to its send time"
         );
         assert_eq!(r.produce_latency.count, r.batches);
+    }
+
+    fn tiny_config(bootstrap: SocketAddr, partitions_per_request: usize) -> BrokerLoadConfig {
+        BrokerLoadConfig {
+            bootstrap,
+            topic: "tiny".into(),
+            partitions: 3,
+            producers: 2,
+            consumers: 2,
+            message_bytes: 100,
+            messages_per_batch: 4,
+            acks: -1,
+            inflight: 3,
+            partitions_per_request,
+            duration: Duration::from_secs(30),
+            warmup: Duration::ZERO,
+            max_messages: 2_000,
+            rate_messages_per_s: 0.0,
+            topic_configs: vec![("flush.policy".into(), "every-batch".into())],
+        }
     }
 }
