@@ -72,7 +72,8 @@ counters!(
     /// Checkpoints that let the journal reuse its ring.
     journal_checkpoints,
     /// Times a journal write had to wait: the ring was full until a checkpoint, or a write that
-    /// starts a new lap waited for the writes before it to become durable.
+    /// starts a new lap waited for the writes before it to become durable. Each wait counts
+    /// once, however many times the shard looked while it lasted.
     journal_full,
     /// Journal records appended to logs at start-up.
     journal_replayed,

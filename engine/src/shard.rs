@@ -212,6 +212,9 @@ struct ShardJournal {
     /// Times the journal has been turned off since the engine opened; each doubles the wait
     /// before the next restart.
     times_off: u32,
+    /// A write waits for room in the ring (a checkpoint, or the writes before a new lap):
+    /// `journal_full` counts each wait once, not each pass that finds it still waiting.
+    waiting_for_room: bool,
 }
 
 /// A journal turned off by a failure, until it starts again.
@@ -520,7 +523,7 @@ impl Shard {
         if !j.pipeline.has_room() {
             // Offering every candidate now would only build their entries to drop them: at
             // 1000 partitions, waiting for a checkpoint, ~5% of the shard's time.
-            bump(&self.metrics.journal_full, 1);
+            j.wait_for_room(&self.metrics);
             j.pipeline.give_back(buf);
             return false;
         }
@@ -550,12 +553,13 @@ impl Shard {
         let Some(start) = j.pipeline.place(padded) else {
             // The ring is full until a checkpoint completes, or a new lap waits for the writes
             // before it.
-            bump(&self.metrics.journal_full, 1);
+            j.wait_for_room(&self.metrics);
             self.journal_candidates
                 .extend(entries.into_iter().map(|e| e.id));
             j.pipeline.give_back(buf);
             return false;
         };
+        j.waiting_for_room = false;
         journal::encode_write(start, &entries, &mut buf);
         let members: Vec<(PartitionId, u64)> = entries
             .into_iter()
@@ -1196,6 +1200,7 @@ impl Shard {
             flush_failures_seen: self.storage.flush_failures(),
             off: None,
             times_off: 0,
+            waiting_for_room: false,
         });
         for p in self.partitions.values_mut() {
             p.set_journaled(true);
@@ -1449,10 +1454,19 @@ fn restart_wait(base: Duration, times_off: u32) -> Duration {
 }
 
 impl ShardJournal {
+    /// A write found no room: the start of a wait is counted, its later passes are not.
+    fn wait_for_room(&mut self, metrics: &Metrics) {
+        if !self.waiting_for_room {
+            self.waiting_for_room = true;
+            bump(&metrics.journal_full, 1);
+        }
+    }
+
     /// Off once more, from now (a failure, or a restart that did not take): returns the wait
     /// before it may start again, `base` doubled for each earlier time.
     fn turn_off(&mut self, base: Duration) -> Duration {
         self.times_off += 1;
+        self.waiting_for_room = false;
         self.off = Some(JournalOff {
             since: Instant::now(),
             restarting: None,
