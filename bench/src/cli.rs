@@ -472,6 +472,10 @@ fn engine(args: EngineArgs) -> Result<(), String> {
     write_markdown(&args.common, std::slice::from_ref(&results))
 }
 
+/// Bracketing baselines further apart than this (a fraction of their mean) get a warning with
+/// the range their run's ratio could have.
+const baseline_drift_warn: f64 = 0.10;
+
 /// Run `round` `common.rounds` times, each after its own baseline (unless `--no-baseline`);
 /// with more than one round, print and return the medians (`report::summarize_rounds`).
 fn in_rounds(
@@ -507,6 +511,15 @@ fn in_rounds(
                     .as_f64()
                     .map_or(String::new(), |r| format!("; p99 latency {r:.2} x their mean")),
             );
+            let drift = result["baseline_drift"].as_f64().unwrap_or(0.0);
+            if drift > baseline_drift_warn {
+                println!(
+                    "  the device's bandwidth moved {:.0}% between these baselines: this run's ratio lies anywhere from {:.3} to {:.3}",
+                    drift * 100.0,
+                    result["ratio_range"][0].as_f64().unwrap_or(f64::NAN),
+                    result["ratio_range"][1].as_f64().unwrap_or(f64::NAN),
+                );
+            }
         }
     }
     if results.len() == 1 {

@@ -62,11 +62,12 @@ pub fn median(values: &[f64]) -> Option<f64> {
 }
 
 /// The figures of each round that a summary of several rounds reports as medians.
-pub const round_figures: [&str; 7] = [
+pub const round_figures: [&str; 8] = [
     "throughput_mb_s",
     "baseline_mb_s",
     "ratio",
     "ratio_before",
+    "baseline_drift",
     "latency_ratio",
     "engine_mb_s",
     "engine_ratio",
@@ -88,6 +89,11 @@ pub fn bracket(result: &mut Value, after_mb_s: f64, after_latency: Percentiles) 
     result["baseline_after_mb_s"] = json!(after_mb_s);
     result["baseline_mb_s"] = json!(mean_mb_s);
     result["ratio"] = json!(ratio(throughput, mean_mb_s));
+    // How far the device moved between the two baselines, and the ratios the run would have if
+    // it ran all along at the faster or at the slower of them: how much the ratio can be trusted.
+    let (low, high) = (before_mb_s.min(after_mb_s), before_mb_s.max(after_mb_s));
+    result["baseline_drift"] = json!((high - low) / mean_mb_s);
+    result["ratio_range"] = json!([ratio(throughput, high), ratio(throughput, low)]);
     result["baseline_after_latency_us"] = after_latency.to_json();
     if !result["latency_ratio"].is_null() {
         let p99 = result["latency_us"]["p99"].as_f64().unwrap_or(f64::NAN);
@@ -185,7 +191,14 @@ pub fn summarize_rounds(rounds: &[Value]) -> Option<Value> {
             }
         }
         figures.insert("latency_p99_us".into(), r["latency_us"]["p99"].clone());
+        if !r["ratio_range"].is_null() {
+            figures.insert("ratio_range".into(), r["ratio_range"].clone());
+        }
         listed.push(Value::Object(figures));
+    }
+    // A range belongs to its round; the summary's ratio is a median over rounds.
+    if let Some(o) = out.as_object_mut() {
+        o.remove("ratio_range");
     }
     for key in round_figures {
         let values: Vec<f64> = rounds.iter().filter_map(|r| r[key].as_f64()).collect();
@@ -312,6 +325,19 @@ mod tests {
         assert!((r["ratio"].as_f64().unwrap() - 0.9).abs() < 1e-12, "{r}");
         assert!(
             (r["ratio_before"].as_f64().unwrap() - 0.75).abs() < 1e-12,
+            "{r}"
+        );
+        // 400 MB/s apart around a mean of 1000: 40% drift; 900 / 1200 .. 900 / 800.
+        assert!(
+            (r["baseline_drift"].as_f64().unwrap() - 0.4).abs() < 1e-12,
+            "{r}"
+        );
+        assert!(
+            (r["ratio_range"][0].as_f64().unwrap() - 0.75).abs() < 1e-12,
+            "{r}"
+        );
+        assert!(
+            (r["ratio_range"][1].as_f64().unwrap() - 1.125).abs() < 1e-12,
             "{r}"
         );
         assert!(

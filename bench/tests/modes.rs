@@ -164,6 +164,19 @@ fn engine_mode_in_rounds() {
         "{v}"
     );
     has_percentiles(&v["baseline_after_latency_us"], "baseline_after_latency_us");
+    // How far apart its two baselines were, and the ratios at either of them, per round; the
+    // summary keeps the median drift and no single round's range.
+    let range = rounds[median_round]["ratio_range"]
+        .as_array()
+        .expect("a range");
+    let (at_fast, at_slow) = (range[0].as_f64().unwrap(), range[1].as_f64().unwrap());
+    assert!(at_fast <= ratio && ratio <= at_slow, "{v}");
+    let drift = (before - after).abs() / mean;
+    assert!((rounds[median_round]["baseline_drift"].as_f64().unwrap() - drift).abs() < 1e-9);
+    assert!(
+        v["baseline_drift"].is_number() && v["ratio_range"].is_null(),
+        "{v}"
+    );
 }
 
 #[test]
