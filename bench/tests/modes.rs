@@ -221,24 +221,28 @@ fn engine_mode_comparing_partition_counts() {
     }
 }
 
+/// A half-second broker run of tiny batches over `partitions`, with `extra` flags.
+fn tiny_broker(dir: &Path, partitions: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "broker",
+        "--duration",
+        "500ms",
+        "--warmup",
+        "0s",
+        "--message-bytes",
+        "100",
+        "--messages-per-batch",
+        "4",
+        "--partitions",
+        partitions,
+    ];
+    args.extend_from_slice(extra);
+    run(dir, &args)
+}
+
 #[test]
 fn broker_mode() {
-    let v = run(
-        &scratch("broker"),
-        &[
-            "broker",
-            "--duration",
-            "500ms",
-            "--warmup",
-            "0s",
-            "--message-bytes",
-            "100",
-            "--messages-per-batch",
-            "4",
-            "--partitions",
-            "2",
-        ],
-    );
+    let v = tiny_broker(&scratch("broker"), "2", &[]);
     common_fields(&v, "broker");
     has_cpu(&v, "cpu");
     has_cpu(&v, "engine_cpu");
@@ -254,24 +258,7 @@ fn broker_mode() {
 #[test]
 fn broker_mode_with_several_partitions_per_request() {
     let dir = scratch("broker-per-request");
-    let v = run(
-        &dir,
-        &[
-            "broker",
-            "--duration",
-            "500ms",
-            "--warmup",
-            "0s",
-            "--message-bytes",
-            "100",
-            "--messages-per-batch",
-            "4",
-            "--partitions",
-            "3",
-            "--partitions-per-request",
-            "3",
-        ],
-    );
+    let v = tiny_broker(&dir, "3", &["--partitions-per-request", "3"]);
     common_fields(&v, "broker");
     assert_eq!(v["config"]["partitions_per_request"], 3);
     assert_eq!(v["errors"], 0, "every partition of every request appended");
