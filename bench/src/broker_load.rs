@@ -230,7 +230,37 @@ pub fn create_topic(config: &BrokerLoadConfig) -> Result<(), String> {
     }
 }
 
+/// Producer `i` sends to partitions `i`, `i + producers`, `i + 2 × producers`, … (mod
+/// `partitions`), so it cycles through `partitions / gcd(partitions, producers)` of them; a
+/// request's batches go to consecutive ones of that cycle, so there can be at most that many
+/// per request, each for a partition of its own.
+pub fn check_partitions_per_request(
+    partitions: u32,
+    producers: usize,
+    per_request: usize,
+) -> Result<(), String> {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let cycle = partitions as usize / gcd(partitions as usize, producers.max(1));
+    if per_request == 0 || per_request > cycle {
+        return Err(format!(
+            "--partitions-per-request {per_request} must be between 1 and {cycle}: the partitions a producer cycles through ({partitions} partitions, {producers} producers)"
+        ));
+    }
+    Ok(())
+}
+
 pub fn run(config: &BrokerLoadConfig) -> Result<BrokerLoadResult, String> {
+    check_partitions_per_request(
+        config.partitions,
+        config.producers,
+        config.partitions_per_request,
+    )?;
     create_topic(config)?;
     let start = Instant::now();
     let measure_from = start + config.warmup;
@@ -334,9 +364,6 @@ struct ProducerResult {
     last: Instant,
 }
 
-/// A whole Produce request frame for one partition up to its records' length field: the request
-/// encoded with null records (which Produce v8 writes as a trailing i32 -1, the last field of the
-/// frame) minus that marker. The size and correlation id are patched per request.
 /// A whole Produce frame (size prefix included) carrying `count` batches of `batch_len` bytes,
 /// each for a partition of its own, and where in it each partition entry starts: its index
 /// (`i32`), then its records (`i32` length, the batch). For the non-flexible version the
@@ -397,7 +424,7 @@ fn produce_template(
 fn request_interval(config: &BrokerLoadConfig) -> Option<Duration> {
     (config.rate_messages_per_s > 0.0).then(|| {
         let per_producer = config.rate_messages_per_s / config.producers.max(1) as f64;
-        let per_request = config.messages_per_batch * config.partitions_per_request.max(1);
+        let per_request = config.messages_per_batch * config.partitions_per_request;
         Duration::from_secs_f64(per_request as f64 / per_producer)
     })
 }
@@ -441,7 +468,7 @@ fn produce_loop(
         ..Default::default()
     }
     .build(&payload);
-    let per_request = config.partitions_per_request.max(1);
+    let per_request = config.partitions_per_request;
     let (template, entries) =
         produce_template(&config.topic, per_request, config.acks, batch.len())?;
     let mut seqs = vec![0i32; config.partitions as usize];
@@ -464,6 +491,8 @@ fn produce_loop(
     // what its queue holds: the broker then reads them together and its engine takes them in one
     // write, as the engine-only run does with its appends.
     let mut outbox: Vec<u8> = Vec::with_capacity(config.inflight * template.len());
+    // The (partition, sequence) of each batch of the request being built.
+    let mut sequences: Vec<(i32, i32)> = Vec::with_capacity(per_request);
     loop {
         let mut built = 0;
         loop {
@@ -495,7 +524,7 @@ fn produce_loop(
             // measures the broker, not itself.
             let at = outbox.len();
             outbox.extend_from_slice(&template);
-            let mut sequences = Vec::with_capacity(per_request);
+            sequences.clear();
             for &entry in &entries {
                 let partition = next_partition % config.partitions as usize;
                 next_partition += config.producers.max(1);

@@ -364,14 +364,6 @@ fn markdown_simple(results: &[Value]) -> String {
     out
 }
 
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
-    }
-}
-
 /// A Markdown table of broker/engine results: one row per run.
 fn markdown_table(results: &[Value]) -> String {
     let mut out = String::from(
@@ -728,13 +720,12 @@ fn lingered_batch(
 /// measured once by the caller.
 fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, String> {
     let common = &args.common;
-    let cycle = args.partitions as usize / gcd(args.partitions as usize, args.producers.max(1));
-    if args.partitions_per_request == 0 || args.partitions_per_request > cycle {
-        return Err(format!(
-            "--partitions-per-request {} must be between 1 and {cycle}: the partitions a producer cycles through ({} partitions, {} producers)",
-            args.partitions_per_request, args.partitions, args.producers
-        ));
-    }
+    // Before a broker starts, not when the load does.
+    broker_load::check_partitions_per_request(
+        args.partitions,
+        args.producers,
+        args.partitions_per_request,
+    )?;
     let messages_per_batch = lingered_batch(
         args.messages_per_batch,
         args.rate,
