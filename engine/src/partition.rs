@@ -798,6 +798,19 @@ impl Partition {
     /// The batches the journal should make durable now: everything appended that is not durable
     /// yet, if that is a small group.
     pub fn journal_offer(&self) -> Option<journal::Entry> {
+        let first = self.journal_would_take()?;
+        let chunks = self.tail.range(first..).map(|b| b.bytes.clone()).collect();
+        Some(journal::Entry {
+            id: self.id.clone(),
+            incarnation: self.incarnation,
+            chunks,
+            end_offset: self.offsets.appended().0,
+        })
+    }
+
+    /// Would the journal take what is appended and not durable now (see `journal_offer`)? If
+    /// so, where in `tail` those batches begin.
+    fn journal_would_take(&self) -> Option<usize> {
         if !self.journal_active()
             || self.failure.is_some()
             || self.truncate.is_some()
@@ -807,8 +820,7 @@ impl Partition {
             return None;
         }
         let from = self.journal_from();
-        let end = self.offsets.appended().0;
-        if from >= end {
+        if from >= self.offsets.appended().0 {
             return None;
         }
         // Not a small group, its space not allocated, or not in memory: the segment path makes
@@ -820,13 +832,7 @@ impl Partition {
         if self.tail.get(first).is_none_or(|b| b.base_offset != from) {
             return None; // not in memory: the segment path makes it durable
         }
-        let chunks = self.tail.range(first..).map(|b| b.bytes.clone()).collect();
-        Some(journal::Entry {
-            id: self.id.clone(),
-            incarnation: self.incarnation,
-            chunks,
-            end_offset: end,
-        })
+        Some(first)
     }
 
     /// Appended data is not durable and no journal write has it (whether the journal can take it
@@ -1208,11 +1214,17 @@ impl Partition {
     /// the produce requests it read together to the engine together — nothing more is coming
     /// before the next group commit, and the one write for all of it is durable by itself
     /// (ARCHITECTURE.md decision 25).
+    ///
+    /// Never for appends the shard journal will take: a checkpoint forcing a journaled
+    /// partition's rest onto its segment often finds a new append there too, and a durable
+    /// write would spend a device flush on it that the journal's next write shares with the
+    /// shard's other partitions (ARCHITECTURE.md decision 33).
     fn lone_write(&self) -> bool {
         self.config.flush == FlushPolicy::EveryBatch
             && self.last_group_waiters <= self.durable_waiters.len().max(1)
             && !self.epochs_dirty
             && !self.write_in_background()
+            && self.journal_would_take().is_none()
             && self.writes.is_empty()
             && self.sync_inflight.is_none()
             && self.runway_inflight.is_none()
