@@ -82,6 +82,9 @@ pub(crate) enum Event {
         buf: AlignedBuf,
     },
     Control(Result<ControlDone>),
+    /// The leader-epoch checkpoint file was written (or not): it goes beside the data path,
+    /// not as a control operation (ARCHITECTURE.md, decision 34).
+    EpochsWritten(Result<()>),
     /// One syncfs made every member's written data durable (the shard hands each a `Synced`).
     GroupSynced {
         members: Vec<PartitionId>,
@@ -154,7 +157,6 @@ pub(crate) enum ControlDone {
         position: u64,
         base_offset: u64,
     },
-    MetadataWritten,
     /// A new incarnation is on disk (before a truncation, or after a rollback).
     IncarnationWritten {
         incarnation: u64,
@@ -308,6 +310,9 @@ pub(crate) struct Partition {
     control_busy: bool,
     written_waiters: VecDeque<Waiter>,
     durable_waiters: VecDeque<Waiter>,
+    /// Flushes whose data is durable, waiting for the leader-epoch checkpoint file being
+    /// written (or about to be): a caller's flush covers the partition's metadata too.
+    epoch_waiters: VecDeque<Waiter>,
     /// How many of `durable_waiters` are flushes.
     flush_waiters: usize,
     failure: Option<Failure>,
@@ -315,6 +320,8 @@ pub(crate) struct Partition {
     /// A truncation that has been applied in memory and waits for its cut on disk.
     truncate_reply: Option<Reply<()>>,
     epochs_dirty: bool,
+    /// The leader-epoch checkpoint file is being written (`persist_epochs`).
+    epochs_inflight: bool,
     /// The in-memory log was truncated; the file must be cut to match before anything else.
     cut_pending: bool,
     last_sync: Instant,
@@ -420,11 +427,13 @@ impl Partition {
             control_busy: false,
             written_waiters: VecDeque::new(),
             durable_waiters: VecDeque::new(),
+            epoch_waiters: VecDeque::new(),
             flush_waiters: 0,
             failure: None,
             truncate: None,
             truncate_reply: None,
             epochs_dirty: false,
+            epochs_inflight: false,
             cut_pending: false,
             last_sync: Instant::now(),
             bytes_since_sync: 0,
@@ -490,6 +499,7 @@ impl Partition {
             && self.writes.iter().all(|w| w.done)
             && self.sync_inflight.is_none()
             && !self.control_busy
+            && !self.epochs_inflight
             && self.runway_inflight.is_none()
     }
 
@@ -703,11 +713,20 @@ impl Partition {
             tracing::trace!(target: "keel::durability", partition = %self.id,
                 end = w.end_offset, "acknowledged durable");
             self.flush_waiters -= usize::from(w.flush);
-            complete(w, Durability::Durable, log_start);
             completed += 1;
+            if w.flush && self.epochs_pending() {
+                self.epoch_waiters.push_back(w);
+            } else {
+                complete(w, Durability::Durable, log_start);
+            }
         }
         if completed > 0 {
             self.last_group_waiters = completed;
+        }
+        if !self.epochs_pending() {
+            for w in self.epoch_waiters.drain(..) {
+                complete(w, Durability::Durable, log_start);
+            }
         }
         if !self.rolled_back.is_empty() && self.rollback_settled() {
             self.answer_rolled_back();
@@ -754,6 +773,14 @@ impl Partition {
                 taken.push(w);
             }
         }
+        // No longer counted in `flush_waiters`: their data is durable.
+        while self
+            .epoch_waiters
+            .back()
+            .is_some_and(|w| w.end_offset > offset)
+        {
+            taken.push(self.epoch_waiters.pop_back().expect("checked"));
+        }
         taken
     }
 
@@ -773,7 +800,11 @@ impl Partition {
             flush: true,
         };
         if end <= self.durable_end() {
-            complete(waiter, Durability::Durable, self.log_start_offset);
+            if self.epochs_pending() {
+                self.epoch_waiters.push_back(waiter);
+            } else {
+                complete(waiter, Durability::Durable, self.log_start_offset);
+            }
         } else {
             self.flush_waiters += 1;
             let at = self
@@ -993,7 +1024,7 @@ impl Partition {
             return false;
         }
         self.schedule_runway(io);
-        if !self.control_busy && self.epochs_dirty && self.sync_inflight.is_none() {
+        if !self.control_busy && self.epochs_dirty && !self.epochs_inflight {
             self.persist_epochs(io);
         }
         starved
@@ -1202,9 +1233,8 @@ impl Partition {
     /// durable, no write or sync in flight. Then one `RWF_DSYNC` write replaces the write (up to
     /// three pieces, see `start_write`) and the fdatasync that would follow it alone. Writes
     /// with others pending stay
-    /// plain and share one fdatasync, as before. A leader-epoch checkpoint about to be written
-    /// counts as pending too: the data's fdatasync waits for it, so the append is acknowledged
-    /// with its epoch on disk, as always.
+    /// plain and share one fdatasync, as before. (A leader-epoch checkpoint file being written
+    /// does not hold it back: see `persist_epochs`.)
     ///
     /// And only once as many appends wait as the last group commit answered: a producer with
     /// several appends in flight sends them back to back after each group commit, so if its
@@ -1222,7 +1252,6 @@ impl Partition {
     fn lone_write(&self) -> bool {
         self.config.flush == FlushPolicy::EveryBatch
             && self.last_group_waiters <= self.durable_waiters.len().max(1)
-            && !self.epochs_dirty
             && !self.write_in_background()
             && self.journal_would_take().is_none()
             && self.writes.is_empty()
@@ -1632,6 +1661,12 @@ impl Partition {
         );
         bump(&io.metrics.segments_rolled, 1);
         let journaled = self.journaled;
+        // The recovery point moves past the sealed segment: the leader-epoch entries its batches
+        // made must be on disk first, since a restart no longer scans them.
+        let epochs = self
+            .epochs_dirty
+            .then(|| (self.dir.join(path::LEADER_EPOCH_FILE), self.epochs.encode()));
+        self.epochs_dirty = false;
         self.start_control(io, async move {
             let path = old_file.path().to_path_buf();
             old_file
@@ -1660,6 +1695,12 @@ impl Partition {
             if journaled {
                 sync_allocation(file.as_ref(), allocated).await?;
             }
+            if let Some((epoch_path, bytes)) = epochs {
+                storage
+                    .write_file_durable(&epoch_path, bytes)
+                    .await
+                    .map_err(|e| Error::io("write", &epoch_path, e))?;
+            }
             storage
                 .sync_dir(&dir)
                 .await
@@ -1687,17 +1728,32 @@ impl Partition {
         });
     }
 
+    /// Is the leader-epoch checkpoint file behind the cache in memory (to be written, or being
+    /// written)?
+    fn epochs_pending(&self) -> bool {
+        self.epochs_dirty || self.epochs_inflight
+    }
+
+    /// Write the leader-epoch checkpoint file beside the data path: the partition's writes and
+    /// syncs go on meanwhile (a control operation would stop them for a file write, two fsyncs
+    /// and a rename). What needs the file on disk waits for it: a roll (which moves the recovery
+    /// point past the batches that made the entries) writes it itself, and everything that runs
+    /// only when the partition is idle (cuts, truncations, rollbacks, shutdown) waits for this
+    /// write. An entry not yet on disk at a crash is rebuilt from its batch, which lies past the
+    /// recovery point (ARCHITECTURE.md, decision 34).
     fn persist_epochs(&mut self, io: &mut IoCtx<'_>) {
         self.epochs_dirty = false;
+        self.epochs_inflight = true;
         let bytes = self.epochs.encode();
         let path = self.dir.join(path::LEADER_EPOCH_FILE);
         let storage = io.storage.clone();
-        self.start_control(io, async move {
-            storage
-                .write_file_durable(&path, bytes)
-                .await
-                .map_err(|e| Error::io("write", &path, e))?;
-            Ok(ControlDone::MetadataWritten)
+        io.submit(&self.id, async move {
+            Event::EpochsWritten(
+                storage
+                    .write_file_durable(&path, bytes)
+                    .await
+                    .map_err(|e| Error::io("write", &path, e)),
+            )
         });
     }
 
@@ -1738,6 +1794,13 @@ impl Partition {
                 match result {
                     Ok(done) => self.on_control(done, io),
                     Err(e) => self.on_control_failed(e, io),
+                }
+            }
+            Event::EpochsWritten(result) => {
+                self.epochs_inflight = false;
+                if let Err(e) = result {
+                    // As for a control operation: the rollback's cut writes the file again.
+                    self.on_control_failed(e, io);
                 }
             }
             Event::GroupSynced { .. }
@@ -1944,7 +2007,6 @@ impl Partition {
                     self.failure = None;
                 }
             }
-            ControlDone::MetadataWritten => {}
             ControlDone::IncarnationWritten { incarnation } => {
                 self.incarnation = incarnation;
                 self.journal_blocked = false;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use futures::stream::{FuturesUnordered, StreamExt};
 use keel_engine::io::sim::{CrashKind, FaultConfig, Hold, SimFs};
-use keel_engine::{block_on, constants, Engine, Error, PartitionConfig, PartitionId};
+use keel_engine::{block_on, constants, Durability, Engine, Error, PartitionConfig, PartitionId};
 
 fn config() -> PartitionConfig {
     PartitionConfig {
@@ -88,19 +88,6 @@ fn assert_log_is(
     }
 }
 
-/// Hold shard `shard` until the returned sender sends (or 30 s pass): commands queued meanwhile
-/// are taken by the shard in one go, before it schedules any I/O for them.
-async fn hold_shard(engine: &Engine, shard: usize) -> std::sync::mpsc::Sender<()> {
-    let (release, held) = std::sync::mpsc::channel::<()>();
-    engine
-        .run_on_shard(shard, move || {
-            let _ = held.recv_timeout(Duration::from_secs(30));
-        })
-        .await
-        .unwrap();
-    release
-}
-
 #[test]
 fn failed_writes_and_fdatasyncs_roll_back_and_the_log_carries_on() {
     // A lone small append goes out as one write durable by itself (`RWF_DSYNC`): a failed flush
@@ -123,16 +110,20 @@ fn failed_writes_and_fdatasyncs_roll_back_and_the_log_carries_on() {
                 ..config()
             };
             engine.create_partition(&p, large).await.unwrap();
-            engine.append(&p, batch(1, 1, 100, 0), 0).await.unwrap();
+            // Large enough that no runway of zeros follows it (`runway_group_bytes_max`): a zero
+            // write in flight would take the injected failure. And the leader-epoch file
+            // written beside it must have landed, or it would take an injected flush failure.
+            engine.append(&p, batch(1, 1, 100_000, 0), 0).await.unwrap();
+            wait_for_epoch_file(&fs, &p);
             let durable_writes = engine.metrics().segment_durable_writes;
             match inject {
                 Inject::Write => fs.fail_next_writes(1),
                 Inject::Flush => fs.fail_next_syncs(1),
             }
-            let err = engine
-                .append(&p, batch(2, 1, size, 0), 0)
-                .await
-                .unwrap_err();
+            let err = match engine.append(&p, batch(2, 1, size, 0), 0).await {
+                Ok(out) => panic!("{what}, {size} bytes: answered {out:?}"),
+                Err(err) => err,
+            };
             assert!(
                 matches!(err, Error::Io { op, .. } if op == what),
                 "{what}, {size} bytes: {err}"
@@ -182,7 +173,10 @@ fn a_failed_append_stays_gone_after_a_crash_at_its_error() {
                 ..config()
             };
             engine.create_partition(&p, large).await.unwrap();
-            engine.append(&p, batch(1, 1, 100, 0), 0).await.unwrap();
+            // No runway of zeros after it, and its leader-epoch file landed: neither may take
+            // the injected failure (see `failed_writes_and_fdatasyncs_roll_back_and_the_log_carries_on`).
+            engine.append(&p, batch(1, 1, 100_000, 0), 0).await.unwrap();
+            wait_for_epoch_file(&fs, &p);
             fs.fail_next_syncs(1);
             let err = engine
                 .append(&p, batch(2, 1, 1536 * 1024 + round * 1000, 0), 0)
@@ -1302,12 +1296,7 @@ fn a_flush_does_not_wait_for_the_writes_to_pause() {
         };
         engine.create_partition(&p, config).await.unwrap();
         let append = |tag: u64| {
-            engine.append_waiting(
-                &p,
-                batch(tag, 1, batch_bytes, 0),
-                0,
-                keel_engine::Durability::Written,
-            )
+            engine.append_waiting(&p, batch(tag, 1, batch_bytes, 0), 0, Durability::Written)
         };
         // 1.5 MiB in flight: more than one write takes, so a write always has data waiting.
         let mut inflight: FuturesUnordered<_> = (0..96).map(append).collect();
@@ -1367,7 +1356,7 @@ fn a_lone_append_written_durable_by_itself_survives_a_power_cut_at_once() {
         let reopened = Engine::open(without_journal(sim_config(&image, 1))).unwrap();
         assert_eq!(log_contents(&reopened, &p), acked, "after append {tag}");
     }
-    // All but the first (its fdatasync waits for the leader-epoch checkpoint) went out alone.
+    // They went out alone, the first too (its leader-epoch file is written beside it).
     assert!(
         engine.metrics().segment_durable_writes >= 20,
         "{:?}",
@@ -1391,7 +1380,7 @@ fn a_cohort_arriving_together_as_large_as_the_last_group_goes_out_in_one_durable
     let mut tag = 0;
     // (appends queued at the shard together, the last group's size, durable by itself?)
     for (n, last_group, durable) in [
-        (1, 0, false), // its fdatasync waits for the leader-epoch checkpoint
+        (1, 0, true), // the leader-epoch checkpoint file is written beside it
         (3, 1, true),
         (3, 3, true),
         (2, 3, false),
@@ -1492,4 +1481,104 @@ fn a_partition_stalled_in_its_creation_holds_up_no_other() {
     creating.join().unwrap().unwrap();
     assert_eq!(appending_new.join().unwrap().unwrap().base_offset, 0);
     assert_eq!(log_contents(&engine, &new), BTreeMap::from([(0, 99)]));
+}
+
+/// A new leader epoch's first append does not wait for the leader-epoch checkpoint file: the
+/// file is written beside the data path, and until it lands a restart rebuilds the entry from the
+/// batch, which lies past the recovery point; an explicit flush waits for it (ARCHITECTURE.md,
+/// decision 34). Until 2026-12-02
+/// the file was a control operation that stopped the partition's writes and syncs: at 1000
+/// partitions every first append did, and the first journal checkpoint waited ~0.7 s for them.
+#[test]
+fn a_new_epochs_appends_do_not_wait_for_its_checkpoint_file() {
+    for journal in [false, true] {
+        let fs = SimFs::default();
+        let config = sim_config(&fs, 1);
+        let config = if journal {
+            config
+        } else {
+            without_journal(config)
+        };
+        let engine = Engine::open(config.clone()).unwrap();
+        let p = PartitionId::new("epochs", 0);
+        create_partitions(
+            &engine,
+            std::slice::from_ref(&p),
+            &PartitionConfig::default(),
+        );
+        fs.hold(Hold::FileWrites, true);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let appending = {
+            let (engine, p) = (engine.clone(), p.clone());
+            std::thread::spawn(move || {
+                for (tag, epoch) in [(0, 3), (1, 3), (2, 5)] {
+                    let out = block_on(engine.append(&p, batch(tag, 1, 100, 0), epoch));
+                    let _ = tx.send(out.map(|o| (o.base_offset, o.durability)));
+                }
+            })
+        };
+        for offset in 0..3u64 {
+            let out = rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| {
+                    panic!("journal {journal}: append {offset} waited for the epoch file")
+                });
+            assert_eq!(
+                out.unwrap(),
+                (offset, Durability::Durable),
+                "journal {journal}"
+            );
+        }
+        appending.join().unwrap();
+        assert!(fs.waiting(Hold::FileWrites) > 0, "journal {journal}");
+        // A caller's flush covers the partition's metadata too: it waits for the file.
+        let flushing = {
+            let (engine, p) = (engine.clone(), p.clone());
+            std::thread::spawn(move || block_on(engine.flush(&p)))
+        };
+        // A power cut now: the checkpoint file never got written, the epochs come back from
+        // the batches.
+        let image = fs.crash_image(CrashKind::PowerCut);
+        let mut reopened_config = config.clone();
+        reopened_config.backend = keel_engine::io::Backend::Sim(image);
+        let reopened = Engine::open(reopened_config).unwrap();
+        assert_eq!(
+            log_contents(&reopened, &p),
+            BTreeMap::from([(0, 0), (1, 1), (2, 2)]),
+            "journal {journal}"
+        );
+        block_on(async {
+            assert_eq!(
+                reopened.end_offset_for_epoch(&p, 4).await.unwrap(),
+                Some((3, 2)),
+                "journal {journal}"
+            );
+            assert_eq!(
+                reopened.end_offset_for_epoch(&p, 5).await.unwrap(),
+                Some((5, 3)),
+                "journal {journal}"
+            );
+        });
+        // Released, the file is written, the flush answered, and a clean restart reads it.
+        assert!(
+            !flushing.is_finished(),
+            "journal {journal}: flushed while held"
+        );
+        fs.hold(Hold::FileWrites, false);
+        flushing.join().unwrap().unwrap();
+        let epoch_file =
+            keel_engine::segment::path::partition_dir(std::path::Path::new("/sim/data"), &p)
+                .join(keel_engine::segment::path::LEADER_EPOCH_FILE);
+        assert!(fs.files().contains(&epoch_file), "journal {journal}");
+        block_on(engine.shutdown()).unwrap();
+        drop(engine);
+        let engine = Engine::open(config).unwrap();
+        block_on(async {
+            assert_eq!(
+                engine.end_offset_for_epoch(&p, 3).await.unwrap(),
+                Some((3, 2)),
+                "journal {journal}"
+            );
+        });
+    }
 }

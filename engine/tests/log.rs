@@ -457,20 +457,43 @@ fn partitions_due_together_share_one_filesystem_sync() {
     // Without the journal (which would take these small groups in one write of its own).
     let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
     let ids: Vec<_> = (0..32).map(|i| PartitionId::new("grouped", i)).collect();
-    block_on(async {
-        create_all(&engine, &ids, &PartitionConfig::default()).await;
-        fs.set_faults(keel_engine::io::sim::FaultConfig {
-            latency: std::time::Duration::from_millis(2),
-            ..Default::default()
-        });
-        let (_, syncs_before) = fs.op_counts();
-        let metrics_before = engine.metrics();
-        let appends = ids
+    let shard = engine.shard_of(&ids[0]);
+    assert!(ids.iter().all(|id| engine.shard_of(id) == shard));
+    // Appends queued at the (held) shard together, `n` per partition.
+    let append_together = |n: u64, tag: u64| {
+        let release = block_on(hold_shard(&engine, shard));
+        let pending: Vec<_> = ids
             .iter()
-            .map(|id| engine.append(id, batch(id.partition as u64, 1, 100, 0), 0));
-        for outcome in futures::future::join_all(appends).await {
+            .flat_map(|id| (0..n).map(move |i| (id, tag + i)))
+            .map(|(id, tag)| {
+                block_on(engine.append_enqueued(id, batch(tag, 1, 100, 0), 0, None)).unwrap()
+            })
+            .collect();
+        release.send(()).unwrap();
+        pending
+    };
+    block_on(create_all(&engine, &ids, &PartitionConfig::default()));
+    // A group of two per partition first: a single small append after it is not a lone write
+    // durable by itself (decision 17), so each partition's next append needs a sync.
+    for outcome in block_on(futures::future::join_all(append_together(2, 100))) {
+        outcome.unwrap();
+    }
+    fs.set_faults(keel_engine::io::sim::FaultConfig {
+        latency: std::time::Duration::from_millis(2),
+        ..Default::default()
+    });
+    let (_, syncs_before) = fs.op_counts();
+    let metrics_before = engine.metrics();
+    let pending = append_together(1, 0);
+    block_on(async {
+        for outcome in futures::future::join_all(pending).await {
             assert_eq!(outcome.unwrap().durability, Durability::Durable);
         }
+        assert_eq!(
+            engine.metrics().segment_durable_writes,
+            metrics_before.segment_durable_writes,
+            "no write was durable by itself"
+        );
         let (_, syncs_after) = fs.op_counts();
         assert!(
             syncs_after - syncs_before < 16,
@@ -492,7 +515,7 @@ fn partitions_due_together_share_one_filesystem_sync() {
     fs.crash(keel_engine::io::sim::CrashKind::PowerCut);
     let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
     for id in &ids {
-        assert_eq!(tags(&engine, id, 0), vec![id.partition as u64]);
+        assert_eq!(tags(&engine, id, 0), vec![100, 101, 0]);
     }
 }
 

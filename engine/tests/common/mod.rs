@@ -142,3 +142,27 @@ pub fn wait_until(what: &str, ready: impl Fn() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
+
+/// Wait until `p`'s leader-epoch checkpoint file is on `fs` (an engine from `sim_config`). A
+/// partition's first append writes it beside the data path (ARCHITECTURE.md, decision 34): a
+/// test that injects the next fault lets it land first, or the fault may hit it instead.
+pub fn wait_for_epoch_file(fs: &SimFs, p: &PartitionId) {
+    let path = keel_engine::segment::path::partition_dir(std::path::Path::new("/sim/data"), p)
+        .join(keel_engine::segment::path::LEADER_EPOCH_FILE);
+    wait_until("the leader-epoch checkpoint file is written", || {
+        fs.files().contains(&path)
+    });
+}
+
+/// Hold shard `shard` until the returned sender sends (or 30 s pass): commands queued meanwhile
+/// are taken by the shard in one go, before it schedules any I/O for them.
+pub async fn hold_shard(engine: &Engine, shard: usize) -> std::sync::mpsc::Sender<()> {
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    engine
+        .run_on_shard(shard, move || {
+            let _ = held.recv_timeout(std::time::Duration::from_secs(30));
+        })
+        .await
+        .unwrap();
+    release
+}
