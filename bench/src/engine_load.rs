@@ -41,6 +41,8 @@ pub struct EngineLoadResult {
     pub timeline: serde_json::Value,
     /// The latency distribution as `[[percentile, µs], ...]`.
     pub curve: serde_json::Value,
+    /// The engine's counters over the measured window (from the end of the warm-up to the last
+    /// completion: not the partitions' creation, nor the shutdown's flush).
     pub metrics: MetricsSnapshot,
     /// CPU spent from the end of the warm-up to the end of the run.
     pub cpu: CpuUse,
@@ -106,10 +108,11 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
         // (a generator that first collected every completion of a group commit, then sent the
         // replacements, left the engine idle while it did).
         let mut to_issue = config.concurrency;
-        let mut cpu_from = None;
+        let (mut cpu_from, mut metrics_from) = (None, None);
         loop {
             if cpu_from.is_none() && Instant::now() >= measure_from {
                 cpu_from = Some(cpu::sample());
+                metrics_from = Some(engine.metrics());
             }
             while to_issue > 0 && Instant::now() < end {
                 to_issue -= 1;
@@ -143,6 +146,9 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
         let cpu = cpu_from.map_or_else(CpuUse::default, |from| {
             CpuUse::between(&from, &cpu::sample())
         });
+        // The engine's counters over the measured window: not the creation, the warm-up, nor
+        // the shutdown's flush (up to one write per partition).
+        let metrics = engine.metrics().since(&metrics_from.unwrap_or_default());
         progress.finish();
         let seconds =
             first_in_window.map_or(0.0, |f| last_completion.duration_since(f).as_secs_f64());
@@ -160,7 +166,7 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
             latency: Percentiles::of(&h),
             timeline: timeline.map_or(serde_json::Value::Array(Vec::new()), |t| t.to_json()),
             curve: percentile_curve(&h),
-            metrics: engine.metrics(),
+            metrics,
             cpu,
         })
     });

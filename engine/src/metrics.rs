@@ -17,6 +17,13 @@ macro_rules! counters {
                 MetricsSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
             }
         }
+
+        impl MetricsSnapshot {
+            /// What the counters did between `earlier` and this snapshot (all are monotonic).
+            pub fn since(&self, earlier: &MetricsSnapshot) -> MetricsSnapshot {
+                MetricsSnapshot { $($name: self.$name.saturating_sub(earlier.$name),)* }
+            }
+        }
     };
 }
 
@@ -83,4 +90,30 @@ counters!(
 
 pub(crate) fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_is_what_each_counter_did_in_between() {
+        let m = Metrics::default();
+        bump(&m.appends, 5);
+        bump(&m.journal_syncs, 2);
+        let earlier = m.snapshot();
+        bump(&m.appends, 7);
+        bump(&m.segment_durable_writes, 1);
+        let window = m.snapshot().since(&earlier);
+        assert_eq!(
+            (
+                window.appends,
+                window.segment_durable_writes,
+                window.journal_syncs
+            ),
+            (7, 1, 0)
+        );
+        // A later snapshot taken as the earlier one never underflows.
+        assert_eq!(earlier.since(&m.snapshot()), MetricsSnapshot::default());
+    }
 }
