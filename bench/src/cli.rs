@@ -647,6 +647,10 @@ fn engine_run(args: &EngineArgs, base: Option<RawResult>) -> Result<Value, Strin
         r.metrics.journal_checkpoints, r.metrics.journal_full
     );
     print_latency("engine: append latency", &r.latency);
+    println!(
+        "engine: clean shutdown in {:.0} ms (every partition made durable in its segments, then its metadata files and marker written)",
+        r.shutdown_s * 1000.0
+    );
     let mb = r.bytes as f64 / 1e6;
     println!("{}", r.cpu.describe("engine", mb));
     if let Some(b) = base {
@@ -681,7 +685,7 @@ fn engine_run(args: &EngineArgs, base: Option<RawResult>) -> Result<Value, Strin
         "timeline": r.timeline,
         "latency_curve": r.curve,
         "cpu": r.cpu.to_json(mb),
-        "engine": { "writes": r.metrics.writes, "write_bytes": r.metrics.write_bytes, "fsyncs": r.metrics.fsyncs, "segment_sync_calls": r.metrics.segment_sync_calls, "segment_durable_writes": r.metrics.segment_durable_writes, "group_syncs": r.metrics.group_syncs, "journal_writes": r.metrics.journal_writes, "journal_syncs": r.metrics.journal_syncs, "appends": r.metrics.appends },
+        "engine": { "writes": r.metrics.writes, "write_bytes": r.metrics.write_bytes, "fsyncs": r.metrics.fsyncs, "segment_sync_calls": r.metrics.segment_sync_calls, "segment_durable_writes": r.metrics.segment_durable_writes, "group_syncs": r.metrics.group_syncs, "journal_writes": r.metrics.journal_writes, "journal_syncs": r.metrics.journal_syncs, "appends": r.metrics.appends, "shutdown_ms": r.shutdown_s * 1000.0 },
     });
     Ok(result)
 }

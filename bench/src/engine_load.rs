@@ -44,6 +44,9 @@ pub struct EngineLoadResult {
     /// The engine's counters over the measured window (from the end of the warm-up to the last
     /// completion: not the partitions' creation, nor the shutdown's flush).
     pub metrics: MetricsSnapshot,
+    /// How long the engine's clean shutdown took (making every partition durable in its
+    /// segments, then writing each one's metadata files and clean-shutdown marker).
+    pub shutdown_s: f64,
     /// CPU spent from the end of the warm-up to the end of the run.
     pub cpu: CpuUse,
 }
@@ -152,7 +155,9 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
         progress.finish();
         let seconds =
             first_in_window.map_or(0.0, |f| last_completion.duration_since(f).as_secs_f64());
+        let shutdown_from = Instant::now();
         engine.shutdown().await?;
+        let shutdown_s = shutdown_from.elapsed().as_secs_f64();
         Ok::<_, keel_engine::Error>(EngineLoadResult {
             bytes,
             batches,
@@ -167,6 +172,7 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
             timeline: timeline.map_or(serde_json::Value::Array(Vec::new()), |t| t.to_json()),
             curve: percentile_curve(&h),
             metrics,
+            shutdown_s,
             cpu,
         })
     });

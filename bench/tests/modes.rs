@@ -131,6 +131,16 @@ fn engine_mode() {
     assert_eq!(v["config"]["concurrency"], 4);
     assert_eq!(v["config"]["rounds"], 1);
     assert!(v.get("rounds").is_none(), "one round has no summary");
+    // The engine's counters cover the measured window, and the shutdown is timed.
+    let engine = &v["engine"];
+    assert!(
+        engine["appends"].as_u64().is_some_and(|a| a > 0),
+        "{engine}"
+    );
+    assert!(
+        engine["shutdown_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{engine}"
+    );
 }
 
 #[test]

@@ -435,6 +435,17 @@ fn a_checkpoint_syncs_the_rests_it_forces_out_together() {
             "seed {seed}: segment writes durable by themselves"
         );
         assert_holds(&engine, &acked, &format!("seed {seed}"));
+        // A clean shutdown writes every partition's rest to its segment: plain writes that the
+        // shard's syncs cover together, not a lone durable write (and its flush) per partition
+        // (decision 35; the previous engine made one per partition with a rest: 25 at seed 0).
+        let before = engine.metrics();
+        block_on(engine.shutdown()).unwrap();
+        let m = engine.metrics().since(&before);
+        assert_eq!(m.segment_durable_writes, 0, "seed {seed}: {m:?}");
+        assert!(
+            m.segment_sync_calls < parts.len() as u64 / 4,
+            "seed {seed}: {m:?}"
+        );
     }
 }
 
