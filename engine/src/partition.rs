@@ -324,6 +324,8 @@ pub(crate) struct Partition {
     epochs_inflight: bool,
     /// A clean shutdown is making everything durable (`begin_shutdown`).
     closing: bool,
+    /// A failed write of the leader-epoch file is tried again after this.
+    epochs_retry_at: Option<Instant>,
     /// The in-memory log was truncated; the file must be cut to match before anything else.
     cut_pending: bool,
     last_sync: Instant,
@@ -437,6 +439,7 @@ impl Partition {
             epochs_dirty: false,
             epochs_inflight: false,
             closing: false,
+            epochs_retry_at: None,
             cut_pending: false,
             last_sync: Instant::now(),
             bytes_since_sync: 0,
@@ -1037,7 +1040,12 @@ impl Partition {
             return false;
         }
         self.schedule_runway(io);
-        if !self.control_busy && self.epochs_dirty && !self.epochs_inflight {
+        if !self.control_busy
+            && self.epochs_dirty
+            && !self.epochs_inflight
+            && self.epochs_retry_at.is_none_or(|at| Instant::now() >= at)
+        {
+            self.epochs_retry_at = None;
             self.persist_epochs(io);
         }
         starved
@@ -1050,7 +1058,7 @@ impl Partition {
     /// A rollback's rewrite, or a retry after a failed control operation, waits out its
     /// backoff (the shard's tick schedules it again).
     pub fn rewrite_waiting(&self) -> bool {
-        self.rewrite_at.is_some() || self.retry_at.is_some()
+        self.rewrite_at.is_some() || self.retry_at.is_some() || self.epochs_retry_at.is_some()
     }
 
     fn schedule_writes(&mut self, io: &mut IoCtx<'_>) -> bool {
@@ -1812,9 +1820,22 @@ impl Partition {
             }
             Event::EpochsWritten(result) => {
                 self.epochs_inflight = false;
-                if let Err(e) = result {
-                    // As for a control operation: the rollback's cut writes the file again.
-                    self.on_control_failed(e, io);
+                if let Err(error) = result {
+                    // Not a failure of the log: no acknowledged append needs the file (a
+                    // restart rebuilds its entries from the batches past the recovery point,
+                    // and a roll writes it before moving that point). Write it again later.
+                    // Rolling the data back from here, beside writes and syncs in flight,
+                    // damaged logs on a filling disk (ARCHITECTURE.md, decision 34). A failed
+                    // fsync still counts as the device's failed flush, which the partitions'
+                    // next syncs see (decision 29).
+                    match &error {
+                        Error::Full { .. } => bump(&io.metrics.disk_full_errors, 1),
+                        _ => bump(&io.metrics.io_errors, 1),
+                    }
+                    tracing::warn!(partition = %self.id, %error,
+                        "could not write the leader-epoch checkpoint file; trying again");
+                    self.epochs_dirty = true;
+                    self.epochs_retry_at = Some(Instant::now() + rewrite_backoff);
                 }
             }
             Event::GroupSynced { .. }
