@@ -92,6 +92,14 @@ pub(crate) fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
 
+/// Count a failed operation: a full disk in `disk_full_errors`, anything else in `io_errors`.
+pub(crate) fn count_error(metrics: &Metrics, error: &crate::Error) {
+    match error {
+        crate::Error::Full { .. } => bump(&metrics.disk_full_errors, 1),
+        _ => bump(&metrics.io_errors, 1),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,7 +44,7 @@ use crate::error::{Error, Result};
 use crate::io::aligned::{align_down, align_up};
 use crate::io::{AlignedBuf, BufferPool, IoFuture, Storage, StorageFile};
 use crate::journal;
-use crate::metrics::{bump, Metrics};
+use crate::metrics::{bump, count_error, Metrics};
 use crate::offsets::{Appended, Durability, Durable, OffsetTracker, Written};
 use crate::read::{self, DiskRead};
 use crate::segment::{path, Segment};
@@ -720,11 +720,7 @@ impl Partition {
                 end = w.end_offset, "acknowledged durable");
             self.flush_waiters -= usize::from(w.flush);
             completed += 1;
-            if w.flush && self.epochs_pending() {
-                self.epoch_waiters.push_back(w);
-            } else {
-                complete(w, Durability::Durable, log_start);
-            }
+            self.complete_durable(w);
         }
         if completed > 0 {
             self.last_group_waiters = completed;
@@ -736,6 +732,16 @@ impl Partition {
         }
         if !self.rolled_back.is_empty() && self.rollback_settled() {
             self.answer_rolled_back();
+        }
+    }
+
+    /// Answer a waiter whose data is durable; a flush also waits for the leader-epoch file, if
+    /// it is behind memory (`epoch_waiters`).
+    fn complete_durable(&mut self, w: Waiter) {
+        if w.flush && self.epochs_pending() {
+            self.epoch_waiters.push_back(w);
+        } else {
+            complete(w, Durability::Durable, self.log_start_offset);
         }
     }
 
@@ -806,11 +812,7 @@ impl Partition {
             flush: true,
         };
         if end <= self.durable_end() {
-            if self.epochs_pending() {
-                self.epoch_waiters.push_back(waiter);
-            } else {
-                complete(waiter, Durability::Durable, self.log_start_offset);
-            }
+            self.complete_durable(waiter);
         } else {
             self.flush_waiters += 1;
             let at = self
@@ -1275,12 +1277,13 @@ impl Partition {
             && !self.closing
             && self.last_group_waiters <= self.durable_waiters.len().max(1)
             && !self.write_in_background()
-            && self.journal_would_take().is_none()
             && self.writes.is_empty()
             && self.sync_inflight.is_none()
             && self.runway_inflight.is_none()
             && self.offsets.written().0 == self.offsets.durable().0
             && self.written_position == self.durable_position
+            // Last: it walks the journal group's batches.
+            && self.journal_would_take().is_none()
     }
 
     /// Record a write of `len` bytes at `position` in `writes` (in position order); a queued
@@ -1823,15 +1826,12 @@ impl Partition {
                 if let Err(error) = result {
                     // Not a failure of the log: no acknowledged append needs the file (a
                     // restart rebuilds its entries from the batches past the recovery point,
-                    // and a roll writes it before moving that point). Write it again later.
-                    // Rolling the data back from here, beside writes and syncs in flight,
-                    // damaged logs on a filling disk (ARCHITECTURE.md, decision 34). A failed
-                    // fsync still counts as the device's failed flush, which the partitions'
-                    // next syncs see (decision 29).
-                    match &error {
-                        Error::Full { .. } => bump(&io.metrics.disk_full_errors, 1),
-                        _ => bump(&io.metrics.io_errors, 1),
-                    }
+                    // and a roll writes it before moving that point), so the data is not
+                    // rolled back beside its writes and syncs in flight; the file is written
+                    // again later (ARCHITECTURE.md, decision 34). A failed fsync still counts
+                    // as the device's failed flush, which the partitions' next syncs see
+                    // (decision 29).
+                    count_error(io.metrics, &error);
                     tracing::warn!(partition = %self.id, %error,
                         "could not write the leader-epoch checkpoint file; trying again");
                     self.epochs_dirty = true;
@@ -2085,10 +2085,7 @@ impl Partition {
                 self.answer_rolled_back();
             }
         }
-        match &error {
-            Error::Full { .. } => bump(&io.metrics.disk_full_errors, 1),
-            _ => bump(&io.metrics.io_errors, 1),
-        }
+        count_error(io.metrics, &error);
         tracing::warn!(partition = %self.id, %error, back_to_durable,
             "I/O failed; rolling the log back to its last good point");
         match &mut self.failure {

@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::io::aligned::align_up;
 use crate::io::{AlignedBuf, BufferPool, Storage, StorageFile};
 use crate::journal::{self, Header};
-use crate::metrics::{bump, Metrics};
+use crate::metrics::{bump, count_error, Metrics};
 use crate::offsets::Durability;
 use crate::partition::{AppendKind, Event, Inflight, IoCtx, Partition, Reply, Validated};
 use crate::read;
@@ -1421,18 +1421,14 @@ fn shutdown_write_failed(
     path: &std::path::Path,
     e: std::io::Error,
 ) -> Result<()> {
-    match Error::io("write", path, e) {
-        error @ Error::Full { .. } => {
-            bump(&metrics.disk_full_errors, 1);
-            tracing::warn!(partition = %id, %error,
-                "disk full at shutdown: the partition's log will be scanned at the next start");
-            Ok(())
-        }
-        error => {
-            bump(&metrics.io_errors, 1);
-            Err(error)
-        }
+    let error = Error::io("write", path, e);
+    count_error(metrics, &error);
+    if !matches!(error, Error::Full { .. }) {
+        return Err(error);
     }
+    tracing::warn!(partition = %id, %error,
+        "disk full at shutdown: the partition's log will be scanned at the next start");
+    Ok(())
 }
 
 /// However the shard thread ends (shutdown, every handle dropped, or a panic), drop the commands

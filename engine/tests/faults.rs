@@ -1492,14 +1492,16 @@ fn a_partition_stalled_in_its_creation_holds_up_no_other() {
 #[test]
 fn a_new_epochs_appends_do_not_wait_for_its_checkpoint_file() {
     for journal in [false, true] {
-        let fs = SimFs::default();
-        let config = sim_config(&fs, 1);
-        let config = if journal {
-            config
-        } else {
-            without_journal(config)
+        let config_of = |fs: &SimFs| {
+            let config = sim_config(fs, 1);
+            if journal {
+                config
+            } else {
+                without_journal(config)
+            }
         };
-        let engine = Engine::open(config.clone()).unwrap();
+        let fs = SimFs::default();
+        let engine = Engine::open(config_of(&fs)).unwrap();
         let p = PartitionId::new("epochs", 0);
         create_partitions(
             &engine,
@@ -1531,17 +1533,18 @@ fn a_new_epochs_appends_do_not_wait_for_its_checkpoint_file() {
         }
         appending.join().unwrap();
         assert!(fs.waiting(Hold::FileWrites) > 0, "journal {journal}");
-        // A caller's flush covers the partition's metadata too: it waits for the file.
-        let flushing = {
-            let (engine, p) = (engine.clone(), p.clone());
-            std::thread::spawn(move || block_on(engine.flush(&p)))
-        };
+        // A caller's flush covers the partition's metadata too: it waits for the file. Polled
+        // once, the flush is queued at the shard; once the shard has run a task queued after
+        // it, the flush has been taken, and it must still wait.
+        let mut flushing = Box::pin(engine.flush(&p));
+        assert!(block_on(async {
+            futures::poll!(flushing.as_mut()).is_pending()
+        }));
+        block_on(engine.run_on_shard(engine.shard_of(&p), || ())).unwrap();
         // A power cut now: the checkpoint file never got written, the epochs come back from
         // the batches.
         let image = fs.crash_image(CrashKind::PowerCut);
-        let mut reopened_config = config.clone();
-        reopened_config.backend = keel_engine::io::Backend::Sim(image);
-        let reopened = Engine::open(reopened_config).unwrap();
+        let reopened = Engine::open(config_of(&image)).unwrap();
         assert_eq!(
             log_contents(&reopened, &p),
             BTreeMap::from([(0, 0), (1, 1), (2, 2)]),
@@ -1561,18 +1564,15 @@ fn a_new_epochs_appends_do_not_wait_for_its_checkpoint_file() {
         });
         // Released, the file is written, the flush answered, and a clean restart reads it.
         assert!(
-            !flushing.is_finished(),
-            "journal {journal}: flushed while held"
+            block_on(async { futures::poll!(flushing.as_mut()).is_pending() }),
+            "journal {journal}: flushed while the file was held"
         );
         fs.hold(Hold::FileWrites, false);
-        flushing.join().unwrap().unwrap();
-        let epoch_file =
-            keel_engine::segment::path::partition_dir(std::path::Path::new("/sim/data"), &p)
-                .join(keel_engine::segment::path::LEADER_EPOCH_FILE);
-        assert!(fs.files().contains(&epoch_file), "journal {journal}");
+        block_on(flushing).unwrap();
+        assert!(fs.files().contains(&epoch_file(&p)), "journal {journal}");
         block_on(engine.shutdown()).unwrap();
         drop(engine);
-        let engine = Engine::open(config).unwrap();
+        let engine = Engine::open(config_of(&fs)).unwrap();
         block_on(async {
             assert_eq!(
                 engine.end_offset_for_epoch(&p, 3).await.unwrap(),

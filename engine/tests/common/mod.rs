@@ -147,11 +147,16 @@ pub fn wait_until(what: &str, ready: impl Fn() -> bool) {
 /// partition's first append writes it beside the data path (ARCHITECTURE.md, decision 34): a
 /// test that injects the next fault lets it land first, or the fault may hit it instead.
 pub fn wait_for_epoch_file(fs: &SimFs, p: &PartitionId) {
-    let path = keel_engine::segment::path::partition_dir(std::path::Path::new("/sim/data"), p)
-        .join(keel_engine::segment::path::LEADER_EPOCH_FILE);
+    let path = epoch_file(p);
     wait_until("the leader-epoch checkpoint file is written", || {
         fs.files().contains(&path)
     });
+}
+
+/// Where `p`'s leader-epoch checkpoint file is, for an engine from `sim_config`.
+pub fn epoch_file(p: &PartitionId) -> std::path::PathBuf {
+    keel_engine::segment::path::partition_dir(std::path::Path::new("/sim/data"), p)
+        .join(keel_engine::segment::path::LEADER_EPOCH_FILE)
 }
 
 /// Hold shard `shard` until the returned sender sends (or 30 s pass): commands queued meanwhile
