@@ -146,7 +146,7 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
                             file: log_path,
                             position,
                             reason: format!(
-                                "{reason}; valid data follows, so this is not a torn tail. Refusing to open \
+                                "{reason}, so this is not a torn tail. Refusing to open \
                                  (recovery mode truncate-tail discards the log from here)"
                             ),
                         });
@@ -395,7 +395,10 @@ async fn scan(
         return Ok(ScanEnd::Valid);
     };
     if !is_last {
-        return Ok(ScanEnd::Damaged { position, reason });
+        return Ok(ScanEnd::Damaged {
+            position,
+            reason: format!("{reason} in a sealed segment (the log goes on after it)"),
+        });
     }
     if ctx.journaled.contains(&expected_next) {
         // The journal holds the batch that should be here: the segment's writes past its last
@@ -432,8 +435,10 @@ const SECTOR_BYTES: usize = 512;
 /// Does the damage at `position` look like a write the crash interrupted? A torn write leaves
 /// sectors that never got their new content: zeros from preallocation (or the zeroed padding of
 /// the previous version of the tail block). So: a zeroed header, a batch that runs past the end of
-/// the file, or a whole zero sector inside the batch. A flipped bit inside an otherwise complete
-/// batch is none of those: that is damage, not a torn tail.
+/// the file, or a sector the batch reaches into that is all zeros on disk — judged over the whole
+/// sector, so a lost sector holding only the batch's last few bytes (or its first few) counts
+/// too: there nothing but zeros follows them, where a written sector would hold them. A flipped
+/// bit inside an otherwise complete batch is none of those: that is damage, not a torn tail.
 async fn looks_torn(
     file: &dyn StorageFile,
     position: u64,
@@ -449,25 +454,18 @@ async fn looks_torn(
         .read_at(start, AlignedBuf::new((end - start) as usize))
         .await;
     result.map_err(|e| Error::io("read", file.path(), e))?;
-    let bytes = &buf.as_slice()[((position - start) as usize).min(buf.len())..];
+    let stored = buf.as_slice();
+    let at = ((position - start) as usize).min(stored.len());
+    let bytes = &stored[at..];
     if bytes.len() < 61 || bytes[..61].iter().all(|&b| b == 0) {
         return Ok(true);
     }
-    let zero_sector = |region: &[u8], at: u64| {
-        let skip = ((SECTOR_BYTES - (at as usize % SECTOR_BYTES)) % SECTOR_BYTES).min(region.len());
-        region[skip..]
-            .chunks(SECTOR_BYTES)
-            .any(|s| s.len() == SECTOR_BYTES && s.iter().all(|&b| b == 0))
-    };
-    match BatchHeader::parse(bytes) {
+    Ok(match BatchHeader::parse(bytes) {
         Ok(h) if h.size_bytes <= max_batch_bytes => {
             if position + h.size_bytes as u64 > file_len {
                 return Ok(true);
             }
-            Ok(zero_sector(
-                &bytes[..h.size_bytes.min(bytes.len())],
-                position,
-            ))
+            zero_sector_within(stored, at, h.size_bytes)
         }
         // The header itself is garbage: a torn sector holding part of it shows as zeros near it.
         _ => {
@@ -476,9 +474,21 @@ async fn looks_torn(
                 && split < 61
                 && (bytes[..split].iter().all(|&b| b == 0)
                     || bytes[split..61].iter().all(|&b| b == 0));
-            Ok(torn_header || zero_sector(&bytes[..bytes.len().min(2 * SECTOR_BYTES)], position))
+            torn_header || zero_sector_within(stored, at, 2 * SECTOR_BYTES)
         }
-    }
+    })
+}
+
+/// Is one of the sectors that `stored[at..at + len]` reaches into all zeros? `stored` begins on
+/// a sector boundary; sectors are judged whole, as stored, including bytes outside the range.
+fn zero_sector_within(stored: &[u8], at: usize, len: usize) -> bool {
+    let first = at / SECTOR_BYTES;
+    let last = (at + len).div_ceil(SECTOR_BYTES);
+    (first..last).any(|s| {
+        stored
+            .get(s * SECTOR_BYTES..(s + 1) * SECTOR_BYTES)
+            .is_some_and(|sector| sector.iter().all(|&b| b == 0))
+    })
 }
 
 fn accept(segment: &mut Segment, epochs: &mut LeaderEpochCache, h: &BatchHeader, position: u64) {

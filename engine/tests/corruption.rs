@@ -440,3 +440,63 @@ fn damaged_metadata_files_are_rebuilt_or_ignored_and_the_log_is_served_whole() {
         }
     }
 }
+
+#[test]
+fn a_lost_sector_holding_only_a_batchs_last_bytes_is_a_torn_tail() {
+    // A power cut kept every block of the last write but its final one, into which the last
+    // batch reaches by `k` < 512 bytes: no whole sector of the batch is zero, yet the sector it
+    // ends in is (nothing follows it). That is a torn tail, cut; it was refused as damage ("a
+    // batch that was written whole") when only sectors lying wholly inside the batch counted.
+    // The same zeros with a batch following in that sector are damage: that sector was written
+    // (its header's length and CRC lie in it, not zeros).
+    for k in [1usize, 61, 300, 450] {
+        for followed in [false, true] {
+            let fs = SimFs::default();
+            let p = PartitionId::new("lost-sector", 0);
+            let engine = Engine::open(no_journal(sim_config(&fs, 1))).unwrap();
+            let lost_at = 4 * 4096;
+            block_on(async {
+                engine.create_partition(&p, config()).await.unwrap();
+                engine
+                    .append(&p, batch_of_size(0, 10_000), 0)
+                    .await
+                    .unwrap();
+                engine
+                    .append(&p, batch_of_size(1, lost_at + k - 10_000), 0)
+                    .await
+                    .unwrap();
+                if followed {
+                    engine.append(&p, batch(2, 1, 300, 0), 0).await.unwrap();
+                }
+            });
+            drop(engine); // a crash: the next open scans the segment
+            let image = copy(&fs);
+            let log = image
+                .files()
+                .into_iter()
+                .find(|f| f.extension().is_some_and(|e| e == "log"))
+                .unwrap();
+            image
+                .with_file(&log, |d| d[lost_at..lost_at + k].fill(0))
+                .unwrap();
+            match open(&image, RecoveryMode::Strict) {
+                Ok(engine) if !followed => {
+                    let (tags, error) = read_all(&engine, &p);
+                    assert!(error.is_none(), "k={k}: {error:?}");
+                    assert_eq!(
+                        tags,
+                        vec![0],
+                        "k={k}: the torn batch is cut, the one before kept"
+                    );
+                }
+                Err(Error::Corruption { position, .. }) if followed => {
+                    assert_eq!(position, 10_000, "k={k}");
+                }
+                Ok(_) => {
+                    panic!("k={k}: zeros inside the log, data after them, taken for a torn tail")
+                }
+                Err(e) => panic!("k={k} followed={followed}: {e}"),
+            }
+        }
+    }
+}

@@ -312,8 +312,12 @@ impl SimFs {
     /// Simulate a crash. Call it while no engine is using this file system.
     pub fn crash(&self, kind: CrashKind) {
         let mut state = lock(&self.state);
-        let files: Vec<_> = state.files.values().cloned().collect();
-        for file in files {
+        let files: Vec<_> = state
+            .files
+            .iter()
+            .map(|(p, f)| (p.clone(), f.clone()))
+            .collect();
+        for (path, file) in files {
             let mut f = lock(&file);
             if kind == CrashKind::PowerCut {
                 let mut image = f.durable.clone();
@@ -327,6 +331,8 @@ impl SimFs {
                         1 => blocks,
                         _ => (state.next_u64() as usize) % (blocks + 1),
                     };
+                    tracing::trace!(target: "keel::sim", path = %path.display(), position,
+                        len = bytes.len(), kept = kept * block_bytes, "power cut keeps");
                     put(&mut image, position, &bytes[..kept * block_bytes]);
                 }
                 f.data = image;
