@@ -51,7 +51,31 @@ use crate::segment::{path, Segment};
 use crate::{AppendOutcome, PartitionId, PartitionState, ReadOptions, ReadResult, ReadUpper};
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
-pub(crate) type Inflight = FuturesUnordered<IoFuture<(PartitionId, Event)>>;
+pub(crate) type Inflight = FuturesUnordered<IoFuture<(Route, Event)>>;
+
+/// Whom an I/O completion is for: a partition by id and instance, or the shard itself. A
+/// partition deleted and created again under the same id is another instance (the shard numbers
+/// them), so a completion of the old one's I/O — a write, a sync, a control operation, a journal
+/// record — never reaches the new one, whose writes, syncs and durable points it would
+/// otherwise claim as its own.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Route {
+    pub id: PartitionId,
+    /// The partition's [`Partition::instance`]; 0 for the shard's own completions and for
+    /// events that concern whichever partition has the id now.
+    pub instance: u64,
+}
+
+impl Route {
+    pub fn current(id: PartitionId) -> Route {
+        Route { id, instance: 0 }
+    }
+
+    /// Is this completion for `p` (and not for an earlier partition of the same id)?
+    pub fn reaches(&self, p: &Partition) -> bool {
+        self.instance == 0 || self.instance == p.instance
+    }
+}
 
 /// What an append is: a producer's batches (offsets assigned here) or a replica's copy of its
 /// leader's batches (offsets kept).
@@ -87,7 +111,7 @@ pub(crate) enum Event {
     EpochsWritten(Result<()>),
     /// One syncfs made every member's written data durable (the shard hands each a `Synced`).
     GroupSynced {
-        members: Vec<PartitionId>,
+        members: Vec<Route>,
         result: io::Result<()>,
     },
     /// A self-contained task (a disk read) finished and answered its caller itself.
@@ -179,14 +203,9 @@ pub(crate) struct IoCtx<'a> {
 }
 
 impl IoCtx<'_> {
-    fn submit(
-        &mut self,
-        id: &PartitionId,
-        future: impl std::future::Future<Output = Event> + 'static,
-    ) {
-        let id = id.clone();
+    fn submit(&mut self, route: Route, future: impl std::future::Future<Output = Event> + 'static) {
         self.inflight
-            .push(Box::pin(async move { (id, future.await) }));
+            .push(Box::pin(async move { (route, future.await) }));
     }
 }
 
@@ -278,6 +297,8 @@ struct PendingTruncate {
 
 pub(crate) struct Partition {
     pub id: PartitionId,
+    /// Which partition of this id this is, numbered by its shard from 1 (see [`Route`]).
+    pub instance: u64,
     pub dir: PathBuf,
     pub config: PartitionConfig,
     pub segments: BTreeMap<u64, Segment>,
@@ -406,6 +427,7 @@ impl Partition {
         };
         Partition {
             id,
+            instance: 0,
             dir,
             config,
             segments,
@@ -470,6 +492,14 @@ impl Partition {
     }
 
     /// Durable in the segment or through the journal.
+    /// Where this partition's I/O completions go.
+    pub fn route(&self) -> Route {
+        Route {
+            id: self.id.clone(),
+            instance: self.instance,
+        }
+    }
+
     pub fn durable_end(&self) -> u64 {
         self.offsets.durable().0.max(self.journal_durable)
     }
@@ -1363,7 +1393,7 @@ impl Partition {
         bump(&io.metrics.writes, 1);
         bump(&io.metrics.write_bytes, buf.padded_len() as u64);
         let file = file.clone();
-        io.submit(&self.id, async move {
+        io.submit(self.route(), async move {
             let (result, buf) = if durable {
                 file.write_at_durable(position, buf).await
             } else {
@@ -1446,7 +1476,7 @@ impl Partition {
         bump(&io.metrics.runway_writes, 1);
         bump(&io.metrics.runway_bytes, to - from);
         let file = self.write_file();
-        io.submit(&self.id, async move {
+        io.submit(self.route(), async move {
             let (result, buf) = file.write_at(from, buf).await;
             Event::RunwayWritten { result, buf }
         });
@@ -1576,7 +1606,7 @@ impl Partition {
     ) {
         assert!(!self.control_busy, "one control operation at a time");
         self.control_busy = true;
-        io.submit(&self.id, async move { Event::Control(op.await) });
+        io.submit(self.route(), async move { Event::Control(op.await) });
     }
 
     fn start_carry_load(&mut self, io: &mut IoCtx<'_>) {
@@ -1772,7 +1802,7 @@ impl Partition {
         let bytes = self.epochs.encode();
         let path = self.dir.join(path::LEADER_EPOCH_FILE);
         let storage = io.storage.clone();
-        io.submit(&self.id, async move {
+        io.submit(self.route(), async move {
             Event::EpochsWritten(
                 storage
                     .write_file_durable(&path, bytes)

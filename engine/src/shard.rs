@@ -30,7 +30,7 @@ use crate::io::{AlignedBuf, BufferPool, Storage, StorageFile};
 use crate::journal::{self, Header};
 use crate::metrics::{bump, count_error, Metrics};
 use crate::offsets::Durability;
-use crate::partition::{AppendKind, Event, Inflight, IoCtx, Partition, Reply, Validated};
+use crate::partition::{AppendKind, Event, Inflight, IoCtx, Partition, Reply, Route, Validated};
 use crate::read;
 use crate::recovery::{open_partition, OpenRequest};
 use crate::segment::path;
@@ -178,6 +178,7 @@ pub(crate) fn run(
         config,
         storage,
         partitions: HashMap::new(),
+        instances: 0,
         inflight: Inflight::new(),
         buffers: BufferPool::new(shard_write_buffers_count),
         writes_inflight: 0,
@@ -246,6 +247,8 @@ struct Shard {
     config: Arc<EngineConfig>,
     storage: Rc<dyn Storage>,
     partitions: HashMap<PartitionId, Partition>,
+    /// How many partitions this shard has served: the last one's [`Partition::instance`].
+    instances: u64,
     inflight: Inflight,
     buffers: BufferPool,
     writes_inflight: usize,
@@ -392,17 +395,15 @@ impl Shard {
         // due meanwhile wait and share the next one. A group of one fdatasyncs its own file; a
         // larger group shares one syncfs, which costs about what one fdatasync does (O_DIRECT
         // leaves no dirty pages: it is one journal commit and one device flush).
-        let members: Vec<PartitionId> = sync_waiting
+        let members: Vec<Route> = sync_waiting
             .drain()
-            .filter(|id| {
-                let Some(p) = partitions.get(id).filter(|p| p.sync_due()) else {
-                    return false;
-                };
+            .filter_map(|id| {
+                let p = partitions.get(&id).filter(|p| p.sync_due())?;
                 if hold && p.sync_due_only_for_checkpoint() {
-                    held.push(id.clone());
-                    return false;
+                    held.push(id);
+                    return None;
                 }
-                true
+                Some(p.route())
             })
             .collect();
         sync_waiting.extend(held);
@@ -410,8 +411,13 @@ impl Shard {
             return;
         };
         let mut file = None;
-        for id in &members {
-            file = Some(partitions.get_mut(id).expect("present").begin_sync(metrics));
+        for member in &members {
+            file = Some(
+                partitions
+                    .get_mut(&member.id)
+                    .expect("present")
+                    .begin_sync(metrics),
+            );
         }
         let file = file.expect("at least one member");
         let group = members.len() > 1;
@@ -454,7 +460,7 @@ impl Shard {
             let file = j.file.clone();
             self.inflight.push(Box::pin(async move {
                 let result = file.sync_data().await;
-                (journal_event_id(), Event::JournalSynced { upto, result })
+                (journal_route(), Event::JournalSynced { upto, result })
             }));
         }
         self.schedule_checkpoint();
@@ -561,13 +567,14 @@ impl Shard {
         };
         j.waiting_for_room = false;
         journal::encode_write(start, &entries, &mut buf);
-        let members: Vec<(PartitionId, u64)> = entries
+        let members: Vec<(Route, u64)> = entries
             .into_iter()
             .map(|e| {
-                if let Some(p) = partitions.get_mut(&e.id) {
-                    p.journal_taken(e.end_offset);
-                }
-                (e.id, e.end_offset)
+                let p = partitions
+                    .get_mut(&e.id)
+                    .expect("offered by a live partition");
+                p.journal_taken(e.end_offset);
+                (p.route(), e.end_offset)
             })
             .collect();
         let durable = j.pipeline.next_write_durable();
@@ -591,7 +598,7 @@ impl Shard {
                 file.write_at(position, buf).await
             };
             (
-                journal_event_id(),
+                journal_route(),
                 Event::JournalWritten {
                     end,
                     durable,
@@ -635,10 +642,11 @@ impl Shard {
                 let result = vouched(result, durable);
                 j.pipeline.give_back(buf);
                 if result.is_ok() {
-                    for (id, offset) in j.pipeline.on_written(end) {
-                        if let Some(p) = self.partitions.get_mut(&id) {
+                    for (route, offset) in j.pipeline.on_written(end) {
+                        let live = self.partitions.get_mut(&route.id);
+                        if let Some(p) = live.filter(|p| route.reaches(p)) {
                             p.on_journaled(offset, true);
-                            self.dirty.insert(id);
+                            self.dirty.insert(route.id);
                         }
                     }
                 }
@@ -647,10 +655,11 @@ impl Shard {
             Event::JournalSynced { upto, result } => {
                 let result = vouched(result, true);
                 if result.is_ok() {
-                    for (id, offset) in j.pipeline.on_synced(upto) {
-                        if let Some(p) = self.partitions.get_mut(&id) {
+                    for (route, offset) in j.pipeline.on_synced(upto) {
+                        let live = self.partitions.get_mut(&route.id);
+                        if let Some(p) = live.filter(|p| route.reaches(p)) {
                             p.on_journaled(offset, true);
-                            self.dirty.insert(id);
+                            self.dirty.insert(route.id);
                         }
                     }
                 } else {
@@ -690,17 +699,17 @@ impl Shard {
     /// not only its members' (ARCHITECTURE.md, decision 27). The journal's records not yet
     /// acknowledged go the way of a failed journal sync, and every other partition with
     /// segment writes not yet durable rolls back to its durable point.
-    fn on_filesystem_flush_failed(&mut self, members: &[PartitionId], error: &std::io::Error) {
+    fn on_filesystem_flush_failed(&mut self, members: &[Route], error: &std::io::Error) {
         self.journal_off(std::io::Error::new(error.kind(), error.to_string()));
         let others: Vec<PartitionId> = self
             .partitions
-            .keys()
-            .filter(|id| !members.contains(id))
-            .cloned()
+            .iter()
+            .filter(|(id, p)| !members.iter().any(|m| &m.id == *id && m.reaches(p)))
+            .map(|(id, _)| id.clone())
             .collect();
         for id in others {
             let error = std::io::Error::new(error.kind(), error.to_string());
-            self.on_event((id, Event::FlushLost { error }));
+            self.on_event((Route::current(id), Event::FlushLost { error }));
         }
     }
 
@@ -786,8 +795,12 @@ impl Shard {
         // Unacknowledged records may or may not be on disk; what the journal made durable stays
         // durable. From here on every partition syncs its own segment, and truncations and
         // rollbacks retire old records with a new incarnation as always.
-        for (id, offset) in j.pipeline.fail() {
-            if let Some(p) = self.partitions.get_mut(&id) {
+        for (route, offset) in j.pipeline.fail() {
+            if let Some(p) = self
+                .partitions
+                .get_mut(&route.id)
+                .filter(|p| route.reaches(p))
+            {
                 p.on_journaled(offset, false);
             }
         }
@@ -806,7 +819,8 @@ impl Shard {
         }
     }
 
-    fn on_event(&mut self, (id, event): (PartitionId, Event)) {
+    fn on_event(&mut self, (route, event): (Route, Event)) {
+        let id = route.id.clone();
         if event.is_journal() {
             self.on_journal_event(event);
             return;
@@ -853,7 +867,7 @@ impl Shard {
             metrics,
             ..
         } = self;
-        match partitions.get_mut(&id) {
+        match partitions.get_mut(&id).filter(|p| route.reaches(p)) {
             Some(p) => {
                 let mut io = IoCtx {
                     storage,
@@ -869,7 +883,8 @@ impl Shard {
                 dirty.insert(id);
             }
             None => {
-                // The partition was deleted while this was in flight: only give resources back.
+                // The partition was deleted while this was in flight (and perhaps created
+                // again: another instance): only give resources back.
                 match event {
                     Event::Written { buf, .. } => {
                         buffers.give_back(buf);
@@ -1064,7 +1079,7 @@ impl Shard {
             .await
             .map(Box::new);
             (
-                id,
+                Route::current(id),
                 Event::Opened {
                     result,
                     replay,
@@ -1086,6 +1101,8 @@ impl Shard {
         self.opens_inflight -= 1;
         let result = result.and_then(|partition| {
             let mut partition = *partition;
+            self.instances += 1;
+            partition.instance = self.instances;
             if !replay.is_empty() {
                 self.replay(&mut partition, replay)?;
             }
@@ -1233,7 +1250,7 @@ impl Shard {
         self.inflight.push(Box::pin(async move {
             let result = read::fetch(disk, storage, &metrics, max_batch).await;
             let _ = reply.send(result);
-            (id, Event::Detached)
+            (Route::current(id), Event::Detached)
         }));
     }
 
@@ -1271,7 +1288,7 @@ impl Shard {
                 .await
                 .map(|found| found.or(from_memory));
             let _ = reply.send(result);
-            (id, Event::Detached)
+            (Route::current(id), Event::Detached)
         }));
     }
 
@@ -1484,14 +1501,14 @@ impl ShardJournal {
     }
 }
 
-async fn write_header(file: Rc<dyn StorageFile>, header: Header) -> (PartitionId, Event) {
+async fn write_header(file: Rc<dyn StorageFile>, header: Header) -> (Route, Event) {
     let (result, ()) = header_io(file, header).await;
-    (journal_event_id(), Event::JournalHeader { header, result })
+    (journal_route(), Event::JournalHeader { header, result })
 }
 
-/// Shard-level events still travel with a partition id; a journal's is never looked up.
-fn journal_event_id() -> PartitionId {
-    PartitionId::new(".journal", 0)
+/// Shard-level events still travel with a route; a journal's is never looked up.
+fn journal_route() -> Route {
+    Route::current(PartitionId::new(".journal", 0))
 }
 
 /// Append replayed batches to `p`, waiting for nothing (they complete when placed in memory; the

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use keel_engine::batch::BatchBuilder;
-use keel_engine::io::sim::SimFs;
+use keel_engine::io::sim::{Hold, SimFs};
 use keel_engine::{
     block_on, Durability, Engine, Error, FlushPolicy, PartitionConfig, PartitionId, ReadOptions,
     ReadUpper, TimestampOffset,
@@ -691,4 +691,62 @@ fn a_shards_cache_keeps_its_newest_batches_whichever_partition_holds_them() {
         assert_eq!(tags(&engine, id, 0), (0..16).collect::<Vec<_>>());
     }
     assert_eq!(tags(&engine, &ids[0], 0), (0..128).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_deleted_partitions_late_completions_never_reach_the_one_created_in_its_place() {
+    // A partition's fdatasync is in flight (held) when it is deleted and created again under the
+    // same id; the new one appends (a lone write, durable by itself) before the old sync
+    // completes. That completion is the old partition's: before completions carried the
+    // partition's instance it reached the new one, which had no sync in flight, and the shard
+    // panicked (with a sync of its own in flight, it would have taken the old one's for it).
+    let fs = SimFs::default();
+    let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
+    let p = PartitionId::new("again", 0);
+    let interval = PartitionConfig {
+        flush: FlushPolicy::Interval {
+            ms: 60_000,
+            bytes: 0,
+        },
+        ..Default::default()
+    };
+    block_on(async {
+        engine.create_partition(&p, interval).await.unwrap();
+        let first = engine.append(&p, batch(0, 1, 5_000, 0), 0).await.unwrap();
+        assert_eq!(first.durability, Durability::Written);
+        // Only this sync waits: creating the partition again syncs its new segment file.
+        fs.hold_next(Hold::FileSyncs, 1);
+        let (flushed, ()) = futures::join!(engine.flush(&p), async {
+            wait_until("the first partition's sync waits", || {
+                fs.waiting(Hold::FileSyncs) == 1
+            });
+            engine.delete_partition(&p).await.unwrap();
+        });
+        assert!(
+            matches!(flushed, Err(Error::UnknownPartition(_))),
+            "{flushed:?}"
+        );
+        engine
+            .create_partition(&p, PartitionConfig::default())
+            .await
+            .unwrap();
+        let again = engine.append(&p, batch(1, 1, 5_000, 0), 0).await.unwrap();
+        assert_eq!(
+            (again.base_offset, again.durability),
+            (0, Durability::Durable)
+        );
+        let syncs = fs.op_counts().1;
+        fs.hold(Hold::FileSyncs, false);
+        // The old sync completes inside the shard's own poll: its event is handled before the
+        // shard takes the next command.
+        wait_until("the old sync completes", || fs.op_counts().1 > syncs);
+        let next = engine.append(&p, batch(2, 1, 5_000, 0), 0).await.unwrap();
+        assert_eq!(
+            (next.base_offset, next.durability),
+            (1, Durability::Durable)
+        );
+        let state = engine.partition_state(&p).await.unwrap();
+        assert_eq!((state.appended.0, state.durable.0), (2, 2));
+    });
+    assert_eq!(tags(&engine, &p, 0), vec![1, 2]);
 }

@@ -196,6 +196,8 @@ struct State {
     syncs: u64,
     /// Operations of each kind of [`Hold`] wait while its flag is set, as on a stalled disk.
     held: [bool; 2],
+    /// While held: how many more operations of each kind are caught (`None`: all of them).
+    catch: [Option<usize>; 2],
     /// How many of each are waiting.
     waiting: [usize; 2],
     /// Bytes another tenant took (`FaultConfig::freed_space_taken`).
@@ -238,6 +240,7 @@ impl SimFs {
                 writes: 0,
                 syncs: 0,
                 held: [false; 2],
+                catch: [None; 2],
                 waiting: [0; 2],
                 taken: 0,
                 flush_failures: 0,
@@ -261,7 +264,17 @@ impl SimFs {
 
     /// Hold (or release) every operation of kind `what` until released.
     pub fn hold(&self, what: Hold, hold: bool) {
-        lock(&self.state).held[what as usize] = hold;
+        let mut state = lock(&self.state);
+        state.held[what as usize] = hold;
+        state.catch[what as usize] = None;
+    }
+
+    /// Hold only the next `n` operations of kind `what` (until [`hold`](Self::hold) releases
+    /// them); later ones run: a stall of one operation while the disk serves the rest.
+    pub fn hold_next(&self, what: Hold, n: usize) {
+        let mut state = lock(&self.state);
+        state.held[what as usize] = true;
+        state.catch[what as usize] = Some(n);
     }
 
     /// Operations of kind `what` waiting for [`hold`](Self::hold) to release them.
@@ -480,7 +493,15 @@ pub enum Hold {
 
 async fn wait_while_held(fs: &SimFs, what: Hold) {
     let i = what as usize;
-    if lock(&fs.state).held[i] {
+    let caught = {
+        let mut state = lock(&fs.state);
+        let caught = state.held[i] && state.catch[i] != Some(0);
+        if caught {
+            state.catch[i] = state.catch[i].map(|n| n - 1);
+        }
+        caught
+    };
+    if caught {
         lock(&fs.state).waiting[i] += 1;
         while lock(&fs.state).held[i] {
             compio::time::sleep(Duration::from_millis(1)).await;

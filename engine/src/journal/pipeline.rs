@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 
 use crate::constants::{checkpoint_writes_inflight_max, shard_writes_inflight_max};
 use crate::io::AlignedBuf;
-use crate::PartitionId;
+use crate::partition::Route;
 
 use super::{place, Header};
 
@@ -35,7 +35,7 @@ struct Pending {
     /// Logical position after the write (its last record points here).
     end: u64,
     /// Each member partition and the offset its record covers up to.
-    members: Vec<(PartitionId, u64)>,
+    members: Vec<(Route, u64)>,
     written: bool,
     /// Issued durable by itself (`RWF_DSYNC`): durable once written, no sync needed.
     durable_when_written: bool,
@@ -170,13 +170,7 @@ impl Pipeline {
 
     /// A write of `len` bytes at `start` (from [`place`](Self::place)) is being issued, durable
     /// by itself if `durable` (as [`next_write_durable`](Self::next_write_durable) said).
-    pub fn begin_write(
-        &mut self,
-        start: u64,
-        len: u64,
-        members: Vec<(PartitionId, u64)>,
-        durable: bool,
-    ) {
+    pub fn begin_write(&mut self, start: u64, len: u64, members: Vec<(Route, u64)>, durable: bool) {
         assert!(start >= self.head, "journal writes go forward");
         assert!(
             start == self.head || self.pending.is_empty(),
@@ -193,7 +187,7 @@ impl Pipeline {
 
     /// The write ending at `end` completed successfully. Returns, in journal order, the members
     /// of the writes that are durable now: written durable writes at the front of the journal.
-    pub fn on_written(&mut self, end: u64) -> Vec<(PartitionId, u64)> {
+    pub fn on_written(&mut self, end: u64) -> Vec<(Route, u64)> {
         if self.failed {
             return Vec::new();
         }
@@ -230,7 +224,7 @@ impl Pipeline {
 
     /// The sync issued for the writes up to `upto` succeeded: they are durable. Returns their
     /// members in journal order.
-    pub fn on_synced(&mut self, upto: u64) -> Vec<(PartitionId, u64)> {
+    pub fn on_synced(&mut self, upto: u64) -> Vec<(Route, u64)> {
         if self.failed {
             self.sync_inflight = None; // a late completion: the sync is back
             return Vec::new();
@@ -256,7 +250,7 @@ impl Pipeline {
 
     /// A write or sync failed: nothing pending becomes durable. Returns every pending member
     /// (in journal order) so its partition can fall back to its segment.
-    pub fn fail(&mut self) -> Vec<(PartitionId, u64)> {
+    pub fn fail(&mut self) -> Vec<(Route, u64)> {
         self.failed = true;
         self.pending.drain(..).flat_map(|w| w.members).collect()
     }
@@ -266,6 +260,7 @@ impl Pipeline {
 mod tests {
     use super::*;
     use crate::constants::block_bytes;
+    use crate::PartitionId;
 
     const B: u64 = block_bytes as u64;
 
@@ -281,12 +276,12 @@ mod tests {
         )
     }
 
-    fn member(p: u32, offset: u64) -> Vec<(PartitionId, u64)> {
-        vec![(PartitionId::new("t", p), offset)]
+    fn member(p: u32, offset: u64) -> Vec<(Route, u64)> {
+        vec![(Route::current(PartitionId::new("t", p)), offset)]
     }
 
     /// A plain write (covered by a sync).
-    fn issue(j: &mut Pipeline, len: u64, members: Vec<(PartitionId, u64)>) -> u64 {
+    fn issue(j: &mut Pipeline, len: u64, members: Vec<(Route, u64)>) -> u64 {
         let start = j.place(len).expect("room");
         j.begin_write(start, len, members, false);
         start + len
