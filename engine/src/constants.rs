@@ -29,10 +29,6 @@ pub const partition_writes_inflight_max: usize = 4;
 /// recovery scans take.
 pub const shard_opens_inflight_max: usize = 16;
 
-/// Partitions of a shard whose metadata files and clean-shutdown marker a clean shutdown writes
-/// at once (each file with its own fsync; concurrent fsyncs share the file system's commits).
-pub const shutdown_writes_concurrent: usize = 64;
-
 /// Writes in flight for one shard, across its partitions (bounds the aligned buffer pool).
 pub const shard_writes_inflight_max: usize = 64;
 

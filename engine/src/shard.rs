@@ -22,7 +22,7 @@ use crate::config::{EngineConfig, PartitionConfig};
 use crate::constants::{
     cache_check_interval, checkpoint_writes_inflight_max, journal_write_bytes_max,
     journal_writes_inflight_max, shard_opens_inflight_max, shard_tick_ms,
-    shard_write_buffers_count, shutdown_writes_concurrent,
+    shard_write_buffers_count,
 };
 use crate::error::{Error, Result};
 use crate::io::aligned::align_up;
@@ -1380,12 +1380,14 @@ impl Shard {
     /// Everything is durable: persist indexes and the clean-shutdown marker of every partition.
     /// A partition's marker is written only if the files it vouches for were. A full disk does
     /// not fail the shutdown: the logs are durable, and a partition without its marker is
-    /// scanned at the next start instead. Partitions are written concurrently (each file still
-    /// with its own fsync, rename and directory fsync): one after another, a shard of 500
-    /// partitions took ~1.1 s here, its 2,000 files each waiting for a journal commit of its
-    /// own, where concurrent fsyncs share commits (ARCHITECTURE.md, decision 35).
+    /// scanned at the next start instead. The files go in two batches
+    /// ([`Storage::write_files_durable`]: two file-system syncs each, not two fsyncs a file):
+    /// every partition's indexes and leader-epoch file, then the markers of the partitions
+    /// whose files all landed (ARCHITECTURE.md, decisions 35 and 38).
     async fn finish_shutdown(&mut self) {
-        let mut jobs = Vec::new();
+        let mut files = Vec::new();
+        let mut owners = Vec::new();
+        let mut markers = Vec::new();
         for p in self.partitions.values() {
             if !p.rollback_settled() {
                 // The disk refused a rollback: its files may hold batches past the log's end,
@@ -1394,34 +1396,39 @@ impl Shard {
                     "a rollback is not on disk at shutdown: the partition's log will be scanned at the next start");
                 continue;
             }
-            let (files, marker) = p.shutdown_metadata();
-            let marker = (p.dir.join(path::CLEAN_SHUTDOWN_FILE), marker.encode());
-            let storage = self.storage.clone();
-            let id = p.id.clone();
-            jobs.push(async move {
-                let mut failed = Vec::new();
-                for (path, bytes) in files {
-                    if let Err(e) = storage.write_file_durable(&path, bytes).await {
-                        failed.push((path, e));
-                    }
-                }
-                if failed.is_empty() {
-                    let (path, bytes) = marker;
-                    if let Err(e) = storage.write_file_durable(&path, bytes).await {
-                        failed.push((path, e));
-                    }
-                }
-                (id, failed)
-            });
+            let (metadata, marker) = p.shutdown_metadata();
+            for file in metadata {
+                owners.push(markers.len());
+                files.push(file);
+            }
+            markers.push((
+                p.id.clone(),
+                (p.dir.join(path::CLEAN_SHUTDOWN_FILE), marker.encode()),
+            ));
         }
-        let done: Vec<_> = futures::stream::iter(jobs)
-            .buffer_unordered(shutdown_writes_concurrent)
-            .collect()
-            .await;
+        let mut failed: Vec<Vec<(std::path::PathBuf, std::io::Error)>> =
+            markers.iter().map(|_| Vec::new()).collect();
+        let paths: Vec<_> = files.iter().map(|(path, _)| path.clone()).collect();
+        let results = self.storage.write_files_durable(files).await;
+        for ((owner, path), result) in owners.into_iter().zip(paths).zip(results) {
+            if let Err(e) = result {
+                failed[owner].push((path, e));
+            }
+        }
+        let ready: Vec<usize> = (0..markers.len())
+            .filter(|&i| failed[i].is_empty())
+            .collect();
+        let marker_files = ready.iter().map(|&i| markers[i].1.clone()).collect();
+        let results = self.storage.write_files_durable(marker_files).await;
+        for (&i, result) in ready.iter().zip(results) {
+            if let Err(e) = result {
+                failed[i].push((markers[i].1 .0.clone(), e));
+            }
+        }
         let mut result = Ok(());
-        for (id, failed) in done {
+        for ((id, _), failed) in markers.iter().zip(failed) {
             for (path, e) in failed {
-                result = result.and(shutdown_write_failed(&self.metrics, &id, &path, e));
+                result = result.and(shutdown_write_failed(&self.metrics, id, &path, e));
             }
         }
         if let Some(reply) = self.shutdown.take() {

@@ -43,6 +43,25 @@ fn append_read_reopen_on_io_uring() {
         engine.shutdown().await.unwrap();
     });
     drop(engine);
+    // The clean shutdown left its marker and the segment's indexes, written in one batch
+    // (temporary files, a syncfs, renames, a syncfs), and no temporary file behind.
+    let names: Vec<String> =
+        std::fs::read_dir(keel_engine::segment::path::partition_dir(dir.path(), &p))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+    for expected in [
+        ".clean-shutdown",
+        "leader-epoch-checkpoint",
+        "00000000000000000000.index",
+        "00000000000000000000.timeindex",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
+    }
+    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
 
     // Reopen: everything is there, read from disk this time (the cache is empty).
     let engine = Engine::open(uring_config(dir.path(), 2)).unwrap();

@@ -48,6 +48,20 @@ pub trait Storage {
     /// Replace a small metadata file atomically and durably: write a temporary file, fsync it,
     /// rename it over `path`, fsync the directory.
     fn write_file_durable(&self, path: &Path, bytes: Vec<u8>) -> IoFuture<io::Result<()>>;
+    /// [`write_file_durable`](Self::write_file_durable) for many files at once, each replaced
+    /// atomically; the result of each, in order. The io_uring backend writes every temporary
+    /// file, makes them durable with one `syncfs`, renames them all and makes the renames
+    /// durable with a second one — two file-system commits for the lot instead of two fsyncs a
+    /// file (a clean shutdown of 1000 partitions writes 4000 files). What a crash leaves is the
+    /// same: each file old or new, never partial. This default (the simulator's) replaces each
+    /// with `write_file_durable`, all at once.
+    fn write_files_durable(&self, files: Vec<(PathBuf, Vec<u8>)>) -> IoFuture<Vec<io::Result<()>>> {
+        let writes: Vec<_> = files
+            .into_iter()
+            .map(|(path, bytes)| self.write_file_durable(&path, bytes))
+            .collect();
+        Box::pin(futures::future::join_all(writes))
+    }
     /// Make entries created or removed in a directory durable.
     fn sync_dir(&self, path: &Path) -> IoFuture<io::Result<()>>;
     /// Flushes that failed so far (an fdatasync, fsync or syncfs, the flush of an `RWF_DSYNC`

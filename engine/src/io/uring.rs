@@ -123,6 +123,38 @@ impl Storage for UringStorage {
         })
     }
 
+    fn write_files_durable(&self, files: Vec<(PathBuf, Vec<u8>)>) -> IoFuture<Vec<io::Result<()>>> {
+        // Plain system calls, one after another on compio's blocking pool: creating a small file
+        // is the file system's work, not the device's, and costs the same however it is issued
+        // (on the 2-vCPU test VM 1500 took 0.16–0.9 s through io_uring 64 at once, 0.24–0.62 s
+        // from a single-threaded loop). What the batch saves is the two fsyncs a file.
+        Box::pin(async move {
+            let n = files.len();
+            let lost = |n: usize| -> Vec<io::Result<()>> {
+                (0..n)
+                    .map(|_| Err(io::Error::other("file writer thread panicked")))
+                    .collect()
+            };
+            // The temporary files take their blocks as they are written.
+            let space = super::SPACE.lock().await;
+            let written = compio::runtime::spawn_blocking(move || {
+                let results = files
+                    .iter()
+                    .map(|(path, bytes)| std::fs::write(temp_path(path), bytes))
+                    .collect::<Vec<_>>();
+                (files, results)
+            })
+            .await;
+            drop(space);
+            let Ok((files, results)) = written else {
+                return lost(n);
+            };
+            compio::runtime::spawn_blocking(move || publish(&files, results))
+                .await
+                .unwrap_or_else(|_| lost(n))
+        })
+    }
+
     fn sync_dir(&self, path: &Path) -> IoFuture<io::Result<()>> {
         let path = path.to_path_buf();
         Box::pin(async move { sync_dir(&path).await })
@@ -130,6 +162,59 @@ impl Storage for UringStorage {
 
     fn flush_failures(&self) -> u64 {
         FLUSH_FAILURES.load(Ordering::Relaxed)
+    }
+}
+
+fn parent(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new("."))
+}
+
+/// Make the temporary files of `files` whose writes succeeded durable with one syncfs, rename
+/// each over its file, and make the renames durable with a second: a blocking call.
+fn publish(files: &[(PathBuf, Vec<u8>)], mut results: Vec<io::Result<()>>) -> Vec<io::Result<()>> {
+    let Some((first, _)) = files.first() else {
+        return results;
+    };
+    let anchor = parent(first);
+    if results.iter().any(Result::is_ok) {
+        if let Err(e) = syncfs_blocking(anchor) {
+            fail_pending(&mut results, &e);
+        }
+    }
+    for ((path, _), result) in files.iter().zip(results.iter_mut()) {
+        if result.is_ok() {
+            *result = std::fs::rename(temp_path(path), path);
+        } else {
+            let _ = std::fs::remove_file(temp_path(path));
+        }
+    }
+    if results.iter().any(Result::is_ok) {
+        if let Err(e) = syncfs_blocking(anchor) {
+            fail_pending(&mut results, &e);
+        }
+    }
+    results
+}
+
+/// syncfs(2) on the file system holding `dir` (a directory); counted if it fails. Blocking.
+fn syncfs_blocking(dir: &Path) -> io::Result<()> {
+    let dir = std::fs::File::open(dir)?;
+    // SAFETY: syncfs only reads the fd, which `dir` keeps open until it is dropped below.
+    let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+    let result = if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    };
+    drop(dir);
+    super::count_flush(&FLUSH_FAILURES, &result);
+    result
+}
+
+/// A file-system sync failed: no file not yet failed is known durable.
+fn fail_pending(results: &mut [io::Result<()>], error: &io::Error) {
+    for result in results.iter_mut().filter(|r| r.is_ok()) {
+        *result = Err(io::Error::new(error.kind(), error.to_string()));
     }
 }
 
