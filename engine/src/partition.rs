@@ -340,6 +340,9 @@ pub(crate) struct Partition {
     truncate: Option<PendingTruncate>,
     /// A truncation that has been applied in memory and waits for its cut on disk.
     truncate_reply: Option<Reply<()>>,
+    /// The leader-epoch checkpoint file is behind the cache in memory. Not dirty and not being
+    /// written (`epochs_inflight`) means the file holds exactly the cache: a failed write, or a
+    /// failed roll or cut that would have written it, sets it again.
     epochs_dirty: bool,
     /// The leader-epoch checkpoint file is being written (`persist_epochs`).
     epochs_inflight: bool,
@@ -414,6 +417,7 @@ impl Partition {
         config: PartitionConfig,
         segments: BTreeMap<u64, Segment>,
         epochs: LeaderEpochCache,
+        epochs_stored: bool,
         incarnation: u64,
     ) -> Partition {
         let (&active_base, active) = segments.last_key_value().expect("a log has a segment");
@@ -458,7 +462,8 @@ impl Partition {
             failure: None,
             truncate: None,
             truncate_reply: None,
-            epochs_dirty: false,
+            // Written soon, beside the data path, if the file is behind what the scan rebuilt.
+            epochs_dirty: !epochs_stored,
             epochs_inflight: false,
             closing: false,
             epochs_retry_at: None,
@@ -2095,6 +2100,8 @@ impl Partition {
         if let Some(failure) = &mut self.failure {
             failure.rolling_back = false;
         }
+        // A roll or a cut writes the leader-epoch file: it may not have.
+        self.epochs_dirty = true;
         // A failed sync (a roll's or a cut's fsync, an allocation's fdatasync) leaves what was
         // written since the last good one in doubt, as a failed group commit does (`on_synced`).
         let back_to_durable = error.is_failed_sync();
@@ -2623,14 +2630,18 @@ impl Partition {
     /// The state a clean shutdown records so the next open skips the scan.
     pub fn shutdown_metadata(&self) -> (Vec<(PathBuf, Vec<u8>)>, RecoveryPoint) {
         let active = &self.segments[&self.write_segment];
-        let files = vec![
+        let mut files = vec![
             (active.index_path(), active.index.encode()),
             (
                 active.time_index_path(),
                 active.finished_time_index().encode(),
             ),
-            (self.dir.join(path::LEADER_EPOCH_FILE), self.epochs.encode()),
         ];
+        // The leader-epoch file only if it is behind: usually it was written when the epoch
+        // began, and every file a shutdown creates costs the file system (decision 38).
+        if self.epochs_pending() {
+            files.push((self.dir.join(path::LEADER_EPOCH_FILE), self.epochs.encode()));
+        }
         let marker = RecoveryPoint {
             segment: self.write_segment,
             position: active.size,

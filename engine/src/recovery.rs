@@ -74,10 +74,12 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
     let clean = read_point(path::CLEAN_SHUTDOWN_FILE)?.filter(|c| bases.last() == Some(&c.segment));
     let checkpoint = read_point(path::RECOVERY_POINT_FILE)?.filter(|c| bases.contains(&c.segment));
     let epoch_path = dir.join(path::LEADER_EPOCH_FILE);
-    let mut epochs = storage
+    let stored_epochs = storage
         .read_file(&epoch_path)
-        .map_err(|e| Error::io("read", &epoch_path, e))?
-        .and_then(|b| LeaderEpochCache::decode(&b).ok())
+        .map_err(|e| Error::io("read", &epoch_path, e))?;
+    let mut epochs = stored_epochs
+        .as_deref()
+        .and_then(|b| LeaderEpochCache::decode(b).ok())
         .unwrap_or_default();
 
     if bases.is_empty() {
@@ -192,6 +194,12 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
         .expect("at least one segment")
         .next_offset;
     epochs.truncate_from_end(log_end);
+    // Is the file what the cache now holds? The scan rebuilds entries the file may lack (it is
+    // written beside the data path, decision 34); a clean shutdown rewrites it only if not.
+    let epochs_stored = match &stored_epochs {
+        Some(bytes) => *bytes == epochs.encode(),
+        None => epochs.latest_epoch().is_none(),
+    };
 
     if clean.is_some() {
         let marker = dir.join(path::CLEAN_SHUTDOWN_FILE);
@@ -209,6 +217,7 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
         config,
         segments,
         epochs,
+        epochs_stored,
         incarnation,
     ))
 }
