@@ -184,7 +184,8 @@ fn publish(files: &[(PathBuf, Vec<u8>)], mut results: Vec<io::Result<()>>) -> Ve
     for ((path, _), result) in files.iter().zip(results.iter_mut()) {
         if result.is_ok() {
             *result = std::fs::rename(temp_path(path), path);
-        } else {
+        }
+        if result.is_err() {
             let _ = std::fs::remove_file(temp_path(path));
         }
     }
