@@ -58,7 +58,7 @@ pub(crate) type Inflight = FuturesUnordered<IoFuture<(Route, Event)>>;
 /// them), so a completion of the old one's I/O — a write, a sync, a control operation, a journal
 /// record — never reaches the new one, whose writes, syncs and durable points it would
 /// otherwise claim as its own.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Route {
     pub id: PartitionId,
     /// The partition's [`Partition::instance`]; 0 for the shard's own completions and for
@@ -496,7 +496,6 @@ impl Partition {
         }
     }
 
-    /// Durable in the segment or through the journal.
     /// Where this partition's I/O completions go.
     pub fn route(&self) -> Route {
         Route {
@@ -505,6 +504,7 @@ impl Partition {
         }
     }
 
+    /// Durable in the segment or through the journal.
     pub fn durable_end(&self) -> u64 {
         self.offsets.durable().0.max(self.journal_durable)
     }

@@ -7,6 +7,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -820,7 +821,6 @@ impl Shard {
     }
 
     fn on_event(&mut self, (route, event): (Route, Event)) {
-        let id = route.id.clone();
         if event.is_journal() {
             self.on_journal_event(event);
             return;
@@ -831,7 +831,7 @@ impl Shard {
             reply,
         } = event
         {
-            self.on_opened(id, result, replay, reply);
+            self.on_opened(route.id, result, replay, reply);
             return;
         }
         if matches!(event, Event::Written { .. } | Event::RunwayWritten { .. }) {
@@ -867,7 +867,7 @@ impl Shard {
             metrics,
             ..
         } = self;
-        match partitions.get_mut(&id).filter(|p| route.reaches(p)) {
+        match partitions.get_mut(&route.id).filter(|p| route.reaches(p)) {
             Some(p) => {
                 let mut io = IoCtx {
                     storage,
@@ -880,7 +880,7 @@ impl Shard {
                     checkpoint_writes_max,
                 };
                 p.on_event(event, &mut io);
-                dirty.insert(id);
+                dirty.insert(route.id);
             }
             None => {
                 // The partition was deleted while this was in flight (and perhaps created
@@ -1385,9 +1385,8 @@ impl Shard {
     /// every partition's indexes and leader-epoch file, then the markers of the partitions
     /// whose files all landed (ARCHITECTURE.md, decisions 35 and 38).
     async fn finish_shutdown(&mut self) {
+        let mut closing = Vec::new();
         let mut files = Vec::new();
-        let mut owners = Vec::new();
-        let mut markers = Vec::new();
         for p in self.partitions.values() {
             if !p.rollback_settled() {
                 // The disk refused a rollback: its files may hold batches past the log's end,
@@ -1397,42 +1396,54 @@ impl Shard {
                 continue;
             }
             let (metadata, marker) = p.shutdown_metadata();
-            for file in metadata {
-                owners.push(markers.len());
-                files.push(file);
-            }
-            markers.push((
-                p.id.clone(),
-                (p.dir.join(path::CLEAN_SHUTDOWN_FILE), marker.encode()),
-            ));
+            files.extend(metadata.into_iter().map(|file| (closing.len(), file)));
+            closing.push(Closing {
+                id: p.id.clone(),
+                marker: (p.dir.join(path::CLEAN_SHUTDOWN_FILE), marker.encode()),
+                failed: Vec::new(),
+            });
         }
-        let mut failed: Vec<Vec<(std::path::PathBuf, std::io::Error)>> =
-            markers.iter().map(|_| Vec::new()).collect();
-        let paths: Vec<_> = files.iter().map(|(path, _)| path.clone()).collect();
-        let results = self.storage.write_files_durable(files).await;
-        for ((owner, path), result) in owners.into_iter().zip(paths).zip(results) {
-            if let Err(e) = result {
-                failed[owner].push((path, e));
-            }
-        }
-        let ready: Vec<usize> = (0..markers.len())
-            .filter(|&i| failed[i].is_empty())
+        write_owned(self.storage.as_ref(), files, &mut closing).await;
+        let markers = closing
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.failed.is_empty())
+            .map(|(i, c)| (i, c.marker.clone()))
             .collect();
-        let marker_files = ready.iter().map(|&i| markers[i].1.clone()).collect();
-        let results = self.storage.write_files_durable(marker_files).await;
-        for (&i, result) in ready.iter().zip(results) {
-            if let Err(e) = result {
-                failed[i].push((markers[i].1 .0.clone(), e));
-            }
-        }
+        write_owned(self.storage.as_ref(), markers, &mut closing).await;
         let mut result = Ok(());
-        for ((id, _), failed) in markers.iter().zip(failed) {
-            for (path, e) in failed {
-                result = result.and(shutdown_write_failed(&self.metrics, id, &path, e));
+        for c in closing {
+            for (path, e) in c.failed {
+                result = result.and(shutdown_write_failed(&self.metrics, &c.id, &path, e));
             }
         }
         if let Some(reply) = self.shutdown.take() {
             let _ = reply.send(result);
+        }
+    }
+}
+
+/// A partition a clean shutdown writes the files of: its marker, and the files that failed.
+struct Closing {
+    id: PartitionId,
+    marker: (PathBuf, Vec<u8>),
+    failed: Vec<(PathBuf, std::io::Error)>,
+}
+
+/// Write `files` in one batch, each owned by `closing[i]`; a failure is noted with its owner.
+async fn write_owned(
+    storage: &dyn Storage,
+    files: Vec<(usize, (PathBuf, Vec<u8>))>,
+    closing: &mut [Closing],
+) {
+    let (owners, files): (Vec<_>, Vec<_>) = files
+        .into_iter()
+        .map(|(owner, (path, bytes))| ((owner, path.clone()), (path, bytes)))
+        .unzip();
+    let results = storage.write_files_durable(files).await;
+    for ((owner, path), result) in owners.into_iter().zip(results) {
+        if let Err(e) = result {
+            closing[owner].failed.push((path, e));
         }
     }
 }

@@ -119,7 +119,7 @@ impl Storage for UringStorage {
             synced?;
             file.close().await?;
             compio::fs::rename(&temp, &path).await?;
-            sync_dir(path.parent().unwrap_or(Path::new("."))).await
+            sync_dir(parent(&path)).await
         })
     }
 
@@ -130,7 +130,7 @@ impl Storage for UringStorage {
         // from a single-threaded loop). What the batch saves is the two fsyncs a file.
         Box::pin(async move {
             let n = files.len();
-            let lost = |n: usize| -> Vec<io::Result<()>> {
+            let lost = || {
                 (0..n)
                     .map(|_| Err(io::Error::other("file writer thread panicked")))
                     .collect()
@@ -147,11 +147,11 @@ impl Storage for UringStorage {
             .await;
             drop(space);
             let Ok((files, results)) = written else {
-                return lost(n);
+                return lost();
             };
             compio::runtime::spawn_blocking(move || publish(&files, results))
                 .await
-                .unwrap_or_else(|_| lost(n))
+                .unwrap_or_else(|_| lost())
         })
     }
 
@@ -200,16 +200,19 @@ fn publish(files: &[(PathBuf, Vec<u8>)], mut results: Vec<io::Result<()>>) -> Ve
 /// syncfs(2) on the file system holding `dir` (a directory); counted if it fails. Blocking.
 fn syncfs_blocking(dir: &Path) -> io::Result<()> {
     let dir = std::fs::File::open(dir)?;
-    // SAFETY: syncfs only reads the fd, which `dir` keeps open until it is dropped below.
-    let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
-    let result = if rc == 0 {
+    let result = syncfs(dir.as_raw_fd());
+    drop(dir);
+    flushed((result, ())).0
+}
+
+/// syncfs(2) on the file system holding `fd`, which the caller keeps open. Blocking.
+fn syncfs(fd: std::os::fd::RawFd) -> io::Result<()> {
+    // SAFETY: syncfs reads no memory of ours; the caller keeps `fd` open across the call.
+    if unsafe { libc::syncfs(fd) } == 0 {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
-    };
-    drop(dir);
-    super::count_flush(&FLUSH_FAILURES, &result);
-    result
+    }
 }
 
 /// A file-system sync failed: no file not yet failed is known durable.
@@ -268,16 +271,7 @@ impl StorageFile for UringFile {
         // stays alive (and its fd valid) until the call has returned.
         Box::pin(async move {
             let fd = file.as_raw_fd();
-            let rc = compio::runtime::spawn_blocking(move || {
-                // SAFETY: syncfs only reads the fd, which the awaiting future keeps open.
-                let rc = unsafe { libc::syncfs(fd) };
-                if rc == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
-            })
-            .await;
+            let rc = compio::runtime::spawn_blocking(move || syncfs(fd)).await;
             drop(file);
             flushed((
                 rc.unwrap_or_else(|_| Err(io::Error::other("syncfs thread panicked"))),
