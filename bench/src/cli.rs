@@ -10,7 +10,10 @@ use serde_json::{json, Value};
 use crate::broker_load::{self, BrokerLoadConfig};
 use crate::engine_load::{self, EngineLoadConfig};
 use crate::raw::{self, RawConfig, RawResult};
-use crate::report::{parse_bytes, parse_duration, ratio, summarize_rounds, Percentiles};
+use crate::recovery::{self, RecoveryConfig};
+use crate::report::{
+    histogram, mb_per_s, median, parse_bytes, parse_duration, ratio, summarize_rounds, Percentiles,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,6 +37,13 @@ enum Mode {
     /// `broker` over a matrix (message size × partitions × acks), one baseline for all, one
     /// table out.
     Sweep(SweepArgs),
+    /// The engine's restart after a crash: a child process fills partitions and is killed
+    /// (SIGKILL); the time to open again, next to the device's read bandwidth over the same
+    /// files.
+    Recovery(RecoveryArgs),
+    /// `recovery`'s child (internal).
+    #[command(hide = true)]
+    RecoveryChild(RecoveryShape),
     /// SVG charts (latency over time, throughput over time, latency by percentile) from the
     /// `--json` files of earlier runs.
     Plot {
@@ -61,6 +71,63 @@ struct SweepArgs {
     /// Comma-separated acks values (all, 1, 0).
     #[arg(long, default_value = "all,1", value_delimiter = ',', value_enum)]
     acks_list: Vec<Acks>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct RecoveryShape {
+    /// Directory on the file system to measure (created; benchmark files are removed after).
+    #[arg(long, default_value = "keel-bench-data")]
+    dir: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// Bytes appended to each partition before the kill.
+    #[arg(long, default_value = "512MiB", value_parser = parse_bytes)]
+    bytes_per_partition: u64,
+    #[arg(long, default_value = "64KiB", value_parser = parse_bytes)]
+    batch_bytes: u64,
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    segment_bytes: u64,
+    /// A partition's recovery point moves into its active segment each time this much more of
+    /// it is durable (`log.recovery.point.bytes`); 0: only at rolls, so a crash rescans whole
+    /// active segments.
+    #[arg(long, default_value = "128MiB", value_parser = parse_bytes)]
+    recovery_point_bytes: u64,
+    /// Engine shards (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    shards: usize,
+}
+
+impl RecoveryShape {
+    fn config(&self, baseline: bool) -> RecoveryConfig {
+        RecoveryConfig {
+            dir: self.dir.clone(),
+            partitions: self.partitions,
+            bytes_per_partition: self.bytes_per_partition,
+            batch_bytes: self.batch_bytes as usize,
+            segment_bytes: self.segment_bytes,
+            recovery_point_bytes: self.recovery_point_bytes,
+            shards: self.shards,
+            baseline,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct RecoveryArgs {
+    #[command(flatten)]
+    shape: RecoveryShape,
+    /// Write the result as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write a Markdown summary table to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Skip reading the segment files for the device's read bandwidth (no ratios).
+    #[arg(long)]
+    no_baseline: bool,
+    /// Repeat fill, kill and open this many times; report medians.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -162,6 +229,10 @@ struct EngineArgs {
     /// Each shard's memory for recent batches, shared by its partitions (`log.cache.bytes`).
     #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
     shard_cache_bytes: u64,
+    /// A partition's recovery point moves into its active segment each time this much more of
+    /// it is durable (`log.recovery.point.bytes`; ARCHITECTURE.md, decision 39); 0: only at rolls.
+    #[arg(long, default_value = "128MiB", value_parser = parse_bytes)]
+    recovery_point_bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
@@ -287,6 +358,8 @@ fn run(cli: Cli) -> Result<(), String> {
         Mode::Engine(args) => engine(args),
         Mode::Broker(args) => broker(args),
         Mode::Sweep(args) => sweep(args),
+        Mode::Recovery(args) => recovery_mode(args),
+        Mode::RecoveryChild(shape) => recovery::child(&shape.config(false)),
         Mode::Plot { files, out } => {
             for path in crate::plot::plot_files(&files, &out)? {
                 println!("{}", path.display());
@@ -616,6 +689,7 @@ fn engine_run(args: &EngineArgs, base: Option<RawResult>) -> Result<Value, Strin
         segment_bytes: args.segment_bytes,
         journal_bytes: args.journal_bytes,
         shard_cache_bytes: args.shard_cache_bytes as usize,
+        recovery_point_bytes: args.recovery_point_bytes,
     };
     let r = engine_load::run(&config).map_err(|e| format!("engine run: {e}"))?;
     let baseline_mb_s = base.map_or(0.0, |b| b.bandwidth_mb_s);
@@ -672,6 +746,7 @@ fn engine_run(args: &EngineArgs, base: Option<RawResult>) -> Result<Value, Strin
             "duration_s": args.duration.as_secs_f64(), "warmup_s": args.warmup.as_secs_f64(),
             "shards": args.shards, "segment_bytes": args.segment_bytes, "journal_bytes": args.journal_bytes,
             "shard_cache_bytes": args.shard_cache_bytes,
+            "recovery_point_bytes": args.recovery_point_bytes,
             "baseline": !common.no_baseline,
             "baseline_bytes": common.baseline_bytes, "baseline_duration_s": common.baseline_duration.as_secs_f64(),
         },
@@ -844,6 +919,7 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
                 segment_bytes: 1 << 30,
                 journal_bytes: keel_engine::constants::journal_bytes_default,
                 shard_cache_bytes: keel_engine::constants::shard_cache_bytes_default,
+                recovery_point_bytes: keel_engine::constants::recovery_point_bytes_default,
             })
             .map_err(|e| format!("engine run: {e}"))?,
         )
@@ -930,6 +1006,114 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
         "e2e_latency_curve": r.e2e_curve,
     });
     Ok(result)
+}
+
+fn recovery_mode(args: RecoveryArgs) -> Result<(), String> {
+    let shape = &args.shape;
+    let config = shape.config(!args.no_baseline);
+    println!(
+        "recovery: {} partition(s) × {} MiB of {} KiB batches (segments of {} MiB, recovery \
+         points every {} MiB), every append acknowledged durable, then the writer killed (SIGKILL)",
+        shape.partitions,
+        shape.bytes_per_partition >> 20,
+        shape.batch_bytes >> 10,
+        shape.segment_bytes >> 20,
+        shape.recovery_point_bytes >> 20
+    );
+    let (mut open_h, mut device_h) = (histogram(), histogram());
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds {
+        let r = recovery::run(&config)?;
+        let scan_mb_s = mb_per_s(r.scanned_bytes, r.open_s);
+        // What the device needs to read the bytes recovery checked: the floor for this open.
+        let device_s = (r.read_mb_s > 0.0).then(|| r.scanned_bytes as f64 / 1e6 / r.read_mb_s);
+        println!(
+            "recovery: round {round}: opened in {:.0} ms, {:.0} MB of {:.0} MB scanned ({scan_mb_s:.0} MB/s); \
+             the device reads those files at {:.0} MB/s{}; clean restart {:.0} ms",
+            r.open_s * 1e3,
+            r.scanned_bytes as f64 / 1e6,
+            r.written_bytes as f64 / 1e6,
+            r.read_mb_s,
+            device_s.map_or(String::new(), |d| format!(" (the scanned bytes in {:.0} ms)", d * 1e3)),
+            r.clean_open_s * 1e3
+        );
+        open_h.record(((r.open_s * 1e6) as u64).max(1)).ok();
+        if let Some(d) = device_s {
+            device_h.record(((d * 1e6) as u64).max(1)).ok();
+        }
+        rounds.push(json!({
+            "written_bytes": r.written_bytes, "scanned_bytes": r.scanned_bytes,
+            "open_ms": r.open_s * 1e3, "clean_open_ms": r.clean_open_s * 1e3,
+            "throughput_mb_s": scan_mb_s, "baseline_mb_s": r.read_mb_s,
+            "ratio": ratio(scan_mb_s, r.read_mb_s),
+            "device_ms": device_s.map(|d| d * 1e3),
+        }));
+    }
+    let field =
+        |name: &str| -> Vec<f64> { rounds.iter().filter_map(|r| r[name].as_f64()).collect() };
+    let med = |name: &str| median(&field(name)).unwrap_or(0.0);
+    let (open, device) = (Percentiles::of(&open_h), Percentiles::of(&device_h));
+    println!(
+        "recovery: median open {:.0} ms, scanning {:.0} MB/s; device {:.0} MB/s; ratio {}; clean restart {:.0} ms",
+        med("open_ms"),
+        med("throughput_mb_s"),
+        med("baseline_mb_s"),
+        median(&field("ratio")).map_or("–".to_string(), |r| format!("{r:.3}")),
+        med("clean_open_ms")
+    );
+    let result = json!({
+        "mode": "recovery",
+        "config": {
+            "dir": shape.dir, "partitions": shape.partitions, "bytes_per_partition": shape.bytes_per_partition,
+            "batch_bytes": shape.batch_bytes, "segment_bytes": shape.segment_bytes,
+            "recovery_point_bytes": shape.recovery_point_bytes, "shards": shape.shards,
+            "baseline": !args.no_baseline, "rounds": args.rounds,
+        },
+        "throughput_mb_s": med("throughput_mb_s"),
+        "baseline_mb_s": med("baseline_mb_s"),
+        "ratio": median(&field("ratio")),
+        "latency_us": open.to_json(),
+        "baseline_latency_us": device.to_json(),
+        "written_bytes": med("written_bytes"),
+        "scanned_bytes": med("scanned_bytes"),
+        "open_ms": med("open_ms"),
+        "clean_open_ms": med("clean_open_ms"),
+        "rounds": rounds,
+    });
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&result).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("write {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, markdown_recovery(&result))
+            .map_err(|e| format!("write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn markdown_recovery(r: &Value) -> String {
+    let c = &r["config"];
+    let num = |v: &Value| v.as_f64().map_or("–".to_string(), |f| format!("{f:.0}"));
+    let mb = |v: &Value| {
+        v.as_f64()
+            .map_or("–".to_string(), |f| format!("{:.0}", f / 1e6))
+    };
+    format!(
+        "| mode | settings | written MB | scanned MB | open after the kill ms | scan MB/s | device read MB/s | × device | clean restart ms |\n\
+         |---|---|---|---|---|---|---|---|---|\n\
+         | recovery | {} partition(s), {} B batches, {} B segments, recovery points every {} B | {} | {} | {} | {} | {} | {} | {} |\n",
+        c["partitions"],
+        c["batch_bytes"],
+        c["segment_bytes"],
+        c["recovery_point_bytes"],
+        mb(&r["written_bytes"]),
+        mb(&r["scanned_bytes"]),
+        num(&r["open_ms"]),
+        num(&r["throughput_mb_s"]),
+        num(&r["baseline_mb_s"]),
+        r["ratio"].as_f64().map_or("–".to_string(), |f| format!("{f:.3}")),
+        num(&r["clean_open_ms"]),
+    )
 }
 
 fn print_latency(what: &str, p: &Percentiles) {

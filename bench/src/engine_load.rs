@@ -27,6 +27,8 @@ pub struct EngineLoadConfig {
     pub journal_bytes: u64,
     pub segment_bytes: u64,
     pub shard_cache_bytes: usize,
+    /// `EngineConfig::recovery_point_bytes`.
+    pub recovery_point_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -58,6 +60,7 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
     engine_config.shards = config.shards;
     engine_config.journal_bytes = config.journal_bytes;
     engine_config.shard_cache_bytes = config.shard_cache_bytes;
+    engine_config.recovery_point_bytes = config.recovery_point_bytes;
     let engine = Engine::open(engine_config)?;
     let ids: Vec<PartitionId> = (0..config.partitions)
         .map(|i| PartitionId::new("bench", i))

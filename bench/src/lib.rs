@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod engine_load;
 pub mod plot;
 pub mod raw;
+pub mod recovery;
 pub mod report;
 
 pub use cli::main;

@@ -5,13 +5,16 @@
 //!     --ioengine=io_uring --bs=1m --iodepth=4 --end_fsync=1`);
 //! (b) sync latency: one 4 KiB O_DIRECT write followed by fdatasync, one at a time, sequential
 //!     positions in a file laid out first (fio: `--rw=write --bs=4k --direct=1 --fdatasync=1`).
+//!
+//! and, for `keel-bench recovery`, sequential O_DIRECT reads of given files
+//! ([`read_bandwidth`]; fio: `--rw=read --direct=1 --ioengine=io_uring --bs=1m --iodepth=4`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use compio::buf::{BufResult, IntoInner, IoBuf};
 use compio::fs::{File, OpenOptions};
-use compio::io::AsyncWriteAt;
+use compio::io::{AsyncReadAt, AsyncWriteAt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use keel_engine::io::AlignedBuf;
 
@@ -184,4 +187,55 @@ async fn sync_latency(config: &RawConfig) -> std::io::Result<Percentiles> {
     drop(file);
     let _ = std::fs::remove_file(&path);
     Ok(Percentiles::of(&h))
+}
+
+/// Read `files` whole, one after another, with O_DIRECT reads of `block_bytes`, `queue_depth`
+/// in flight, on a dedicated thread with its own ring: (bytes read, seconds).
+pub fn read_bandwidth(
+    files: &[PathBuf],
+    block_bytes: usize,
+    queue_depth: usize,
+) -> std::io::Result<(u64, f64)> {
+    let files = files.to_vec();
+    std::thread::spawn(move || {
+        let runtime = compio::runtime::Runtime::new()?;
+        runtime.block_on(async {
+            let mut buffers: Vec<AlignedBuf> = (0..queue_depth)
+                .map(|_| AlignedBuf::new(block_bytes))
+                .collect();
+            let (mut total, start) = (0u64, Instant::now());
+            for path in &files {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .await?;
+                let len = std::fs::metadata(path)?.len();
+                let mut inflight = FuturesUnordered::new();
+                let mut position = 0u64;
+                loop {
+                    while position < len && !buffers.is_empty() {
+                        let mut buf = buffers.pop().expect("checked");
+                        buf.set_len(0);
+                        let reader = &file;
+                        inflight.push(async move {
+                            let BufResult(result, buf) = reader.read_at(buf, position).await;
+                            (result, buf)
+                        });
+                        position += block_bytes as u64;
+                    }
+                    match inflight.next().await {
+                        Some((result, buf)) => {
+                            total += result? as u64;
+                            buffers.push(buf);
+                        }
+                        None => break,
+                    }
+                }
+            }
+            Ok((total, start.elapsed().as_secs_f64()))
+        })
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("read baseline thread panicked"))?
 }

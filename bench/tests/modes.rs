@@ -383,3 +383,46 @@ fn sweep_mode() {
         .iter()
         .all(|r| (r["baseline_mb_s"].as_f64().unwrap() - mean(r)).abs() < 1e-9));
 }
+
+#[test]
+fn recovery_mode() {
+    // Two partitions of 6 MiB in 2 MiB segments with recovery points every 1 MiB: the child is
+    // killed, the engine opens again and finds every acknowledged batch (the mode fails if not).
+    let dir = scratch("recovery");
+    let json = dir.join("result.json");
+    let md = dir.join("result.md");
+    let out = Command::new(env!("CARGO_BIN_EXE_keel-bench"))
+        .args(["recovery", "--dir", dir.join("data").to_str().unwrap()])
+        .args([
+            "--json",
+            json.to_str().unwrap(),
+            "--markdown",
+            md.to_str().unwrap(),
+        ])
+        .args(["--partitions", "2", "--bytes-per-partition", "6MiB"])
+        .args(["--segment-bytes", "2MiB", "--recovery-point-bytes", "1MiB"])
+        .args(["--rounds", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    common_fields(&v, "recovery");
+    assert_eq!(v["rounds"].as_array().unwrap().len(), 2, "{v}");
+    let written = v["written_bytes"].as_f64().unwrap();
+    let scanned = v["scanned_bytes"].as_f64().unwrap();
+    assert!(written >= 12.0 * 1024.0 * 1024.0, "{v}");
+    // At most the active segment of each partition is scanned, never the sealed ones.
+    assert!(
+        scanned > 0.0 && scanned <= 2.0 * 2.0 * 1024.0 * 1024.0,
+        "{v}"
+    );
+    assert!(v["open_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["clean_open_ms"].as_f64().unwrap() > 0.0, "{v}");
+    let table = std::fs::read_to_string(&md).unwrap();
+    assert!(table.contains("| recovery |"), "{table}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -53,6 +53,11 @@ pub struct EngineConfig {
     /// holds them; each keeps at most its own `cache_bytes`.
     /// Batches not yet durable in their segment stay in memory whatever this says.
     pub shard_cache_bytes: usize,
+    /// A partition's recovery point moves into its active segment each time this many more
+    /// bytes of it are durable (its indexes and `recovery-point` are written beside the data
+    /// path), so a crash rescans at most about this much of each partition instead of up to
+    /// `segment.bytes` (ARCHITECTURE.md, decision 39). 0: only at rolls.
+    pub recovery_point_bytes: u64,
 }
 
 impl EngineConfig {
@@ -67,6 +72,7 @@ impl EngineConfig {
             journal_bytes: journal_bytes_default,
             journal_restart_after: Duration::from_secs(10),
             shard_cache_bytes: shard_cache_bytes_default,
+            recovery_point_bytes: recovery_point_bytes_default,
         }
     }
 

@@ -86,6 +86,9 @@ counters!(
     journal_replayed,
     /// Times a shard's journal, turned off by a failed write or flush, started again.
     journal_restarts,
+    /// Bytes of batches opening partitions read and CRC-checked because no clean shutdown or
+    /// recovery point vouched for them (ARCHITECTURE.md, decision 39).
+    recovery_scanned_bytes,
 );
 
 pub(crate) fn bump(counter: &AtomicU64, by: u64) {

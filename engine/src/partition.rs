@@ -109,6 +109,9 @@ pub(crate) enum Event {
     /// The leader-epoch checkpoint file was written (or not): it goes beside the data path,
     /// not as a control operation (ARCHITECTURE.md, decision 34).
     EpochsWritten(Result<()>),
+    /// The active segment's indexes and a recovery point at this position in it were written
+    /// (or not), beside the data path (decision 39).
+    RecoveryPointWritten(Result<u64>),
     /// One syncfs made every member's written data durable (the shard hands each a `Synced`).
     GroupSynced {
         members: Vec<Route>,
@@ -200,6 +203,8 @@ pub(crate) struct IoCtx<'a> {
     /// Segment writes in flight on the shard beyond which a checkpoint's writes wait (the
     /// journal's `checkpoint_writes_max`).
     pub checkpoint_writes_max: usize,
+    /// `EngineConfig::recovery_point_bytes`.
+    pub recovery_point_bytes: u64,
 }
 
 impl IoCtx<'_> {
@@ -295,6 +300,17 @@ struct PendingTruncate {
     reply: Reply<()>,
 }
 
+/// What opening a partition found on disk (`recovery::open_partition`).
+pub(crate) struct RecoveredLog {
+    pub segments: BTreeMap<u64, Segment>,
+    pub epochs: LeaderEpochCache,
+    /// The leader-epoch file holds exactly `epochs`.
+    pub epochs_stored: bool,
+    pub incarnation: u64,
+    /// Where the recovery point on disk lies in the active segment, if inside it.
+    pub recovery_point_at: u64,
+}
+
 pub(crate) struct Partition {
     pub id: PartitionId,
     /// Which partition of this id this is, numbered by its shard from 1 (see [`Route`]).
@@ -350,6 +366,14 @@ pub(crate) struct Partition {
     closing: bool,
     /// A failed write of the leader-epoch file is tried again after this.
     epochs_retry_at: Option<Instant>,
+    /// Position in the write segment of the recovery point on disk (`recovery-point`), 0 when
+    /// it is at the segment's start: a crash rescans the segment from there
+    /// (`persist_recovery_point`, ARCHITECTURE.md decision 39).
+    recovery_point_at: u64,
+    /// The active segment's indexes and a recovery point inside it are being written.
+    recovery_point_inflight: bool,
+    /// A failed write of them is tried again after this.
+    recovery_point_retry_at: Option<Instant>,
     /// The in-memory log was truncated; the file must be cut to match before anything else.
     cut_pending: bool,
     last_sync: Instant,
@@ -415,11 +439,15 @@ impl Partition {
         id: PartitionId,
         dir: PathBuf,
         config: PartitionConfig,
-        segments: BTreeMap<u64, Segment>,
-        epochs: LeaderEpochCache,
-        epochs_stored: bool,
-        incarnation: u64,
+        log: RecoveredLog,
     ) -> Partition {
+        let RecoveredLog {
+            segments,
+            epochs,
+            epochs_stored,
+            incarnation,
+            recovery_point_at,
+        } = log;
         let (&active_base, active) = segments.last_key_value().expect("a log has a segment");
         let log_end = active.next_offset;
         let log_start = *segments.keys().next().expect("a log has a segment");
@@ -467,6 +495,9 @@ impl Partition {
             epochs_inflight: false,
             closing: false,
             epochs_retry_at: None,
+            recovery_point_at,
+            recovery_point_inflight: false,
+            recovery_point_retry_at: None,
             cut_pending: false,
             last_sync: Instant::now(),
             bytes_since_sync: 0,
@@ -541,6 +572,7 @@ impl Partition {
             && self.sync_inflight.is_none()
             && !self.control_busy
             && !self.epochs_inflight
+            && !self.recovery_point_inflight
             && self.runway_inflight.is_none()
     }
 
@@ -1084,6 +1116,9 @@ impl Partition {
         {
             self.epochs_retry_at = None;
             self.persist_epochs(io);
+        }
+        if self.recovery_point_due(io.recovery_point_bytes) {
+            self.persist_recovery_point(io);
         }
         starved
     }
@@ -1704,11 +1739,7 @@ impl Partition {
         let (index, time_index) = (old.index.encode(), old.time_index.encode());
         let (index_path, time_index_path) = (old.index_path(), old.time_index_path());
         let new_path = self.segments[&next_base].log_path.clone();
-        let checkpoint = RecoveryPoint {
-            segment: next_base,
-            position: 0,
-            next_offset: next_base,
-        };
+        let checkpoint = RecoveryPoint::segment_start(next_base);
         let storage = io.storage.clone();
         let dir = self.dir.clone();
         // The new segment starts as large a step as the one it follows holds (a partition that
@@ -1817,6 +1848,68 @@ impl Partition {
         });
     }
 
+    /// Has the active segment grown durable by `interval` bytes past its recovery point, with
+    /// nothing under way that could move the log back below it?
+    fn recovery_point_due(&self, interval: u64) -> bool {
+        interval > 0
+            && self.durable_position >= self.recovery_point_at + interval
+            && !self.recovery_point_inflight
+            && self
+                .recovery_point_retry_at
+                .is_none_or(|at| Instant::now() >= at)
+            // The leader-epoch file must hold every entry of the batches the point vouches for.
+            && !self.epochs_pending()
+            && !self.control_busy
+            && self.failure.is_none()
+            && !self.cut_pending
+            && self.truncate.is_none()
+            && self.truncate_reply.is_none()
+            && !self.closing
+            && !self.deleted
+    }
+
+    /// Move the recovery point into the active segment, to its durable end: write the segment's
+    /// indexes, then `recovery-point` naming the position, its next offset and the partition's
+    /// incarnation, beside the data path (as the leader-epoch file is). A crash then rescans the
+    /// segment from the last index entry before that position instead of from its start — at
+    /// most `EngineConfig::recovery_point_bytes` per partition, not `segment.bytes`. Every cut
+    /// moves the point back to the segment's start before it changes the file, and a roll to
+    /// the next segment's (ARCHITECTURE.md, decision 39).
+    fn persist_recovery_point(&mut self, io: &mut IoCtx<'_>) {
+        let segment = &self.segments[&self.write_segment];
+        let point = RecoveryPoint {
+            segment: self.write_segment,
+            position: self.durable_position,
+            next_offset: self.offsets.durable().0,
+            incarnation: Some(self.incarnation),
+        };
+        // Entries past the durable position are written too; recovery ignores them.
+        let files = vec![
+            (segment.index_path(), segment.index.encode()),
+            (segment.time_index_path(), segment.time_index.encode()),
+        ];
+        tracing::trace!(target: "keel::durability", partition = %self.id, ?point, "recovery point");
+        self.recovery_point_inflight = true;
+        let storage = io.storage.clone();
+        let dir = self.dir.clone();
+        io.submit(self.route(), async move {
+            let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
+            let results = storage.write_files_durable(files).await;
+            let written = paths
+                .iter()
+                .zip(results)
+                .try_for_each(|(path, r)| r.map_err(|e| Error::io("write", path, e)));
+            let result = match written {
+                Ok(()) => point
+                    .write(storage.as_ref(), &dir)
+                    .await
+                    .map(|()| point.position),
+                Err(e) => Err(e),
+            };
+            Event::RecoveryPointWritten(result)
+        });
+    }
+
     // ---------------------------------------------------------------------------------------------
     // Completions
 
@@ -1871,6 +1964,21 @@ impl Partition {
                         "could not write the leader-epoch checkpoint file; trying again");
                     self.epochs_dirty = true;
                     self.epochs_retry_at = Some(Instant::now() + rewrite_backoff);
+                }
+            }
+            Event::RecoveryPointWritten(result) => {
+                self.recovery_point_inflight = false;
+                match result {
+                    // A cut or roll since then would have waited for this write (`is_idle`).
+                    Ok(position) => self.recovery_point_at = position,
+                    Err(error) => {
+                        // Not a failure of the log: the old point still holds (a crash rescans
+                        // more). A failed fsync is still the device's failed flush (decision 29).
+                        count_error(io.metrics, &error);
+                        tracing::warn!(partition = %self.id, %error,
+                            "could not write the recovery point; trying again");
+                        self.recovery_point_retry_at = Some(Instant::now() + rewrite_backoff);
+                    }
                 }
             }
             Event::GroupSynced { .. }
@@ -2039,6 +2147,7 @@ impl Partition {
                 self.next_write_position = 0;
                 self.written_position = 0;
                 self.durable_position = 0;
+                self.recovery_point_at = 0;
                 self.carry_len = 0;
                 self.carry_state = CarryState::Ready;
                 self.zeroed_end = 0;
@@ -2059,6 +2168,7 @@ impl Partition {
                 self.carry_state = CarryState::Ready;
             }
             ControlDone::Cut { file, allocated } => {
+                self.recovery_point_at = 0;
                 let segment = self.segments.get_mut(&self.write_segment).expect("exists");
                 segment.allocated = allocated;
                 segment.file = Some(file);
@@ -2378,14 +2488,16 @@ impl Partition {
                     .is_some_and(|b| b > self.write_segment)
             })
             .collect();
-        let checkpoint = RecoveryPoint {
-            segment: self.write_segment,
-            position: 0,
-            next_offset: self.write_segment,
-        };
+        let checkpoint = RecoveryPoint::segment_start(self.write_segment);
+        // A recovery point inside the segment vouches for bytes the cut may change: it goes
+        // back to the segment's start before the file does (decision 39).
+        let point_inside = self.recovery_point_at > 0;
         let epochs = self.epochs.encode();
         self.epochs_dirty = false;
         self.start_control(io, async move {
+            if point_inside {
+                checkpoint.write(storage.as_ref(), &dir).await?;
+            }
             let file = match file {
                 Some(f) => f,
                 None => storage
@@ -2646,23 +2758,44 @@ impl Partition {
             segment: self.write_segment,
             position: active.size,
             next_offset: active.next_offset,
+            incarnation: None,
         };
         (files, marker)
     }
 }
 
 /// Where recovery may start scanning (`recovery-point`), or, as the clean-shutdown marker, where the
-/// log ends. Text: `segment position next_offset`.
+/// log ends. Text: `segment position next_offset`, and for a point inside a segment the
+/// partition's incarnation after them (FORMAT.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct RecoveryPoint {
     pub segment: u64,
     pub position: u64,
     pub next_offset: u64,
+    /// Set for a point inside the active segment (`persist_recovery_point`): recovery trusts its
+    /// prefix only in the incarnation that wrote it, never in a partition created again in its
+    /// place.
+    pub incarnation: Option<u64>,
 }
 
 impl RecoveryPoint {
+    /// The start of segment `base`: everything before it is trusted, the segment is scanned.
+    pub fn segment_start(base: u64) -> RecoveryPoint {
+        RecoveryPoint {
+            segment: base,
+            position: 0,
+            next_offset: base,
+            incarnation: None,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
-        format!("{} {} {}\n", self.segment, self.position, self.next_offset).into_bytes()
+        let mut text = format!("{} {} {}", self.segment, self.position, self.next_offset);
+        if let Some(incarnation) = self.incarnation {
+            text.push_str(&format!(" {incarnation}"));
+        }
+        text.push('\n');
+        text.into_bytes()
     }
 
     pub fn decode(bytes: &[u8]) -> Option<RecoveryPoint> {
@@ -2672,6 +2805,10 @@ impl RecoveryPoint {
             segment: parts.next()?.ok()?,
             position: parts.next()?.ok()?,
             next_offset: parts.next()?.ok()?,
+            incarnation: match parts.next() {
+                Some(i) => Some(i.ok()?),
+                None => None,
+            },
         };
         parts.next().is_none().then_some(point)
     }

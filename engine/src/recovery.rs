@@ -6,7 +6,10 @@
 //!   recorded. Nothing is scanned. The marker is removed before the partition accepts appends.
 //! * **Crashed**: segments before the recovery point (`recovery-point`, moved at every roll) were
 //!   sealed — truncated to size and fsynced — and are trusted. From the recovery point's segment
-//!   on, every batch is read and CRC-checked, indexes and the leader-epoch cache are rebuilt.
+//!   on, every batch is read and CRC-checked, indexes and the leader-epoch cache are rebuilt. A
+//!   point inside the segment (moved there every `recovery_point_bytes` of durable growth,
+//!   ARCHITECTURE.md decision 39) lets the scan resume at the last index entry before it, if
+//!   the batches from there pass through the point; otherwise the whole segment is scanned.
 //!   The scan stops at the first position that is not a valid batch continuing the log:
 //!   - a **torn tail** — zeros or damage at the end of the last segment, with nothing but zeros
 //!     beyond the window that writes in flight could have touched (`torn_tail_window_bytes`) — is
@@ -29,7 +32,8 @@ use crate::epochs::LeaderEpochCache;
 use crate::error::{is_full, Error, Result};
 use crate::io::aligned::{align_down, align_up};
 use crate::io::{AlignedBuf, Storage, StorageFile};
-use crate::partition::{Partition, RecoveryPoint};
+use crate::metrics::{bump, Metrics};
+use crate::partition::{Partition, RecoveredLog, RecoveryPoint};
 use crate::segment::index::{OffsetIndex, TimeIndex};
 use crate::segment::path::{self, parse_log_file_name, partition_dir, segment_file};
 use crate::segment::reader::{slot, Slot};
@@ -45,6 +49,7 @@ pub(crate) struct OpenRequest<'a> {
     pub mode: RecoveryMode,
     /// Journal records of this partition found at start-up (incarnation, batches).
     pub journal: &'a [(u64, bytes::Bytes)],
+    pub metrics: &'a Metrics,
 }
 
 pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
@@ -73,6 +78,8 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
     };
     let clean = read_point(path::CLEAN_SHUTDOWN_FILE)?.filter(|c| bases.last() == Some(&c.segment));
     let checkpoint = read_point(path::RECOVERY_POINT_FILE)?.filter(|c| bases.contains(&c.segment));
+    // A point inside a segment counts only in the incarnation that wrote it (decision 39).
+    let inside = checkpoint.filter(|c| c.position > 0 && c.incarnation == Some(incarnation));
     let epoch_path = dir.join(path::LEADER_EPOCH_FILE);
     let stored_epochs = storage
         .read_file(&epoch_path)
@@ -103,6 +110,7 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
 
     let mut segments = BTreeMap::new();
     let mut expected_next = bases[0];
+    let mut scanned = 0u64;
     for (i, &base) in bases.iter().enumerate() {
         let log_path = segment_file(&dir, base, path::LOG_SUFFIX);
         let file = storage
@@ -132,16 +140,49 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
                 segment.restore(size, next, index, time_index);
             }
             None => {
-                let end = scan(
+                let resume = match inside.filter(|c| c.segment == base) {
+                    Some(point) => resume_at(storage, &mut segment, point, file_len).await,
+                    None => None,
+                };
+                let mut start = segment.size;
+                let from = resume.unwrap_or(ScanFrom {
+                    next: expected_next,
+                    vouched: None,
+                });
+                let mut end = scan(
                     file.as_ref(),
                     &mut segment,
                     &mut epochs,
-                    expected_next,
+                    from,
                     file_len,
                     is_last,
                     &ctx,
                 )
                 .await?;
+                if end.missed_vouched {
+                    // The log does not pass through the recovery point as it said: trust
+                    // nothing of it and scan the whole segment, as without one.
+                    tracing::warn!(file = %log_path.display(), ?resume,
+                        "the recovery point does not match the log; scanning the whole segment");
+                    scanned += segment.size.saturating_sub(start);
+                    segment = Segment::new(base, log_path.clone());
+                    start = 0;
+                    end = scan(
+                        file.as_ref(),
+                        &mut segment,
+                        &mut epochs,
+                        ScanFrom {
+                            next: expected_next,
+                            vouched: None,
+                        },
+                        file_len,
+                        is_last,
+                        &ctx,
+                    )
+                    .await?;
+                }
+                scanned += segment.size.saturating_sub(start);
+                let end = end.kind;
                 if let ScanEnd::Damaged { position, reason } = end {
                     if ctx.mode == RecoveryMode::Strict {
                         return Err(Error::Corruption {
@@ -201,6 +242,13 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
         None => epochs.latest_epoch().is_none(),
     };
 
+    bump(&req.metrics.recovery_scanned_bytes, scanned);
+    // Where the recovery point on disk lies in the active segment, if inside it: a cut moves it
+    // back first (`Partition::start_cut`).
+    let recovery_point_at = inside
+        .filter(|c| c.segment == last)
+        .map_or(0, |c| c.position);
+
     if clean.is_some() {
         let marker = dir.join(path::CLEAN_SHUTDOWN_FILE);
         storage
@@ -215,10 +263,13 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
         req.id.clone(),
         dir,
         config,
-        segments,
-        epochs,
-        epochs_stored,
-        incarnation,
+        RecoveredLog {
+            segments,
+            epochs,
+            epochs_stored,
+            incarnation,
+            recovery_point_at,
+        },
     ))
 }
 
@@ -326,6 +377,43 @@ fn journaled_offsets(records: &[(u64, bytes::Bytes)], incarnation: u64) -> HashS
     offsets
 }
 
+/// Restore `segment` from its index files up to the last index entry before `point.position`,
+/// so the scan resumes there: the batches between that entry and the point are read again,
+/// which checks that the log really passes through the point (a stale or wrong point fails
+/// that check and the whole segment is scanned). `None` if the index files do not fit.
+async fn resume_at(
+    storage: &Rc<dyn Storage>,
+    segment: &mut Segment,
+    point: RecoveryPoint,
+    file_len: u64,
+) -> Option<ScanFrom> {
+    if point.position > file_len || point.next_offset < segment.base_offset {
+        return None;
+    }
+    let index = storage.read_file(&segment.index_path()).ok()??;
+    let time_index = storage.read_file(&segment.time_index_path()).ok()??;
+    let index = OffsetIndex::decode(&index, point.position).ok()?;
+    // Resume at the last entry: the batch there starts at `position` with offset `base + rel`.
+    let (relative, position) = index.last_entry()?;
+    let next = segment.base_offset + relative as u64;
+    if next >= point.next_offset {
+        return None;
+    }
+    // Time entries promise maxima of the batches before their offset: keep those up to it.
+    let time_index = TimeIndex::decode(&time_index, relative as u64 + 1).ok()?;
+    segment.restore(position as u64, next, index, time_index);
+    Some(ScanFrom {
+        next,
+        vouched: Some((point.position, point.next_offset)),
+    })
+}
+
+struct Scanned {
+    kind: ScanEnd,
+    /// The scan was to pass a recovery point and did not.
+    missed_vouched: bool,
+}
+
 enum ScanEnd {
     /// The segment's valid data ends at `segment.size` (cleanly or at a torn tail).
     Valid,
@@ -335,17 +423,30 @@ enum ScanEnd {
     },
 }
 
-/// Read every batch of a segment, rebuilding its indexes, until the data ends or is damaged.
+/// Where a scan starts: at the segment's current size (its start, or where a recovery point
+/// resumes it, decision 39), expecting the batch there to carry offset `next` or later.
+#[derive(Clone, Copy, Debug)]
+struct ScanFrom {
+    next: u64,
+    /// (position, next offset) a recovery point vouched for: note whether a batch ends there
+    /// with that next offset.
+    vouched: Option<(u64, u64)>,
+}
+
+/// Read every batch of a segment from `from` on, rebuilding its indexes, until the data ends or
+/// is damaged.
 async fn scan(
     file: &dyn StorageFile,
     segment: &mut Segment,
     epochs: &mut LeaderEpochCache,
-    mut expected_next: u64,
+    from: ScanFrom,
     file_len: u64,
     is_last: bool,
     ctx: &ScanContext,
-) -> Result<ScanEnd> {
-    let mut position = 0u64;
+) -> Result<Scanned> {
+    let mut passed = false;
+    let mut expected_next = from.next;
+    let mut position = segment.size;
     let mut want = write_bytes_max;
     let stop = loop {
         if position >= file_len {
@@ -372,6 +473,7 @@ async fn scan(
                     expected_next = h.next_offset();
                     at += h.size_bytes;
                     position += h.size_bytes as u64;
+                    passed |= from.vouched == Some((position, expected_next));
                 }
                 Slot::Incomplete { .. }
                     if bytes[at.min(bytes.len())..].iter().all(|&b| b == 0)
@@ -400,9 +502,45 @@ async fn scan(
             break Some(reason);
         }
     };
-    let Some(reason) = stop else {
-        return Ok(ScanEnd::Valid);
+    let kind = match stop {
+        None => ScanEnd::Valid,
+        Some(reason) => {
+            let stopped = Stopped {
+                position,
+                expected_next,
+                reason,
+            };
+            judge_stop(file, stopped, file_len, is_last, ctx).await?
+        }
     };
+    Ok(Scanned {
+        kind,
+        missed_vouched: from.vouched.is_some() && !passed,
+    })
+}
+
+/// Where and why a scan stopped before the end of the file.
+struct Stopped {
+    position: u64,
+    /// The offset the next batch would have carried.
+    expected_next: u64,
+    reason: String,
+}
+
+/// A scan stopped at `stopped`: the log's end (a torn tail, or a batch the journal holds) or
+/// damage.
+async fn judge_stop(
+    file: &dyn StorageFile,
+    stopped: Stopped,
+    file_len: u64,
+    is_last: bool,
+    ctx: &ScanContext,
+) -> Result<ScanEnd> {
+    let Stopped {
+        position,
+        expected_next,
+        reason,
+    } = stopped;
     if !is_last {
         return Ok(ScanEnd::Damaged {
             position,

@@ -311,6 +311,7 @@ impl Shard {
         }
         self.schedule_journal();
         let checkpoint_writes_max = self.checkpoint_writes_max();
+        let recovery_point_bytes = self.config.recovery_point_bytes;
         let Shard {
             storage,
             partitions,
@@ -335,6 +336,7 @@ impl Shard {
             metrics,
             max_batch_bytes: 0,
             checkpoint_writes_max,
+            recovery_point_bytes,
         };
         let ids: Vec<PartitionId> = dirty.drain().collect();
         for id in ids {
@@ -856,6 +858,7 @@ impl Shard {
             return;
         }
         let checkpoint_writes_max = self.checkpoint_writes_max();
+        let recovery_point_bytes = self.config.recovery_point_bytes;
         let Shard {
             storage,
             partitions,
@@ -878,6 +881,7 @@ impl Shard {
                     metrics,
                     max_batch_bytes: p.config.max_message_bytes,
                     checkpoint_writes_max,
+                    recovery_point_bytes,
                 };
                 p.on_event(event, &mut io);
                 dirty.insert(route.id);
@@ -1061,6 +1065,7 @@ impl Shard {
         let storage = self.storage.clone();
         let data_dir = self.config.data_dir.clone();
         let mode = self.config.recovery;
+        let metrics = self.metrics.clone();
         self.inflight.push(Box::pin(async move {
             let QueuedOpen {
                 id,
@@ -1075,6 +1080,7 @@ impl Shard {
                 config,
                 mode,
                 journal: &replay,
+                metrics: &metrics,
             })
             .await
             .map(Box::new);

@@ -500,3 +500,264 @@ fn a_lost_sector_holding_only_a_batchs_last_bytes_is_a_torn_tail() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Recovery points inside the active segment (ARCHITECTURE.md, decision 39)
+
+/// Recovery points every this many durable bytes in these tests (batches are ~20–22 KB).
+const POINT_INTERVAL: u64 = 64 * 1024;
+/// The largest batch `append_tags` makes, and the offset index's spacing: how far before a
+/// recovery point the scan may resume (at the last index entry before it).
+const RESUME_SLACK: u64 = 22_000 + 4096;
+
+fn with_points(mut c: keel_engine::EngineConfig) -> keel_engine::EngineConfig {
+    c.recovery_point_bytes = POINT_INTERVAL;
+    c
+}
+
+fn append_tags(engine: &Engine, p: &PartitionId, tags: std::ops::Range<u64>) {
+    block_on(async {
+        for tag in tags {
+            let b = batch(
+                tag,
+                1,
+                20_000 + (tag as usize % 120) * 13,
+                timestamp_of(tag),
+            );
+            engine.append(p, b, 0).await.unwrap();
+        }
+    });
+}
+
+/// `p`'s `recovery-point` file on `fs`: segment, position, next offset, and the incarnation
+/// a point inside a segment carries.
+fn recovery_point(fs: &SimFs, p: &PartitionId) -> Vec<u64> {
+    let path = keel_engine::segment::path::partition_dir(std::path::Path::new("/sim/data"), p)
+        .join(keel_engine::segment::path::RECOVERY_POINT_FILE);
+    let text = fs
+        .with_file(&path, |d| String::from_utf8(d.clone()))
+        .unwrap();
+    let text = text.unwrap();
+    text.split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect()
+}
+
+/// Bytes of the batches from offset `from` to the log end.
+fn bytes_from(engine: &Engine, p: &PartitionId, from: u64) -> u64 {
+    block_on(async {
+        let mut total = 0;
+        let mut offset = from;
+        loop {
+            let read = engine.read(p, offset, everything()).await.unwrap();
+            if read.is_empty() {
+                return total;
+            }
+            total += read.chunks.iter().map(|c| c.len() as u64).sum::<u64>();
+            offset = read.next_offset;
+        }
+    })
+}
+
+/// An engine with recovery points over a log of `BATCHES` batches, once a recovery point inside
+/// its last segment, less than an interval from the log's end, is on disk.
+fn log_with_points() -> (SimFs, Engine, PartitionId) {
+    let fs = SimFs::default();
+    let p = PartitionId::new("pointed", 0);
+    let engine = Engine::open(with_points(no_journal(sim_config(&fs, 1)))).unwrap();
+    block_on(engine.create_partition(&p, config())).unwrap();
+    append_tags(&engine, &p, 0..BATCHES);
+    settle_point(&fs, &engine, &p);
+    (fs, engine, p)
+}
+
+/// Wait until the recovery point on disk lies inside `p`'s last segment, within an interval of
+/// its end (it is written beside the data path after the appends that crossed it).
+fn settle_point(fs: &SimFs, engine: &Engine, p: &PartitionId) {
+    wait_until("a recovery point near the log's end", || {
+        let point = recovery_point(fs, p);
+        let state = block_on(engine.partition_state(p)).unwrap();
+        let last = fs
+            .files()
+            .into_iter()
+            .filter_map(|f| {
+                keel_engine::segment::path::parse_log_file_name(f.file_name()?.to_str()?)
+            })
+            .max()
+            .unwrap();
+        point.len() == 4
+            && point[0] == last
+            && bytes_from(engine, p, point[2]) < POINT_INTERVAL + 22_000
+            && state.durable.0 == state.appended.0
+    });
+}
+
+#[test]
+fn a_crash_rescans_only_what_follows_the_last_recovery_point() {
+    let (fs, engine, p) = log_with_points();
+    let mut end = BATCHES;
+    for round in 0..2 {
+        // Two batches more: past the point, unless they moved it.
+        append_tags(&engine, &p, end..end + 2);
+        end += 2;
+        let image = copy(&fs);
+        let point = recovery_point(&image, &p);
+        let reopened = Engine::open(with_points(no_journal(sim_config(&image, 1)))).unwrap();
+        let scanned = reopened.metrics().recovery_scanned_bytes;
+        let segment_bytes = bytes_from(&reopened, &p, point[0]);
+        let after_point = bytes_from(&reopened, &p, point[2]);
+        assert!(
+            scanned >= after_point
+                && scanned <= after_point + RESUME_SLACK
+                && scanned < segment_bytes,
+            "round {round}: scanned {scanned} bytes of a {segment_bytes}-byte segment whose \
+             recovery point {point:?} leaves {after_point}"
+        );
+        let (tags, error) = read_all(&reopened, &p);
+        assert!(error.is_none(), "round {round}: {error:?}");
+        assert_eq!(tags, (0..end).collect::<Vec<_>>(), "round {round}");
+        assert_eq!(
+            block_on(reopened.end_offset_for_epoch(&p, 0)).unwrap(),
+            Some((0, end)),
+            "round {round}"
+        );
+        // Time lookups through the restored and the rebuilt part of the time index.
+        for tag in (0..end).step_by(7) {
+            let found = block_on(reopened.offset_for_timestamp(&p, timestamp_of(tag) - 3))
+                .unwrap()
+                .map(|t| t.offset);
+            assert_eq!(found, Some(tag), "round {round}: time of batch {tag}");
+        }
+        drop(reopened);
+        // The log goes on: more appends, more points, and another crash.
+        append_tags(&engine, &p, end..end + BATCHES);
+        end += BATCHES;
+        settle_point(&fs, &engine, &p);
+    }
+}
+
+#[test]
+fn a_recovery_point_the_log_does_not_pass_through_is_not_trusted() {
+    // A point whose position, offset or incarnation does not fit the log (stale, or left by a
+    // partition deleted and created again) costs a scan of the whole segment, never a batch.
+    let (fs, engine, p) = log_with_points();
+    let crashed = copy(&fs);
+    drop(engine);
+    let point = recovery_point(&crashed, &p);
+    let (segment, position, next, incarnation) = (point[0], point[1], point[2], point[3]);
+    let lies = [
+        (
+            "one byte further",
+            [segment, position + 1, next, incarnation],
+        ),
+        ("one byte short", [segment, position - 1, next, incarnation]),
+        (
+            "an offset too far",
+            [segment, position, next + 1, incarnation],
+        ),
+        (
+            "an offset short",
+            [segment, position, next - 1, incarnation],
+        ),
+        (
+            "another incarnation",
+            [segment, position, next, incarnation ^ 1],
+        ),
+        ("past the file", [segment, 1 << 40, next, incarnation]),
+        (
+            "a batch earlier",
+            [segment, position - 20_000, next - 1, incarnation],
+        ),
+    ];
+    let path = keel_engine::segment::path::partition_dir(std::path::Path::new("/sim/data"), &p)
+        .join(keel_engine::segment::path::RECOVERY_POINT_FILE);
+    let index = path.with_file_name(format!("{segment:020}.index"));
+    // The index entry the scan would resume at: the last before the point.
+    let entry = crashed
+        .with_file(&index, |d| {
+            d.chunks_exact(8)
+                .rposition(|e| (u32::from_be_bytes(e[4..8].try_into().unwrap()) as u64) < position)
+        })
+        .unwrap()
+        .unwrap();
+    let stale_index = [
+        ("an index entry one offset off", 3),
+        ("an index entry one byte off", 7),
+    ];
+    let cases = lies
+        .iter()
+        .map(|&(what, lie)| (what, Some(lie), None))
+        .chain(
+            stale_index
+                .iter()
+                .map(|&(what, byte)| (what, None, Some(byte))),
+        );
+    for (what, lie, index_byte) in cases {
+        let image = copy(&crashed);
+        if let Some(lie) = lie {
+            let text = format!("{} {} {} {}\n", lie[0], lie[1], lie[2], lie[3]);
+            image.with_file(&path, |d| *d = text.into_bytes()).unwrap();
+        }
+        if let Some(byte) = index_byte {
+            image
+                .with_file(&index, |d| {
+                    d[entry * 8 + byte] = d[entry * 8 + byte].wrapping_add(1)
+                })
+                .unwrap();
+        }
+        let engine = open(&image, RecoveryMode::Strict).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (tags, error) = read_all(&engine, &p);
+        assert!(error.is_none(), "{what}: {error:?}");
+        assert_eq!(tags, (0..BATCHES).collect::<Vec<_>>(), "{what}");
+        let (scanned, segment_bytes) = (
+            engine.metrics().recovery_scanned_bytes,
+            bytes_from(&engine, &p, segment),
+        );
+        assert!(
+            scanned >= segment_bytes,
+            "{what}: the whole segment is scanned ({scanned} of {segment_bytes} bytes)"
+        );
+        assert_time_lookups(&engine, &p, what);
+    }
+}
+
+#[test]
+fn a_truncation_moves_the_recovery_point_back_before_it_cuts() {
+    use keel_engine::io::sim::Hold;
+    let (fs, engine, p) = log_with_points();
+    let point = recovery_point(&fs, &p);
+    let to = point[2] - 10;
+    // Stop the cut at its sync: the file is being changed below the point by then.
+    fs.hold_next(Hold::FileSyncs, 1);
+    let truncation = std::thread::spawn({
+        let (engine, p) = (engine.clone(), p.clone());
+        move || block_on(engine.truncate_to(&p, to))
+    });
+    wait_until("the cut's sync is held", || {
+        fs.waiting(Hold::FileSyncs) == 1
+    });
+    assert_eq!(
+        recovery_point(&fs, &p),
+        vec![point[0], 0, point[0]],
+        "the point is back at the segment's start before the cut"
+    );
+    fs.hold(Hold::FileSyncs, false);
+    truncation.join().unwrap().unwrap();
+    let after = recovery_point(&fs, &p);
+    assert!(after[2] <= to, "{after:?} after a truncation to {to}");
+    let image = copy(&fs);
+    let reopened = open(&image, RecoveryMode::Strict).unwrap();
+    let (tags, error) = read_all(&reopened, &p);
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(tags, (0..to).collect::<Vec<_>>());
+    drop(reopened);
+    // New batches where the truncated ones were, and a point among them.
+    append_tags(&engine, &p, 1000..1000 + 60);
+    settle_point(&fs, &engine, &p);
+    let image = copy(&fs);
+    let reopened = open(&image, RecoveryMode::Strict).unwrap();
+    let expected: Vec<u64> = (0..to).chain(1000..1060).collect();
+    let (tags, error) = read_all(&reopened, &p);
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(tags, expected);
+}

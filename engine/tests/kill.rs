@@ -73,6 +73,8 @@ fn partition_config() -> PartitionConfig {
 fn engine_config(dir: &std::path::Path) -> keel_engine::EngineConfig {
     let mut config = uring_config(dir, 1);
     config.journal_bytes = keel_engine::constants::journal_bytes_min;
+    // Recovery points inside the 4 MiB segments, so kills land before, during and after them.
+    config.recovery_point_bytes = 512 * 1024;
     config
 }
 
@@ -150,6 +152,7 @@ fn kill_rounds(s: Scenario) {
     let full_disk = full_disk_soak();
     let mut acked: BTreeMap<u32, BTreeMap<u64, u64>> = BTreeMap::new();
     let mut replayed = 0;
+    let mut resumed = 0;
     for round in 0..rounds {
         // The child's stderr (a panic, say) is shown if it acknowledges nothing.
         let child_stderr = tempfile::NamedTempFile::new().unwrap();
@@ -194,6 +197,14 @@ fn kill_rounds(s: Scenario) {
             acked.entry(i).or_default().insert(offset, tag);
         }
 
+        // Reopenings that resume inside a segment, at a recovery point (decision 39).
+        let point = dir
+            .path()
+            .join(partition(0).to_string())
+            .join(keel_engine::segment::path::RECOVERY_POINT_FILE);
+        let words = std::fs::read_to_string(point).unwrap_or_default();
+        let words: Vec<&str> = words.split_whitespace().collect();
+        resumed += u32::from(words.len() == 4 && words[1] != "0");
         let engine = Engine::open(engine_config(dir.path())).unwrap();
         replayed += engine.metrics().journal_replayed;
         for (&i, expected) in acked.iter_mut() {
@@ -224,5 +235,11 @@ fn kill_rounds(s: Scenario) {
             replayed > 0,
             "seed {seed}: nothing was ever replayed from the journal"
         );
+    } else if rounds >= 10 && !full_disk {
+        assert!(
+            resumed > 0,
+            "seed {seed}: no reopening resumed at a recovery point inside a segment"
+        );
     }
+    println!("{resumed} of {rounds} reopenings resumed inside a segment");
 }

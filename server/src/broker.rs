@@ -99,6 +99,7 @@ impl Broker {
         engine_config.recovery = config.recovery;
         engine_config.journal_bytes = config.journal_bytes;
         engine_config.shard_cache_bytes = config.cache_bytes;
+        engine_config.recovery_point_bytes = config.recovery_point_bytes;
         engine_config.backend = config.backend.clone();
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| Error::io("create", config.data_dir.display(), e))?;

@@ -97,6 +97,9 @@ pub struct BrokerConfig {
     pub journal_bytes: u64,
     /// `log.cache.bytes` (Keel): each shard's memory for recent batches, shared by its partitions.
     pub cache_bytes: usize,
+    /// `log.recovery.point.bytes` (Keel): a partition's recovery point moves into its active
+    /// segment each time this much more of it is durable; 0 moves it only at rolls.
+    pub recovery_point_bytes: u64,
     /// `metrics.listener` (Keel): Prometheus text metrics over HTTP; `none` to disable.
     pub metrics_listen: Option<SocketAddr>,
     /// `shutdown.timeout.ms` (Keel): how long SIGTERM waits for in-flight requests.
@@ -137,6 +140,7 @@ impl Default for BrokerConfig {
             shards: 0,
             recovery: RecoveryMode::Strict,
             journal_bytes: keel_engine::constants::journal_bytes_default,
+            recovery_point_bytes: keel_engine::constants::recovery_point_bytes_default,
             cache_bytes: keel_engine::constants::shard_cache_bytes_default,
             metrics_listen: None,
             shutdown_timeout_ms: 30_000,
@@ -210,6 +214,7 @@ impl BrokerConfig {
             "num.shards" => self.shards = number(key, value)?,
             "log.journal.bytes" => self.journal_bytes = number(key, value)?,
             "log.cache.bytes" => self.cache_bytes = number(key, value)?,
+            "log.recovery.point.bytes" => self.recovery_point_bytes = number(key, value)?,
             "log.recovery.mode" => {
                 self.recovery = match value {
                     "strict" => RecoveryMode::Strict,

@@ -161,6 +161,8 @@ impl Metrics {
             ("journal_checkpoints", engine.journal_checkpoints),
             ("journal_full", engine.journal_full),
             ("journal_restarts", engine.journal_restarts),
+            ("journal_replayed", engine.journal_replayed),
+            ("recovery_scanned_bytes", engine.recovery_scanned_bytes),
         ];
         for (name, value) in engine_values {
             let _ = writeln!(out, "# TYPE keel_engine_{name} counter");

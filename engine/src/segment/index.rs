@@ -55,6 +55,11 @@ impl OffsetIndex {
         self.entries.is_empty()
     }
 
+    /// The last entry: (relative offset, position).
+    pub fn last_entry(&self) -> Option<(u32, u32)> {
+        self.entries.last().copied()
+    }
+
     pub fn last_position(&self) -> u32 {
         self.entries.last().map_or(0, |&(_, p)| p)
     }
