@@ -547,13 +547,20 @@ fn read_journals(storage: &dyn Storage, data_dir: &std::path::Path) -> Result<Ve
             continue;
         };
         let file = dir.join(&name);
-        let Some(bytes) = storage
-            .read_file(&file)
+        if storage
+            .read_file_at(&file, 0, 0)
             .map_err(|e| Error::io("read", &file, e))?
-        else {
+            .is_none()
+        {
             continue;
+        }
+        let read = |offset, len| {
+            storage
+                .read_file_at(&file, offset, len)
+                .map(Option::unwrap_or_default)
         };
-        let (seq, next_start, records) = match journal::replay(&bytes) {
+        let replayed = journal::replay_file(read).map_err(|e| Error::io("read", &file, e))?;
+        let (seq, next_start, records) = match replayed {
             // Strictly past the lap replay ended in, even when it ended on a lap boundary: the
             // last run may have left valid-looking records there that replay never reached
             // (written behind a torn one, never acknowledged), and they must never match.

@@ -45,6 +45,14 @@ pub trait Storage {
     fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
     /// Read a small metadata file whole; `None` when it does not exist.
     fn read_file(&self, path: &Path) -> io::Result<Option<Vec<u8>>>;
+    /// Read up to `len` bytes of a file from `offset` (fewer past its end); `None` when it does
+    /// not exist. This default (the simulator's) reads the whole file.
+    fn read_file_at(&self, path: &Path, offset: u64, len: usize) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.read_file(path)?.map(|bytes| {
+            let from = (offset as usize).min(bytes.len());
+            bytes[from..(from + len).min(bytes.len())].to_vec()
+        }))
+    }
     /// Replace a small metadata file atomically and durably: write a temporary file, fsync it,
     /// rename it over `path`, fsync the directory.
     fn write_file_durable(&self, path: &Path, bytes: Vec<u8>) -> IoFuture<io::Result<()>>;

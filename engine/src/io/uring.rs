@@ -98,6 +98,29 @@ impl Storage for UringStorage {
         }
     }
 
+    fn read_file_at(&self, path: &Path, offset: u64, len: usize) -> io::Result<Option<Vec<u8>>> {
+        use std::os::unix::fs::FileExt;
+        let file = match std::fs::File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // At most what the file holds past `offset`, whatever `len` asks for.
+        let len = len.min(file.metadata()?.len().saturating_sub(offset) as usize);
+        let mut bytes = vec![0; len];
+        let mut filled = 0;
+        while filled < len {
+            match file.read_at(&mut bytes[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        bytes.truncate(filled);
+        Ok(Some(bytes))
+    }
+
     fn write_file_durable(&self, path: &Path, bytes: Vec<u8>) -> IoFuture<io::Result<()>> {
         let path = path.to_path_buf();
         Box::pin(async move {

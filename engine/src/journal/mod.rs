@@ -24,7 +24,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 
-use crate::constants::block_bytes;
+use crate::constants::{block_bytes, journal_write_bytes_max};
 use crate::io::AlignedBuf;
 
 mod pipeline;
@@ -228,6 +228,47 @@ pub(crate) fn replay(file: &[u8]) -> Option<(Header, Vec<Record>, u64)> {
     Some((header, records, at))
 }
 
+/// [`replay`] over a journal file read through `read(offset, len)` (up to `len` bytes from
+/// `offset`): first only its header and the two places replay looks first — the checkpoint and
+/// the next lap's start, a record's worth each (a record is part of one journal write). Where
+/// neither holds a record, as after a clean shutdown or when every record was checkpointed,
+/// that is all replay would read of the ring, and the answer is the same: a start-up reads
+/// 2 MiB of each shard's journal, not the whole ring (64 MiB). Otherwise the whole file.
+pub(crate) fn replay_file(
+    read: impl Fn(u64, usize) -> std::io::Result<Vec<u8>>,
+) -> std::io::Result<Option<(Header, Vec<Record>, u64)>> {
+    let head = read(0, HEADER_AREA as usize)?;
+    let Some(header) = read_header(&head) else {
+        return Ok(None);
+    };
+    let capacity = header.capacity;
+    let file_len = HEADER_AREA + capacity;
+    if capacity == 0 || read(file_len - 1, 1)?.is_empty() {
+        // Shorter than its header says: replay what is there.
+        return Ok(replay(&read(
+            0,
+            usize::try_from(file_len).unwrap_or(usize::MAX),
+        )?));
+    }
+    // Zeroed memory is mapped lazily: only the pages read into are touched.
+    let mut image = vec![0u8; file_len as usize];
+    image[..head.len()].copy_from_slice(&head);
+    for at in [
+        header.checkpoint,
+        header.checkpoint.next_multiple_of(capacity),
+    ] {
+        let offset = at % capacity;
+        let len = (journal_write_bytes_max as u64).min(capacity - offset) as usize;
+        let bytes = read(HEADER_AREA + offset, len)?;
+        let start = (HEADER_AREA + offset) as usize;
+        image[start..start + bytes.len()].copy_from_slice(&bytes);
+    }
+    match replay(&image) {
+        Some((_, records, _)) if !records.is_empty() => Ok(replay(&read(0, file_len as usize)?)),
+        nothing_to_replay => Ok(nothing_to_replay),
+    }
+}
+
 /// Replay's records grouped by partition, in journal order.
 pub(crate) fn by_partition(records: Vec<Record>) -> HashMap<PartitionId, Vec<(u64, Bytes)>> {
     let mut out: HashMap<PartitionId, Vec<(u64, Bytes)>> = HashMap::new();
@@ -388,5 +429,78 @@ mod tests {
         let (_, records, end) = replay(&image(cap, 0, &[(0, w)])).expect("header");
         assert!(records.is_empty());
         assert_eq!(end, 0);
+    }
+
+    #[test]
+    fn a_start_up_reads_only_where_replay_begins_unless_records_are_there() {
+        // A ring of 8 MiB: the windows (1 MiB at the checkpoint, 1 MiB at the next lap's start)
+        // leave most of it unread.
+        let cap = 8 * 1024 * 1024;
+        let big = |start: u64, fill: u8| encoded(start, &[entry("a", 0, fill, 60_000)]);
+        let stale = encoded(2 * 1024 * 1024, &[entry("a", 0, 9, 100)]);
+        let mut chain = Vec::new();
+        let mut at = 3 * 1024 * 1024;
+        for fill in 1..=30 {
+            // 30 writes of ~60 KB from the checkpoint on: past the first window.
+            let w = big(at, fill);
+            let len = w.len() as u64;
+            chain.push((at, w));
+            at += len;
+        }
+        let lap = encoded(cap, &[entry("a", 0, 7, 100)]);
+        let cases: Vec<(&str, usize, Vec<u8>)> = vec![
+            (
+                "nothing at the checkpoint",
+                0,
+                image(cap, 5 * 1024 * 1024, &[(2 * 1024 * 1024, stale.clone())]),
+            ),
+            (
+                "records from the checkpoint on",
+                30,
+                image(cap, 3 * 1024 * 1024, &chain),
+            ),
+            (
+                "a write at the next lap's start",
+                1,
+                image(cap, cap - 4096, &[(cap, lap)]),
+            ),
+            (
+                "a stale record a lap behind",
+                0,
+                image(cap, cap + 2 * 1024 * 1024, &[(2 * 1024 * 1024, stale)]),
+            ),
+        ];
+        for (what, expected, file) in cases {
+            let read_bytes = std::cell::Cell::new(0usize);
+            let read = |offset: u64, len: usize| {
+                let from = (offset as usize).min(file.len());
+                let bytes = file[from..(from + len).min(file.len())].to_vec();
+                read_bytes.set(read_bytes.get() + bytes.len());
+                Ok(bytes)
+            };
+            let found = replay_file(read).unwrap();
+            assert_eq!(found, replay(&file), "{what}");
+            let records = found.expect("header").1.len();
+            assert_eq!(records, expected, "{what}");
+            if records == 0 {
+                assert!(
+                    read_bytes.get() <= HEADER_AREA as usize + 2 * journal_write_bytes_max + 1,
+                    "{what}: read {} bytes",
+                    read_bytes.get()
+                );
+            } else {
+                assert!(
+                    read_bytes.get() >= file.len(),
+                    "{what}: the whole file is read"
+                );
+            }
+        }
+        // Shorter than its header says: what is there is replayed.
+        let short = image(cap, 3 * 1024 * 1024, &chain)[..4 * 1024 * 1024].to_vec();
+        let read = |offset: u64, len: usize| {
+            let from = (offset as usize).min(short.len());
+            Ok(short[from..(from + len).min(short.len())].to_vec())
+        };
+        assert_eq!(replay_file(read).unwrap(), replay(&short));
     }
 }
