@@ -12,7 +12,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -154,6 +154,7 @@ fn fill_in_child(config: &RecoveryConfig) -> Result<(u64, Vec<u64>), String> {
             "--shards",
             &config.shards.to_string(),
         ])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("start the filling child: {e}"))?;
@@ -177,7 +178,8 @@ fn fill_in_child(config: &RecoveryConfig) -> Result<(u64, Vec<u64>), String> {
 }
 
 /// The child: fill, print `filled <bytes> <batches of partition 0> <batches of partition 1> …`,
-/// then wait to be killed.
+/// then wait to be killed (or, if the parent is gone, for its stdin to close: no child outlives
+/// the run).
 pub fn child(config: &RecoveryConfig) -> Result<(), String> {
     let engine = Engine::open(engine_config(config)).map_err(|e| format!("open: {e}"))?;
     let partition_config = PartitionConfig {
@@ -233,7 +235,6 @@ pub fn child(config: &RecoveryConfig) -> Result<(), String> {
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
     // Killed here, with the engine open.
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-    }
+    let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    std::process::exit(1);
 }

@@ -1852,7 +1852,7 @@ impl Partition {
     /// nothing under way that could move the log back below it?
     fn recovery_point_due(&self, interval: u64) -> bool {
         interval > 0
-            && self.durable_position >= self.recovery_point_at + interval
+            && self.durable_position >= self.recovery_point_at.saturating_add(interval)
             && !self.recovery_point_inflight
             && self
                 .recovery_point_retry_at
