@@ -53,6 +53,19 @@ pub struct EngineLoadResult {
     pub cpu: CpuUse,
 }
 
+/// A producer batch of about `batch_bytes` (header included) holding `records` records.
+pub fn batch_template(batch_bytes: usize, records: i32) -> Vec<u8> {
+    let payload: Vec<u8> = (0..batch_bytes.saturating_sub(61))
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    BatchBuilder {
+        records_count: records,
+        timestamp_ms: 1,
+        ..Default::default()
+    }
+    .build(&payload)
+}
+
 pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
     let data = config.dir.join("engine-data");
     let _ = std::fs::remove_dir_all(&data);
@@ -71,15 +84,7 @@ pub fn run(config: &EngineLoadConfig) -> keel_engine::Result<EngineLoadResult> {
         max_message_bytes: config.batch_bytes.max(1 << 20),
         ..Default::default()
     };
-    let payload: Vec<u8> = (0..config.batch_bytes.saturating_sub(61))
-        .map(|i| (i * 31 % 251) as u8)
-        .collect();
-    let template = BatchBuilder {
-        records_count: config.records_per_batch,
-        timestamp_ms: 1,
-        ..Default::default()
-    }
-    .build(&payload);
+    let template = batch_template(config.batch_bytes, config.records_per_batch);
 
     let result = block_on(async {
         // All at once, as a topic's creation does: each shard opens several at a time.

@@ -16,9 +16,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
-use keel_engine::batch::BatchBuilder;
 use keel_engine::{block_on, Engine, EngineConfig, PartitionConfig, PartitionId};
 
+use crate::engine_load::batch_template;
 use crate::raw;
 use crate::report::mb_per_s;
 
@@ -187,17 +187,7 @@ pub fn child(config: &RecoveryConfig) -> Result<(), String> {
         max_message_bytes: config.batch_bytes.max(1 << 20),
         ..Default::default()
     };
-    let payload: Vec<u8> = (0..config.batch_bytes.saturating_sub(61))
-        .map(|i| (i * 31 % 251) as u8)
-        .collect();
-    let template = Bytes::from(
-        BatchBuilder {
-            records_count: 1,
-            timestamp_ms: 1,
-            ..Default::default()
-        }
-        .build(&payload),
-    );
+    let template = Bytes::from(batch_template(config.batch_bytes, 1));
     let per_partition = config.bytes_per_partition.div_ceil(template.len() as u64);
     let counts = block_on(async {
         let fills = (0..config.partitions).map(|i| {

@@ -14,6 +14,19 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn run(dir: &Path, args: &[&str]) -> Value {
+    let tiny_baseline = [
+        "--baseline-bytes",
+        "16MiB",
+        "--baseline-duration",
+        "200ms",
+        "--latency-duration",
+        "200ms",
+    ];
+    run_with(dir, args, &tiny_baseline)
+}
+
+/// `keel-bench` with `args`, `extra`, a scratch `--dir` and `--json`: the JSON it wrote.
+fn run_with(dir: &Path, args: &[&str], extra: &[&str]) -> Value {
     let json = dir.join("result.json");
     let out = Command::new(env!("CARGO_BIN_EXE_keel-bench"))
         .args(args)
@@ -23,14 +36,7 @@ fn run(dir: &Path, args: &[&str]) -> Value {
             "--json",
             json.to_str().unwrap(),
         ])
-        .args([
-            "--baseline-bytes",
-            "16MiB",
-            "--baseline-duration",
-            "200ms",
-            "--latency-duration",
-            "200ms",
-        ])
+        .args(extra)
         .output()
         .unwrap();
     assert!(
@@ -389,27 +395,26 @@ fn recovery_mode() {
     // Two partitions of 6 MiB in 2 MiB segments with recovery points every 1 MiB: the child is
     // killed, the engine opens again and finds every acknowledged batch (the mode fails if not).
     let dir = scratch("recovery");
-    let json = dir.join("result.json");
-    let md = dir.join("result.md");
-    let out = Command::new(env!("CARGO_BIN_EXE_keel-bench"))
-        .args(["recovery", "--dir", dir.join("data").to_str().unwrap()])
-        .args([
-            "--json",
-            json.to_str().unwrap(),
-            "--markdown",
-            md.to_str().unwrap(),
-        ])
-        .args(["--partitions", "2", "--bytes-per-partition", "6MiB"])
-        .args(["--segment-bytes", "2MiB", "--recovery-point-bytes", "1MiB"])
-        .args(["--rounds", "2"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let md = std::env::temp_dir().join(format!(
+        "keel-bench-modes-{}-recovery.md",
+        std::process::id()
+    ));
+    let v = run_with(
+        &dir,
+        &["recovery", "--markdown", md.to_str().unwrap()],
+        &[
+            "--partitions",
+            "2",
+            "--bytes-per-partition",
+            "6MiB",
+            "--segment-bytes",
+            "2MiB",
+            "--recovery-point-bytes",
+            "1MiB",
+            "--rounds",
+            "2",
+        ],
     );
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     common_fields(&v, "recovery");
     assert_eq!(v["rounds"].as_array().unwrap().len(), 2, "{v}");
     let written = v["written_bytes"].as_f64().unwrap();
@@ -423,6 +428,6 @@ fn recovery_mode() {
     assert!(v["open_ms"].as_f64().unwrap() > 0.0, "{v}");
     assert!(v["clean_open_ms"].as_f64().unwrap() > 0.0, "{v}");
     let table = std::fs::read_to_string(&md).unwrap();
+    let _ = std::fs::remove_file(&md);
     assert!(table.contains("| recovery |"), "{table}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
