@@ -89,6 +89,9 @@ counters!(
     /// Bytes of batches opening partitions read and CRC-checked because no clean shutdown or
     /// recovery point vouched for them (ARCHITECTURE.md, decision 39).
     recovery_scanned_bytes,
+    /// Recovery points inside a segment that the log did not pass through (a stale or damaged
+    /// file): the whole segment was scanned instead. Never expected; a `warn` line names it.
+    recovery_points_mismatched,
 );
 
 pub(crate) fn bump(counter: &AtomicU64, by: u64) {

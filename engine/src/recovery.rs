@@ -160,6 +160,7 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
                 )
                 .await?;
                 if end.missed_vouched {
+                    bump(&req.metrics.recovery_points_mismatched, 1);
                     // The log does not pass through the recovery point as it said: trust
                     // nothing of it and scan the whole segment, as without one.
                     tracing::warn!(file = %log_path.display(), ?resume,

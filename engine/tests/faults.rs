@@ -85,6 +85,12 @@ fn assert_log_is(
             acked,
             "seed {seed}: from disk after a {kind:?} crash"
         );
+        // A recovery point the engine wrote always lies on its log (decision 39).
+        assert_eq!(
+            engine.metrics().recovery_points_mismatched,
+            0,
+            "seed {seed}: a recovery point off the log after a {kind:?} crash"
+        );
     }
 }
 
@@ -251,11 +257,14 @@ fn random_io_errors_never_lose_or_invent_an_acknowledged_append() {
             ..Default::default()
         });
         let p = PartitionId::new("flaky", 0);
-        let engine = Engine::open(if queued {
-            without_journal(sim_config(&fs, 1))
-        } else {
-            sim_config(&fs, 1)
-        })
+        let engine = Engine::open(recovery_points_every(
+            if queued {
+                without_journal(sim_config(&fs, 1))
+            } else {
+                sim_config(&fs, 1)
+            },
+            128 * 1024,
+        ))
         .unwrap();
         let (acked, failed) = block_on(async {
             engine.create_partition(&p, config()).await.unwrap();
@@ -717,7 +726,7 @@ fn a_disk_filling_and_freeing_under_load_never_damages_the_log() {
             max_message_bytes: 256 * 1024,
             ..Default::default()
         };
-        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+        let engine = Engine::open(recovery_points_every(sim_config(&fs, 1), 64 * 1024)).unwrap();
         create_partitions(&engine, &ids, &config);
         let cut_after = 150 + (seed as usize * 53) % 250;
         let mut rng = seed
@@ -786,6 +795,11 @@ fn a_disk_filling_and_freeing_under_load_never_damages_the_log() {
                 "seed {seed}: gap in {p}"
             );
         }
+        assert_eq!(
+            engine.metrics().recovery_points_mismatched,
+            0,
+            "seed {seed}: a recovery point off the log after the power cut"
+        );
         eprintln!("seed {seed}: {refused} appends refused for a full disk");
     }
 }
@@ -818,7 +832,7 @@ fn power_cuts_at_random_moments_keep_every_acknowledged_append() {
             ..Default::default()
         });
         let p = PartitionId::new("power", 0);
-        let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+        let engine = Engine::open(recovery_points_every(sim_config(&fs, 1), 256 * 1024)).unwrap();
         let cut_after = 20 + (seed as usize * 37) % 200;
         let (image, acked_before_cut) = block_on(async {
             engine.create_partition(&p, config()).await.unwrap();

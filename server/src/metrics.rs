@@ -163,6 +163,10 @@ impl Metrics {
             ("journal_restarts", engine.journal_restarts),
             ("journal_replayed", engine.journal_replayed),
             ("recovery_scanned_bytes", engine.recovery_scanned_bytes),
+            (
+                "recovery_points_mismatched",
+                engine.recovery_points_mismatched,
+            ),
         ];
         for (name, value) in engine_values {
             let _ = writeln!(out, "# TYPE keel_engine_{name} counter");

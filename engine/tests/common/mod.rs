@@ -52,6 +52,14 @@ pub fn sim_config(fs: &SimFs, shards: usize) -> EngineConfig {
     c
 }
 
+/// The same engine with a recovery point every `bytes` of each active segment's durable growth
+/// (ARCHITECTURE.md, decision 39): random fault tests use small ones, so their failures and
+/// crashes also meet points being written and logs resumed at them.
+pub fn recovery_points_every(mut c: EngineConfig, bytes: u64) -> EngineConfig {
+    c.recovery_point_bytes = bytes;
+    c
+}
+
 /// The same engine without the shard journal: every partition syncs its own segment.
 pub fn without_journal(mut c: EngineConfig) -> EngineConfig {
     c.journal_bytes = 0;
