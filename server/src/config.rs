@@ -571,6 +571,13 @@ mod tests {
         c.set("fetch.max.bytes", "1048576").unwrap();
         assert_eq!(c.fetch_max_bytes, 1 << 20);
         assert!(c.set("listeners", "SSL://x:1").is_err());
+        assert_eq!(
+            c.recovery_point_bytes,
+            keel_engine::constants::recovery_point_bytes_default
+        );
+        c.set("log.recovery.point.bytes", "0").unwrap();
+        assert_eq!(c.recovery_point_bytes, 0);
+        assert!(c.set("log.recovery.point.bytes", "-1").is_err());
     }
 
     #[test]
