@@ -1868,6 +1868,22 @@ impl Partition {
             && !self.deleted
     }
 
+    /// The end of the last batch durable in the write segment, and the offset after it. The
+    /// durable position itself may lie inside the next batch: a write can end on a block
+    /// boundary mid-batch (the rest of its last block goes with the next write), and a sync
+    /// makes durable what was written.
+    fn durable_boundary(&self) -> Option<(u64, u64)> {
+        let durable = self.offsets.durable().0;
+        let segment = &self.segments[&self.write_segment];
+        let boundary = match self.tail.iter().find(|b| b.base_offset == durable) {
+            // Not durable, so still in memory: where it starts.
+            Some(b) if b.segment == self.write_segment => (b.position, durable),
+            _ if segment.next_offset <= durable => (segment.size, segment.next_offset),
+            _ => return None,
+        };
+        (boundary.0 <= self.durable_position).then_some(boundary)
+    }
+
     /// Move the recovery point into the active segment, to its durable end: write the segment's
     /// indexes, then `recovery-point` naming the position, its next offset and the partition's
     /// incarnation, beside the data path (as the leader-epoch file is). A crash then rescans the
@@ -1876,11 +1892,14 @@ impl Partition {
     /// moves the point back to the segment's start before it changes the file, and a roll to
     /// the next segment's (ARCHITECTURE.md, decision 39).
     fn persist_recovery_point(&mut self, io: &mut IoCtx<'_>) {
+        let Some((position, next_offset)) = self.durable_boundary() else {
+            return;
+        };
         let segment = &self.segments[&self.write_segment];
         let point = RecoveryPoint {
             segment: self.write_segment,
-            position: self.durable_position,
-            next_offset: self.offsets.durable().0,
+            position,
+            next_offset,
             incarnation: Some(self.incarnation),
         };
         // Entries past the durable position are written too; recovery ignores them.
