@@ -2554,7 +2554,10 @@ impl Partition {
                 .write_file_durable(&epoch_path, epochs)
                 .await
                 .map_err(|e| Error::io("write", &epoch_path, e))?;
-            checkpoint.write(storage.as_ref(), &dir).await?;
+            // Written first if a point lay inside the segment (the same bytes).
+            if !point_inside {
+                checkpoint.write(storage.as_ref(), &dir).await?;
+            }
             Ok(ControlDone::Cut { file, allocated })
         });
     }
