@@ -388,12 +388,14 @@ async fn resume_at(
     point: RecoveryPoint,
     file_len: u64,
 ) -> Option<ScanFrom> {
-    if point.position > file_len || point.next_offset < segment.base_offset {
-        return None;
-    }
-    let index = storage.read_file(&segment.index_path()).ok()??;
-    let time_index = storage.read_file(&segment.time_index_path()).ok()??;
-    let index = OffsetIndex::decode(&index, point.position).ok()?;
+    let (index, mut time_index) = load_indexes(
+        storage,
+        segment,
+        point.position,
+        point.next_offset,
+        file_len,
+    )
+    .await?;
     // Resume at the last entry: the batch there starts at `position` with offset `base + rel`.
     let (relative, position) = index.last_entry()?;
     let next = segment.base_offset + relative as u64;
@@ -401,7 +403,7 @@ async fn resume_at(
         return None;
     }
     // Time entries promise maxima of the batches before their offset: keep those up to it.
-    let time_index = TimeIndex::decode(&time_index, relative as u64 + 1).ok()?;
+    time_index.truncate_to_offset(relative + 1);
     segment.restore(position as u64, next, index, time_index);
     Some(ScanFrom {
         next,
