@@ -87,6 +87,13 @@ impl Error {
         )
     }
 
+    /// A sync that succeeded after a flush failed elsewhere on the node (op `flush`): it vouches
+    /// for nothing written before that failure, so the log goes back to its durable point as
+    /// after a failed sync of its own (ARCHITECTURE.md, decision 29).
+    pub(crate) fn is_lost_flush(&self) -> bool {
+        matches!(self, Error::Io { op: "flush", .. })
+    }
+
     /// Errors are handed to every waiter of a failed group commit, so they must be duplicable.
     pub(crate) fn duplicate(&self) -> Error {
         match self {

@@ -423,8 +423,10 @@ pub(crate) struct Partition {
     /// Appends a rollback removed whose bytes may have reached the disk (a segment or journal
     /// write took them), with their error: answered once the rollback is on disk
     /// (`rollback_settled`), so an error means the batch is not in the log and will not come
-    /// back after a crash. ARCHITECTURE.md, decision 23.
-    rolled_back: Vec<(Waiter, Error)>,
+    /// back after a crash. ARCHITECTURE.md, decision 23. Flushes wait here too, failed or
+    /// (`None`) answered: neither may be answered while a crash could still bring the removed
+    /// batches back (decision 41).
+    rolled_back: Vec<(Waiter, Option<Error>)>,
     /// Failures since `rolled_back` last emptied (see `rollback_answer_attempts`).
     rollback_failures: u32,
     /// End of the batches a segment or journal write has taken: past it nothing of the log's
@@ -802,20 +804,35 @@ impl Partition {
         }
     }
 
-    /// Answer a waiter whose data is durable; a flush also waits for the leader-epoch file, if
-    /// it is behind memory (`epoch_waiters`).
+    /// Answer a waiter whose data is durable; a flush also waits for a rollback that removed
+    /// batches from the files to reach the disk (`rolled_back`), and for the leader-epoch file,
+    /// if it is behind memory (`epoch_waiters`).
     fn complete_durable(&mut self, w: Waiter) {
-        if w.flush && self.epochs_pending() {
+        if w.flush && self.removed_batches_on_disk() {
+            self.rolled_back.push((w, None));
+        } else if w.flush && self.epochs_pending() {
             self.epoch_waiters.push_back(w);
         } else {
             complete(w, Durability::Durable, self.log_start_offset);
         }
     }
 
-    /// Answer the appends a rollback removed with their errors.
+    /// A rollback removed batches whose bytes may still be in the files: a crash now could
+    /// bring them back after the log's end.
+    fn removed_batches_on_disk(&self) -> bool {
+        !self.rollback_settled() && self.exposed_end > self.offsets.appended().0
+    }
+
+    /// Answer the appends a rollback removed with their errors, and the flushes that waited.
     fn answer_rolled_back(&mut self) {
-        for (w, error) in self.rolled_back.drain(..) {
-            let _ = w.reply.send(Err(error));
+        for (w, error) in std::mem::take(&mut self.rolled_back) {
+            match error {
+                Some(error) => {
+                    let _ = w.reply.send(Err(error));
+                }
+                None if self.epochs_pending() => self.epoch_waiters.push_back(w),
+                None => complete(w, Durability::Durable, self.log_start_offset),
+            }
         }
         self.rollback_failures = 0;
         if self.rollback_settled() {
@@ -824,11 +841,13 @@ impl Partition {
     }
 
     /// A rollback to `keep` fails every waiter whose append ends after it: at once if none of its
-    /// bytes can have reached the disk, else once the rollback is on disk.
+    /// bytes can have reached the disk, else once the rollback is on disk. A flush covers every
+    /// batch the rollback removes.
     fn roll_back_waiters(&mut self, keep: u64, error: &Error) {
         for w in self.take_waiters_after(keep) {
-            if !w.flush && w.outcome.base_offset < self.exposed_end {
-                self.rolled_back.push((w, error.duplicate()));
+            let first = if w.flush { keep } else { w.outcome.base_offset };
+            if first < self.exposed_end {
+                self.rolled_back.push((w, Some(error.duplicate())));
             } else {
                 let _ = w.reply.send(Err(error.duplicate()));
             }
@@ -1758,6 +1777,9 @@ impl Partition {
             .epochs_dirty
             .then(|| (self.dir.join(path::LEADER_EPOCH_FILE), self.epochs.encode()));
         self.epochs_dirty = false;
+        // Counted before the fsync is issued: a flush that fails after it may drop nothing it
+        // covers.
+        let failures_seen = self.flush_failures_seen;
         self.start_control(io, async move {
             let path = old_file.path().to_path_buf();
             old_file
@@ -1768,6 +1790,13 @@ impl Partition {
                 .sync_all()
                 .await
                 .map_err(|e| Error::io("fsync", &path, e))?;
+            // A flush failed on the node since the sealed segment's writes: the fsync does not
+            // vouch for them (decision 29), so the segment must not be sealed behind a recovery
+            // point that a restart would trust without scanning. The roll fails as if its fsync
+            // had, before the next segment exists (decision 41).
+            if storage.flush_failures() != failures_seen {
+                return Err(lost_flush_error(&path));
+            }
             storage
                 .write_file_durable(&index_path, index)
                 .await
@@ -2107,12 +2136,7 @@ impl Partition {
     }
 
     fn flush_lost_error(&self) -> Error {
-        let path = self.segments[&self.write_segment].log_path.clone();
-        Error::io(
-            "flush",
-            path,
-            io::Error::other("a flush failed on this node since these writes completed"),
-        )
+        lost_flush_error(&self.segments[&self.write_segment].log_path)
     }
 
     /// The log is durable up to `offset`, the segment up to `position`: a sync completed, or a
@@ -2233,10 +2257,15 @@ impl Partition {
         self.epochs_dirty = true;
         // A failed sync (a roll's or a cut's fsync, an allocation's fdatasync) leaves what was
         // written since the last good one in doubt, as a failed group commit does (`on_synced`).
-        let back_to_durable = error.is_failed_sync();
-        if back_to_durable {
+        if error.is_failed_sync() {
             bump(&io.metrics.flush_failures, 1);
         }
+        // So does any failure while a flush failed on the node since the partition last had
+        // nothing in doubt: a roll whose fsync that voids (`start_roll`), or a metadata file
+        // whose fsync failed (its error names the file's write).
+        let back_to_durable = error.is_failed_sync()
+            || error.is_lost_flush()
+            || io.storage.flush_failures() != self.flush_failures_seen;
         self.fail(error, back_to_durable, io);
     }
 
@@ -2508,13 +2537,31 @@ impl Partition {
             })
             .collect();
         let checkpoint = RecoveryPoint::segment_start(self.write_segment);
-        // A recovery point inside the segment vouches for bytes the cut may change: it goes
-        // back to the segment's start before the file does (decision 39).
-        let point_inside = self.recovery_point_at > 0;
+        // Before the file changes, nothing on disk may vouch for the bytes the cut removes
+        // (decisions 39 and 41): a recovery point inside this segment trusts its bytes up to the
+        // point, and one naming a later segment (the log went back past a roll, or a truncation
+        // reaches into an earlier segment) lets a restart trust this one whole, unscanned. So
+        // the later segments go first (a point naming one of them then names nothing, and a
+        // restart scans from the first segment), and the point moves to this segment's start:
+        // a restart scans it, whatever state the cut leaves it in. Otherwise the point already
+        // names this segment's start, or an earlier one.
+        let move_point = self.recovery_point_at > 0 || !stale.is_empty();
         let epochs = self.epochs.encode();
         self.epochs_dirty = false;
         self.start_control(io, async move {
-            if point_inside {
+            if !stale.is_empty() {
+                for name in stale {
+                    let path = dir.join(name);
+                    storage
+                        .remove_file(&path)
+                        .map_err(|e| Error::io("remove", &path, e))?;
+                }
+                storage
+                    .sync_dir(&dir)
+                    .await
+                    .map_err(|e| Error::io("fsync", &dir, e))?;
+            }
+            if move_point {
                 checkpoint.write(storage.as_ref(), &dir).await?;
             }
             let file = match file {
@@ -2539,25 +2586,11 @@ impl Partition {
                     Err(e) => return Err(e),
                 }
             };
-            for name in stale {
-                let path = dir.join(name);
-                storage
-                    .remove_file(&path)
-                    .map_err(|e| Error::io("remove", &path, e))?;
-            }
-            storage
-                .sync_dir(&dir)
-                .await
-                .map_err(|e| Error::io("fsync", &dir, e))?;
             let epoch_path = dir.join(path::LEADER_EPOCH_FILE);
             storage
                 .write_file_durable(&epoch_path, epochs)
                 .await
                 .map_err(|e| Error::io("write", &epoch_path, e))?;
-            // Written first if a point lay inside the segment (the same bytes).
-            if !point_inside {
-                checkpoint.write(storage.as_ref(), &dir).await?;
-            }
             Ok(ControlDone::Cut { file, allocated })
         });
     }
@@ -2755,6 +2788,9 @@ impl Partition {
     pub fn close(&mut self, error: &Error) {
         self.deleted = true;
         self.fail_waiters_after(0, error);
+        for (_, e) in &mut self.rolled_back {
+            e.get_or_insert_with(|| error.duplicate());
+        }
         self.answer_rolled_back();
         if let Some(p) = self.truncate.take() {
             let _ = p.reply.send(Err(error.duplicate()));
@@ -2896,6 +2932,16 @@ fn into_mut(bytes: Bytes) -> BytesMut {
     bytes
         .try_into_mut()
         .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
+}
+
+/// A sync of `path` succeeded, but a flush failed on the node since the writes it covers
+/// (`Error::is_lost_flush`).
+fn lost_flush_error(path: &std::path::Path) -> Error {
+    Error::io(
+        "flush",
+        path,
+        io::Error::other("a flush failed on this node since these writes completed"),
+    )
 }
 
 fn complete(waiter: Waiter, durability: Durability, log_start_offset: u64) {

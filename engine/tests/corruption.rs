@@ -770,3 +770,54 @@ fn a_truncation_moves_the_recovery_point_back_before_it_cuts() {
     assert!(error.is_none(), "{error:?}");
     assert_eq!(tags, expected);
 }
+
+/// A truncation that reaches back into an earlier segment removes the later segments and moves
+/// the recovery point to that segment's start before the cut changes it (decision 41). A point
+/// still naming a later segment would have a restart trust the cut segment whole, unscanned,
+/// while the cut is half done: the zeros past its new end inside a trusted segment.
+#[test]
+fn a_truncation_into_an_earlier_segment_moves_the_point_back_before_it_cuts() {
+    use keel_engine::io::sim::Hold;
+    let fs = SimFs::default();
+    let p = PartitionId::new("back-a-segment", 0);
+    let engine = Engine::open(no_journal(sim_config(&fs, 1))).unwrap();
+    block_on(engine.create_partition(&p, config())).unwrap();
+    append_tags(&engine, &p, 0..BATCHES);
+    let segments = || {
+        let mut bases: Vec<u64> = fs
+            .files()
+            .into_iter()
+            .filter_map(|f| {
+                keel_engine::segment::path::parse_log_file_name(f.file_name()?.to_str()?)
+            })
+            .collect();
+        bases.sort_unstable();
+        bases
+    };
+    let before = segments();
+    assert!(before.len() >= 3, "{before:?}");
+    assert_eq!(recovery_point(&fs, &p)[..2], [*before.last().unwrap(), 0]);
+    let to = 5;
+    // Stop the cut at its sync: the first segment is being changed by then.
+    fs.hold_next(Hold::FileSyncs, 1);
+    let truncation = std::thread::spawn({
+        let (engine, p) = (engine.clone(), p.clone());
+        move || block_on(engine.truncate_to(&p, to))
+    });
+    wait_until("the cut's sync is held", || {
+        fs.waiting(Hold::FileSyncs) == 1
+    });
+    assert_eq!(segments(), vec![0], "the later segments go first");
+    assert_eq!(
+        recovery_point(&fs, &p)[..2],
+        [0, 0],
+        "the point is back at the first segment's start before the cut"
+    );
+    let image = copy(&fs);
+    fs.hold(Hold::FileSyncs, false);
+    truncation.join().unwrap().unwrap();
+    let reopened = open(&image, RecoveryMode::Strict).unwrap();
+    let (tags, error) = read_all(&reopened, &p);
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(tags, (0..to).collect::<Vec<_>>());
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use futures::stream::{FuturesUnordered, StreamExt};
 use keel_engine::io::sim::{CrashKind, FaultConfig, Hold, SimFs};
+use keel_engine::io::Storage;
 use keel_engine::{block_on, constants, Durability, Engine, Error, PartitionConfig, PartitionId};
 
 fn config() -> PartitionConfig {
@@ -1085,18 +1086,36 @@ fn outside_and_a_group(config: PartitionConfig) -> (SimFs, Engine, [PartitionId;
 
 /// The group's members each write a batch (11, 21) and become due together (the shard takes
 /// both flushes in one go): one syncfs, which fails.
-async fn fail_a_group_syncfs(fs: &SimFs, engine: &Engine, [b, c]: [&PartitionId; 2]) {
+async fn fail_a_group_syncfs(fs: &SimFs, engine: &Engine, members: [&PartitionId; 2]) {
+    fail_a_group_syncfs_then(fs, engine, members, async {}).await;
+}
+
+/// `fail_a_group_syncfs`, running `then` once the syncfs has failed, before the members'
+/// answers: those wait for their rollbacks to reach the disk (decision 23), so a test holding
+/// file syncs releases them there.
+async fn fail_a_group_syncfs_then<T>(
+    fs: &SimFs,
+    engine: &Engine,
+    [b, c]: [&PartitionId; 2],
+    then: impl std::future::Future<Output = T>,
+) -> T {
     for (p, tag) in [(b, 11), (c, 21)] {
         engine.append(p, batch(tag, 1, 10_000, 0), 0).await.unwrap();
     }
     let syncs_before = engine.metrics().group_syncs;
+    let failures_before = fs.flush_failures();
     fs.fail_next_syncs(1);
     let release = hold_shard(engine, engine.shard_of(b)).await;
-    let (fb, fc, ()) = futures::join!(engine.flush(b), engine.flush(c), async {
+    let (fb, fc, out) = futures::join!(engine.flush(b), engine.flush(c), async {
         release.send(()).unwrap();
+        wait_until("the group's syncfs fails", || {
+            fs.flush_failures() > failures_before
+        });
+        then.await
     });
     assert!(fb.is_err() && fc.is_err(), "{fb:?} {fc:?}");
     assert_eq!(engine.metrics().group_syncs, syncs_before + 1);
+    out
 }
 
 /// Append `bytes` to `p` with every file sync held; once one waits (the sync the append led to:
@@ -1113,8 +1132,10 @@ async fn append_while_a_group_syncfs_fails(
         wait_until("no file sync ever waited", || {
             fs.waiting(Hold::FileSyncs) > 0
         });
-        fail_a_group_syncfs(fs, engine, members).await;
-        fs.hold(Hold::FileSyncs, false);
+        fail_a_group_syncfs_then(fs, engine, members, async {
+            fs.hold(Hold::FileSyncs, false)
+        })
+        .await;
     });
     appended
 }
@@ -1162,6 +1183,42 @@ fn a_failed_syncfs_rolls_back_the_partitions_outside_its_group_too() {
     assert_back_to_its_first_batch(engine, &fs, &a);
 }
 
+/// A flush that meets a rollback is answered only once the rollback is on disk (decision 41).
+/// Here a failed syncfs of a group rolls back a partition outside it, whose written batches had
+/// been answered; its cut waits at its fsync when the partition is flushed. Answered at once,
+/// that flush (nothing appended is past the durable point) would let a crash bring the removed
+/// batches back after a flush that had succeeded — what the random power cuts of
+/// `a_failed_syncfs_rolls_back_the_partitions_outside_its_group_too` caught now and then.
+#[test]
+fn a_flush_waits_for_the_rollback_it_meets_to_reach_the_disk() {
+    let (fs, engine, [a, b, c]) = outside_and_a_group(config());
+    block_on(async {
+        // Written, not durable: a's 1 and 2.
+        append_each(&engine, &a, [1, 2], 10_000).await;
+        fs.hold(Hold::FileSyncs, true);
+        fail_a_group_syncfs_then(&fs, &engine, [&b, &c], async {
+            // The three rollbacks' cuts (a's and the members') wait at their fsyncs.
+            wait_until("every rollback's cut waits", || {
+                fs.waiting(Hold::FileSyncs) == 3
+            });
+            let mut flush = Box::pin(engine.flush(&a));
+            assert!(futures::poll!(&mut flush).is_pending());
+            // The shard takes a partition's commands in order: once this is answered, so would
+            // the flush be if it did not wait.
+            engine.partition_state(&a).await.unwrap();
+            let early = futures::poll!(&mut flush);
+            fs.hold(Hold::FileSyncs, false);
+            assert!(
+                early.is_pending(),
+                "the flush was answered while the rollback's cut waited: {early:?}"
+            );
+            flush.await.unwrap();
+        })
+        .await;
+    });
+    assert_back_to_its_first_batch(engine, &fs, &a);
+}
+
 /// A failed write rolls the log back to the end of what was written before it, which stays as
 /// far from durable as it was. When a file system flush fails while that rollback's cut is on
 /// its way (here: held before its fsync), the partition has unflushed writes like any other and
@@ -1206,6 +1263,58 @@ fn a_failed_syncfs_while_a_roll_waits_for_its_fsync_goes_back_to_the_durable_poi
         engine.flush(&a).await.unwrap();
     });
     assert_back_to_its_first_batch(engine, &fs, &a);
+}
+
+/// The roll in the test above fsyncs the segment it seals, and the failed syncfs voids that
+/// fsync. The roll must not then seal the segment behind a recovery point: a restart trusts the
+/// segments before the point whole, without scanning them, and this one lost its unsynced
+/// writes. Before decision 41 the roll finished (next segment created, recovery point moved to
+/// it), and a power cut before the rollback's cut was on disk reopened a log whose first segment
+/// failed its CRC checks at the first lost batch. Here the power cut comes while that cut waits
+/// at its fsync: the log must reopen whole, some prefix of what was appended.
+#[test]
+fn a_roll_whose_fsync_a_failed_flush_voids_moves_no_recovery_point() {
+    let config = PartitionConfig {
+        segment_bytes: 1024 * 1024,
+        max_message_bytes: 1024 * 1024,
+        ..config()
+    };
+    let (fs, engine, [a, b, c]) = outside_and_a_group(config);
+    let image = block_on(async {
+        append_each(&engine, &a, 1..=5, 200_000).await;
+        fs.hold(Hold::FileSyncs, true);
+        let (appended, image) =
+            futures::join!(engine.append(&a, batch(6, 1, 200_000, 0), 0), async {
+                wait_until("the roll's fsync waits", || {
+                    fs.waiting(Hold::FileSyncs) == 1
+                });
+                fail_a_group_syncfs_then(&fs, &engine, [&b, &c], async {
+                    // The members' cuts wait beside the roll's fsync: let the three go on, and
+                    // catch what comes next, a's rollback's cut.
+                    wait_until("the members' cuts wait", || {
+                        fs.waiting(Hold::FileSyncs) == 3
+                    });
+                    fs.release_waiting(Hold::FileSyncs);
+                })
+                .await;
+                wait_until("a's rollback's cut waits", || {
+                    fs.waiting(Hold::FileSyncs) == 1
+                });
+                let image = fs.crash_image(CrashKind::PowerCut);
+                fs.hold(Hold::FileSyncs, false);
+                image
+            });
+        let err = appended.unwrap_err();
+        assert!(matches!(err, Error::Io { op: "syncfs", .. }), "{err}");
+        image
+    });
+    let reopened = Engine::open(without_journal(sim_config(&image, 1))).unwrap();
+    let log = log_contents(&reopened, &a);
+    assert!(
+        log.get(&0) == Some(&0) && log.iter().all(|(offset, tag)| offset == tag),
+        "not a prefix of the appends: {log:?}"
+    );
+    assert_eq!(reopened.metrics().recovery_points_mismatched, 0);
 }
 
 /// A failed flush is the device's: an fdatasync that fails on one shard may have dropped the

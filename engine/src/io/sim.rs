@@ -200,6 +200,8 @@ struct State {
     catch: [Option<usize>; 2],
     /// How many of each are waiting.
     waiting: [usize; 2],
+    /// Bumped by [`SimFs::release_waiting`]: an operation caught before the bump goes on.
+    released: [u64; 2],
     /// Bytes another tenant took (`FaultConfig::freed_space_taken`).
     taken: u64,
     /// Failed flushes ([`Storage::flush_failures`]), counted as each fails.
@@ -242,6 +244,7 @@ impl SimFs {
                 held: [false; 2],
                 catch: [None; 2],
                 waiting: [0; 2],
+                released: [0; 2],
                 taken: 0,
                 flush_failures: 0,
             })),
@@ -277,7 +280,16 @@ impl SimFs {
         state.catch[what as usize] = Some(n);
     }
 
-    /// Operations of kind `what` waiting for [`hold`](Self::hold) to release them.
+    /// Release the operations of kind `what` waiting now, and keep holding the ones that come
+    /// after (as [`hold_next`](Self::hold_next) set it up): one stalled operation goes on
+    /// while the next is caught, with nothing let through in between.
+    pub fn release_waiting(&self, what: Hold) {
+        let mut state = lock(&self.state);
+        state.released[what as usize] += 1;
+        state.waiting[what as usize] = 0;
+    }
+
+    /// Operations of kind `what` held now (not counting those `release_waiting` let go).
     pub fn waiting(&self, what: Hold) -> usize {
         lock(&self.state).waiting[what as usize]
     }
@@ -498,15 +510,22 @@ async fn wait_while_held(fs: &SimFs, what: Hold) {
         let caught = state.held[i] && state.catch[i] != Some(0);
         if caught {
             state.catch[i] = state.catch[i].map(|n| n - 1);
+            state.waiting[i] += 1;
         }
-        caught
+        caught.then_some(state.released[i])
     };
-    if caught {
-        lock(&fs.state).waiting[i] += 1;
-        while lock(&fs.state).held[i] {
+    if let Some(generation) = caught {
+        while {
+            let state = lock(&fs.state);
+            state.held[i] && state.released[i] == generation
+        } {
             compio::time::sleep(Duration::from_millis(1)).await;
         }
-        lock(&fs.state).waiting[i] -= 1;
+        let mut state = lock(&fs.state);
+        // `release_waiting` no longer counts the operations it released.
+        if state.released[i] == generation {
+            state.waiting[i] -= 1;
+        }
     }
 }
 
