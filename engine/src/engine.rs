@@ -434,7 +434,9 @@ impl Engine {
         .await
     }
 
-    /// Make everything appended so far durable now (for `interval` partitions).
+    /// Make everything appended so far durable now (for `interval` partitions). An error (a
+    /// failed sync: the log went back to its durable point) and a success both come only once
+    /// no batch a rollback removed can come back after a crash.
     pub async fn flush(&self, id: &PartitionId) -> Result<()> {
         self.call(id, |reply| Command::Flush {
             id: id.clone(),
