@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use common::*;
-use keel_engine::io::sim::SimFs;
+use keel_engine::io::sim::{Hold, SimFs};
 use keel_engine::{block_on, Engine, Error, PartitionConfig, PartitionId, RecoveryMode};
 
 const BATCHES: u64 = 120;
@@ -730,13 +730,14 @@ fn a_recovery_point_the_log_does_not_pass_through_is_not_trusted() {
     }
 }
 
-#[test]
-fn a_truncation_moves_the_recovery_point_back_before_it_cuts() {
-    use keel_engine::io::sim::Hold;
-    let (fs, engine, p) = log_with_points();
-    let point = recovery_point(&fs, &p);
-    let to = point[2] - 10;
-    // Stop the cut at its sync: the file is being changed below the point by then.
+/// Truncate `p` to `to` on another thread; return once the truncation's cut waits at its sync
+/// (held until `fs.hold(Hold::FileSyncs, false)`).
+fn truncate_to_the_cuts_sync(
+    fs: &SimFs,
+    engine: &Engine,
+    p: &PartitionId,
+    to: u64,
+) -> std::thread::JoinHandle<keel_engine::Result<()>> {
     fs.hold_next(Hold::FileSyncs, 1);
     let truncation = std::thread::spawn({
         let (engine, p) = (engine.clone(), p.clone());
@@ -745,6 +746,16 @@ fn a_truncation_moves_the_recovery_point_back_before_it_cuts() {
     wait_until("the cut's sync is held", || {
         fs.waiting(Hold::FileSyncs) == 1
     });
+    truncation
+}
+
+#[test]
+fn a_truncation_moves_the_recovery_point_back_before_it_cuts() {
+    let (fs, engine, p) = log_with_points();
+    let point = recovery_point(&fs, &p);
+    let to = point[2] - 10;
+    // Stop the cut at its sync: the file is being changed below the point by then.
+    let truncation = truncate_to_the_cuts_sync(&fs, &engine, &p, to);
     assert_eq!(
         recovery_point(&fs, &p),
         vec![point[0], 0, point[0]],
@@ -777,7 +788,6 @@ fn a_truncation_moves_the_recovery_point_back_before_it_cuts() {
 /// while the cut is half done: the zeros past its new end inside a trusted segment.
 #[test]
 fn a_truncation_into_an_earlier_segment_moves_the_point_back_before_it_cuts() {
-    use keel_engine::io::sim::Hold;
     let fs = SimFs::default();
     let p = PartitionId::new("back-a-segment", 0);
     let engine = Engine::open(no_journal(sim_config(&fs, 1))).unwrap();
@@ -799,14 +809,7 @@ fn a_truncation_into_an_earlier_segment_moves_the_point_back_before_it_cuts() {
     assert_eq!(recovery_point(&fs, &p)[..2], [*before.last().unwrap(), 0]);
     let to = 5;
     // Stop the cut at its sync: the first segment is being changed by then.
-    fs.hold_next(Hold::FileSyncs, 1);
-    let truncation = std::thread::spawn({
-        let (engine, p) = (engine.clone(), p.clone());
-        move || block_on(engine.truncate_to(&p, to))
-    });
-    wait_until("the cut's sync is held", || {
-        fs.waiting(Hold::FileSyncs) == 1
-    });
+    let truncation = truncate_to_the_cuts_sync(&fs, &engine, &p, to);
     assert_eq!(segments(), vec![0], "the later segments go first");
     assert_eq!(
         recovery_point(&fs, &p)[..2],
