@@ -267,6 +267,84 @@ fn a_recreated_partition_gets_none_of_its_predecessors_records() {
     );
 }
 
+/// A journal acknowledgement that lands after its partition was deleted and created again under
+/// the same id reaches nobody (decision 37's journal half). Staged: q's journal write goes out
+/// durable by itself and is held in flight; p's record follows in a plain write, whose
+/// fdatasync waits for q's write and is then held; p is deleted and created again, and the new
+/// p's first write is held too. The old record's sync then completes: had its acknowledgement
+/// reached the new p, the new p's append would count as durable (its `journal_durable` raised
+/// past it) while its write is still in flight.
+#[test]
+fn a_stale_journal_acknowledgement_never_reaches_the_partition_created_in_its_place() {
+    use keel_engine::io::sim::Hold;
+    let fs = SimFs::default();
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    let (p, q) = (PartitionId::new("again", 0), PartitionId::new("other", 0));
+    block_on(async {
+        for id in [&p, &q] {
+            engine.create_partition(id, config()).await.unwrap();
+            // Small appends until the journal takes them (a new segment's allocation is synced
+            // first, decision 24) and the leader-epoch file has landed.
+            for tag in 0..5 {
+                engine.append(id, batch(tag, 1, 1000, 0), 0).await.unwrap();
+            }
+            wait_for_epoch_file(&fs, id);
+        }
+        let journaled = engine.metrics().journal_writes;
+        for (id, tag) in [(&p, 5), (&q, 5)] {
+            engine.append(id, batch(tag, 1, 1000, 0), 0).await.unwrap();
+        }
+        assert!(
+            engine.metrics().journal_writes >= journaled + 2,
+            "the journal takes both"
+        );
+
+        fs.hold_next(Hold::Writes, 1);
+        let mut on_q = Box::pin(engine.append(&q, batch(6, 1, 1000, 0), 0));
+        assert!(futures::poll!(&mut on_q).is_pending());
+        wait_until("q's journal write is in flight", || {
+            fs.waiting(Hold::Writes) == 1
+        });
+        let written = fs.op_counts().0;
+        let mut on_p = Box::pin(engine.append(&p, batch(6, 1, 1000, 0), 0));
+        assert!(futures::poll!(&mut on_p).is_pending());
+        wait_until("p's journal write completes", || fs.op_counts().0 > written);
+        fs.hold_next(Hold::FileSyncs, 1);
+        fs.hold(Hold::Writes, false);
+        wait_until("the sync of p's journal write waits", || {
+            fs.waiting(Hold::FileSyncs) == 1
+        });
+        on_q.await.unwrap();
+
+        engine.delete_partition(&p).await.unwrap();
+        assert!(on_p.await.is_err(), "the deleted partition's append fails");
+        engine.create_partition(&p, config()).await.unwrap();
+        fs.hold(Hold::Writes, true);
+        let mut again = Box::pin(engine.append(&p, batch(50, 1, 1000, 0), 0));
+        assert!(futures::poll!(&mut again).is_pending());
+        wait_until("the new p's write is in flight", || {
+            fs.waiting(Hold::Writes) >= 1
+        });
+        // The old record's sync completes; the new p's write is still held.
+        let syncs = fs.op_counts().1;
+        fs.hold(Hold::FileSyncs, false);
+        wait_until("the old record's sync completes", || {
+            fs.op_counts().1 > syncs
+        });
+        let state = engine.partition_state(&p).await.unwrap();
+        let early = futures::poll!(&mut again);
+        fs.hold(Hold::Writes, false);
+        assert!(
+            early.is_pending() && state.durable.0 == 0,
+            "the new partition took the old one's acknowledgement: {early:?}, durable {:?}",
+            state.durable
+        );
+        let out = again.await.unwrap();
+        assert_eq!(out.base_offset, 0);
+    });
+    assert_eq!(log_contents(&engine, &p), BTreeMap::from([(0, 50)]));
+}
+
 /// Four journaled partitions on one shard of a disk whose failed flushes lose what they covered
 /// for good (ARCHITECTURE.md, decision 26), each with ~10 small appends acknowledged through the
 /// journal (none on a segment yet), and nothing in flight. `restart_after`: the engine's

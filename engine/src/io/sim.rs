@@ -195,13 +195,13 @@ struct State {
     writes: u64,
     syncs: u64,
     /// Operations of each kind of [`Hold`] wait while its flag is set, as on a stalled disk.
-    held: [bool; 2],
+    held: [bool; 3],
     /// While held: how many more operations of each kind are caught (`None`: all of them).
-    catch: [Option<usize>; 2],
+    catch: [Option<usize>; 3],
     /// How many of each are waiting.
-    waiting: [usize; 2],
+    waiting: [usize; 3],
     /// Bumped by [`SimFs::release_waiting`]: an operation caught before the bump goes on.
-    released: [u64; 2],
+    released: [u64; 3],
     /// Bytes another tenant took (`FaultConfig::freed_space_taken`).
     taken: u64,
     /// Failed flushes ([`Storage::flush_failures`]), counted as each fails.
@@ -241,10 +241,10 @@ impl SimFs {
                 fail_syncs: 0,
                 writes: 0,
                 syncs: 0,
-                held: [false; 2],
-                catch: [None; 2],
-                waiting: [0; 2],
-                released: [0; 2],
+                held: [false; 3],
+                catch: [None; 3],
+                waiting: [0; 3],
+                released: [0; 3],
                 taken: 0,
                 flush_failures: 0,
             })),
@@ -501,6 +501,9 @@ pub enum Hold {
     /// fdatasync and fsync of one file (`sync_data`, `sync_all`: a group of one, a roll, a cut),
     /// before they take their snapshot of what they cover. Not `syncfs`.
     FileSyncs = 1,
+    /// O_DIRECT writes (`write_at`, `write_at_durable`: segment and journal data), before they
+    /// reach the file: a write in flight that has not completed.
+    Writes = 2,
 }
 
 async fn wait_while_held(fs: &SimFs, what: Hold) {
@@ -667,6 +670,7 @@ impl SimHandle {
                 "unaligned O_DIRECT write position"
             );
             pause(&fs).await;
+            wait_while_held(&fs, Hold::Writes).await;
             let bytes = &buf.full()[..buf.padded_len()];
             let end = position + bytes.len() as u64;
             let mut state = lock(&fs.state);
