@@ -2550,16 +2550,8 @@ impl Partition {
         self.epochs_dirty = false;
         self.start_control(io, async move {
             if !stale.is_empty() {
-                for name in stale {
-                    let path = dir.join(name);
-                    storage
-                        .remove_file(&path)
-                        .map_err(|e| Error::io("remove", &path, e))?;
-                }
-                storage
-                    .sync_dir(&dir)
-                    .await
-                    .map_err(|e| Error::io("fsync", &dir, e))?;
+                let paths = stale.into_iter().map(|name| dir.join(name));
+                crate::recovery::remove_durably(storage.as_ref(), &dir, paths).await?;
             }
             if move_point {
                 checkpoint.write(storage.as_ref(), &dir).await?;

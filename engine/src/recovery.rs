@@ -22,7 +22,7 @@
 //!   stale bytes past the log's end and everything recovered is durable.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::batch::BatchHeader;
@@ -250,16 +250,8 @@ pub(crate) async fn open_partition(req: OpenRequest<'_>) -> Result<Partition> {
         .filter(|c| c.segment == last)
         .map_or(0, |c| c.position);
 
-    if clean.is_some() {
-        let marker = dir.join(path::CLEAN_SHUTDOWN_FILE);
-        storage
-            .remove_file(&marker)
-            .map_err(|e| Error::io("remove", &marker, e))?;
-    }
-    storage
-        .sync_dir(&dir)
-        .await
-        .map_err(|e| Error::io("fsync", &dir, e))?;
+    let marker = clean.map(|_| dir.join(path::CLEAN_SHUTDOWN_FILE));
+    remove_durably(storage.as_ref(), &dir, marker).await?;
     Ok(Partition::recovered(
         req.id.clone(),
         dir,
@@ -668,6 +660,24 @@ async fn data_beyond(
         .iter()
         .position(|&b| b != 0)
         .map(|i| start + i as u64))
+}
+
+/// Remove `paths` from `dir` and make that durable with one sync of the directory (synced
+/// even when there is nothing to remove).
+pub(crate) async fn remove_durably(
+    storage: &dyn Storage,
+    dir: &Path,
+    paths: impl IntoIterator<Item = PathBuf>,
+) -> Result<()> {
+    for path in paths {
+        storage
+            .remove_file(&path)
+            .map_err(|e| Error::io("remove", &path, e))?;
+    }
+    storage
+        .sync_dir(dir)
+        .await
+        .map_err(|e| Error::io("fsync", dir, e))
 }
 
 /// Cut a segment file at `size` (a torn, damaged, failed or truncated tail goes) and keep it
