@@ -1,21 +1,20 @@
 //! `keel-bench plot`: SVG charts from result files: latency over time (p50, p99 per second) and
-//! the latency distribution on a "nines" scale (p50 … p99.999, max).
-//!
-//! A small SVG writer rather than the plotters crate: plotters needs a font backend to lay out
-//! text (system libraries or a bundled font file); SVG leaves text to the viewer.
+//! the latency distribution on a "nines" scale (p50 … p99.999, max), drawn with plotters' SVG
+//! backend. Its text is left to the viewer (no font library is linked, so no PNG: a bitmap
+//! needs glyphs rendered by a font backend).
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use plotters::prelude::*;
 use serde_json::Value;
 
-const width: f64 = 800.0;
-const height: f64 = 450.0;
-const margin_left: f64 = 80.0;
-const margin_right: f64 = 150.0;
-const margin_top: f64 = 40.0;
-const margin_bottom: f64 = 50.0;
-const colors: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+const size: (u32, u32) = (800, 450);
+const colors: [RGBColor; 4] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0x94, 0x67, 0xbd),
+];
 
 /// One line: its name and its points.
 pub type Series = (String, Vec<(f64, f64)>);
@@ -33,6 +32,15 @@ fn nines(p: f64) -> f64 {
     -rest.log10()
 }
 
+/// The percentile at `n` nines: 1 → 90, 2 → 99, 3 → 99.9.
+fn percentile_at(n: f64) -> String {
+    if n <= 0.0 {
+        "0".to_string()
+    } else {
+        format!("{}", 100.0 - 100.0 / 10f64.powi(n.round() as i32))
+    }
+}
+
 fn nice_max(v: f64) -> f64 {
     if v <= 0.0 {
         return 1.0;
@@ -46,12 +54,6 @@ fn nice_max(v: f64) -> f64 {
     10.0 * magnitude
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
 /// A line chart as an SVG document.
 pub fn line_chart(
     title: &str,
@@ -59,7 +61,7 @@ pub fn line_chart(
     y_label: &str,
     x_axis: XAxis,
     series: &[Series],
-) -> String {
+) -> Result<String, String> {
     let tx = |x: f64| if x_axis == XAxis::Nines { nines(x) } else { x };
     let all: Vec<(f64, f64)> = series
         .iter()
@@ -70,114 +72,80 @@ pub fn line_chart(
         XAxis::Nines => all.iter().map(|p| p.0).fold(1.0, f64::max).ceil(),
     };
     let y_max = nice_max(all.iter().map(|p| p.1).fold(0.0, f64::max));
-    let plot_w = width - margin_left - margin_right;
-    let plot_h = height - margin_top - margin_bottom;
-    let px = |x: f64| margin_left + x / x_max * plot_w;
-    let py = |y: f64| margin_top + plot_h - y / y_max * plot_h;
     let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="24" font-size="15" text-anchor="middle">{}</text>"#,
-        width / 2.0,
-        escape(title)
-    );
-    // Axes, grid and ticks.
-    let _ = writeln!(
-        svg,
-        r#"<path d="M{l},{t} V{b} H{r}" stroke="black" fill="none"/>"#,
-        l = margin_left,
-        t = margin_top,
-        b = margin_top + plot_h,
-        r = margin_left + plot_w
-    );
-    for i in 0..=5 {
-        let y = y_max * i as f64 / 5.0;
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{}" x2="{}" y1="{py}" y2="{py}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
-            margin_left,
-            margin_left + plot_w,
-            margin_left - 6.0,
-            py(y) + 4.0,
-            if y >= 100.0 {
-                format!("{y:.0}")
-            } else {
-                format!("{y:.1}")
-            },
-            py = py(y)
-        );
-    }
-    let x_ticks: Vec<(f64, String)> = match x_axis {
-        XAxis::Linear => (0..=5)
-            .map(|i| x_max * i as f64 / 5.0)
-            .map(|x| (x, format!("{x:.0}")))
-            .collect(),
-        XAxis::Nines => (0..=x_max as usize)
-            .map(|n| {
-                let label = if n == 0 {
-                    "0".to_string()
-                } else {
-                    format!("{}", 100.0 - 100.0 / 10f64.powi(n as i32))
-                };
-                (n as f64, label)
-            })
-            .collect(),
-    };
-    for (x, label) in x_ticks {
-        let _ = writeln!(
-            svg,
-            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
-            px(x),
-            margin_top + plot_h + 18.0,
-            escape(&label)
-        );
-    }
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
-        margin_left + plot_w / 2.0,
-        height - 10.0,
-        escape(x_label)
-    );
-    let _ = writeln!(
-        svg,
-        r#"<text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">{}</text>"#,
-        margin_top + plot_h / 2.0,
-        margin_top + plot_h / 2.0,
-        escape(y_label)
-    );
-    // Lines and legend.
-    for (i, (name, points)) in series.iter().enumerate() {
-        let color = colors[i % colors.len()];
-        let d: Vec<String> = points
-            .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", px(tx(x)), py(y)))
-            .collect();
-        if !d.is_empty() {
-            let _ = writeln!(
-                svg,
-                r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
-                d.join(" ")
-            );
+    draw(
+        &mut svg,
+        title,
+        x_label,
+        y_label,
+        x_axis,
+        series,
+        (x_max, y_max),
+    )
+    .map_err(|e| format!("chart {title:?}: {e}"))?;
+    Ok(svg)
+}
+
+fn draw(
+    svg: &mut String,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    x_axis: XAxis,
+    series: &[Series],
+    (x_max, y_max): (f64, f64),
+) -> Result<(), String> {
+    let err = |e: DrawingAreaErrorKind<std::io::Error>| e.to_string();
+    let tx = |x: f64| if x_axis == XAxis::Nines { nines(x) } else { x };
+    let root = SVGBackend::with_string(svg, size).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..x_max, 0f64..y_max)
+        .map_err(err)?;
+    let percentile = |x: &f64| percentile_at(*x);
+    let value = |y: &f64| {
+        if y_max >= 100.0 {
+            format!("{y:.0}")
+        } else {
+            format!("{y:.1}")
         }
-        let ly = margin_top + 20.0 * i as f64 + 10.0;
-        let lx = margin_left + plot_w + 15.0;
-        let _ = writeln!(
-            svg,
-            r#"<line x1="{lx}" x2="{}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2"/><text x="{}" y="{}">{}</text>"#,
-            lx + 20.0,
-            lx + 26.0,
-            ly + 4.0,
-            escape(name)
-        );
+    };
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(x_label)
+        .y_desc(y_label)
+        .y_label_formatter(&value);
+    if x_axis == XAxis::Nines {
+        mesh.x_labels(x_max as usize + 1)
+            .x_label_formatter(&percentile);
     }
-    svg.push_str("</svg>\n");
-    svg
+    mesh.draw().map_err(err)?;
+    for (i, (name, points)) in series.iter().enumerate() {
+        if points.is_empty() {
+            continue;
+        }
+        let color = colors[i % colors.len()];
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|&(x, y)| (tx(x), y)),
+                color.stroke_width(2),
+            ))
+            .map_err(err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
 }
 
 fn points(v: &Value, x: &str, y: &str) -> Vec<(f64, f64)> {
@@ -220,7 +188,7 @@ pub fn plot_result(result: &Value, out: &Path, stem: &str) -> Result<Vec<PathBuf
             "µs",
             XAxis::Linear,
             &series,
-        );
+        )?;
         let path = out.join(format!("{stem}-latency-over-time.svg"));
         std::fs::write(&path, svg).map_err(|e| format!("write {}: {e}", path.display()))?;
         written.push(path);
@@ -231,7 +199,7 @@ pub fn plot_result(result: &Value, out: &Path, stem: &str) -> Result<Vec<PathBuf
             "MB/s",
             XAxis::Linear,
             &series,
-        );
+        )?;
         let path = out.join(format!("{stem}-throughput-over-time.svg"));
         std::fs::write(&path, svg).map_err(|e| format!("write {}: {e}", path.display()))?;
         written.push(path);
@@ -253,7 +221,7 @@ pub fn plot_result(result: &Value, out: &Path, stem: &str) -> Result<Vec<PathBuf
             "µs",
             XAxis::Nines,
             &series,
-        );
+        )?;
         let path = out.join(format!("{stem}-percentiles.svg"));
         std::fs::write(&path, svg).map_err(|e| format!("write {}: {e}", path.display()))?;
         written.push(path);
@@ -301,19 +269,28 @@ mod tests {
             &[
                 (
                     "a<b".into(),
-                    vec![(50.0, 10.0), (99.0, 20.0), (100.0, 30.0)],
+                    vec![(50.0, 10.0), (99.0, 20.0), (99.99, 30.0)],
                 ),
                 ("c".into(), vec![]),
             ],
-        );
-        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<polyline").count(), 1);
-        assert!(svg.contains("a&lt;b"));
-        assert!(
-            svg.contains(">99.9<") || svg.contains(">99<"),
-            "nines ticks"
-        );
+        )
+        .unwrap();
+        assert!(svg.trim_start().starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        // The series with points: its line and its legend sample; none for the empty one.
+        assert_eq!(svg.matches(r##"stroke="#1F77B4""##).count(), 2, "{svg}");
+        assert_eq!(svg.matches(r##"stroke="#D62728""##).count(), 0, "{svg}");
+        let texts: Vec<&str> = svg
+            .split("<text")
+            .skip(1)
+            .filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim()))
+            .collect();
+        assert!(texts.contains(&"a&lt;b"), "{texts:?}");
+        assert!(!texts.contains(&"c"), "{texts:?}");
+        for tick in ["90", "99", "99.9", "99.99"] {
+            assert!(texts.contains(&tick), "nines tick {tick}: {texts:?}");
+        }
         assert!((nines(99.0) - 2.0).abs() < 1e-9);
+        assert_eq!(percentile_at(3.0), "99.9");
         assert_eq!(nice_max(730.0), 1000.0);
         assert_eq!(nice_max(180.0), 200.0);
     }
