@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use futures::stream::{FuturesUnordered, StreamExt};
-use keel_engine::io::sim::{CrashKind, FaultConfig, SimFs};
+use keel_engine::io::sim::{CrashKind, FaultConfig, Hold, SimFs};
 use keel_engine::{block_on, Engine, PartitionConfig, PartitionId};
 
 fn config() -> PartitionConfig {
@@ -562,4 +562,86 @@ fn random_io_errors_across_many_partitions_then_a_power_cut_lose_nothing_acknowl
             &format!("seed {seed}, after a power cut ({failed} appends failed, {m:?})"),
         );
     }
+}
+
+/// Decision 26's segment-boundary rollback, staged: a rollback whose target is the base of a
+/// segment the log has not rolled into (a batch is assigned to it, its file does not exist
+/// because the roll waits) keeps the log at the end of the segment before, which is then cut
+/// and sealed like any write segment. Entering the new segment instead left the one before it
+/// unsealed in the middle of the log — its file longer than its data, zeros after it — and the
+/// next start refused it.
+///
+/// How the roll is made to wait with the log durable exactly to the segment's end: a journaled
+/// partition rolled back after a failed write writes its batches again and, before the journal
+/// may take it again, writes a new incarnation file — a control operation, which the roll
+/// waits for. That file's fsync fails: back to the durable point, the next segment's base.
+#[test]
+fn a_rollback_to_a_segment_the_log_has_not_rolled_into_leaves_the_one_before_sealed() {
+    let fs = SimFs::default();
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    let p = PartitionId::new("boundary", 0);
+    let config = PartitionConfig {
+        segment_bytes: 1024 * 1024,
+        ..config()
+    };
+    create_partitions(&engine, std::slice::from_ref(&p), &config);
+    block_on(async {
+        // Seventeen batches of ~60 KB fill most of the first 1 MiB segment, durable through the
+        // journal (their segment writes lag behind: lazy); an eighteenth needs the next segment.
+        for tag in 0..17 {
+            engine
+                .append(&p, batch(tag, 1, 60_000, 0), 0)
+                .await
+                .unwrap();
+        }
+        wait_for_epoch_file(&fs, &p);
+        assert!(engine.metrics().journal_writes > 0, "the journal took them");
+        // The eighteenth goes to the journal, whose write fails (the journal turns off), then
+        // through the segment path, which first writes the first segment's rest: that write
+        // fails too. The rollback keeps what the journal made durable (up to the next segment's
+        // base), writes the rest again after its backoff, and before that cuts the file; the
+        // cut's last step, its leader-epoch file, is held.
+        fs.hold_next(Hold::FileWrites, 1);
+        fs.fail_next_writes(2);
+        let (failed, second) =
+            futures::join!(engine.append(&p, batch(17, 1, 60_000, 0), 0), async {
+                wait_until("the rollback's cut writes its epoch file", || {
+                    fs.waiting(Hold::FileWrites) == 1
+                });
+                // The failure is handled, so the next append is taken: it lies in the next segment,
+                // which has no file, and waits for the roll.
+                let second = engine.append(&p, batch(18, 1, 60_000, 0), 0);
+                let (second, state) = futures::join!(second, async {
+                    let state = engine.partition_state(&p).await.unwrap();
+                    // The cut goes on; the next file write (the new incarnation, once the batches
+                    // are in the segment again and durable) is held, and its fsync fails.
+                    fs.hold_next(Hold::FileWrites, 1);
+                    fs.release_waiting(Hold::FileWrites);
+                    wait_until("the partition writes a new incarnation", || {
+                        fs.waiting(Hold::FileWrites) == 1
+                    });
+                    fs.fail_next_syncs(1);
+                    fs.hold(Hold::FileWrites, false);
+                    state
+                });
+                assert_eq!((state.appended.0, state.segments), (18, 2), "staged");
+                second
+            });
+        assert!(failed.is_err(), "{failed:?}");
+        // Rolled back to offset 17, the base of the segment with no file.
+        let err = second.unwrap_err();
+        assert!(matches!(err, keel_engine::Error::Io { .. }), "{err}");
+        let state = engine.partition_state(&p).await.unwrap();
+        assert_eq!((state.appended.0, state.durable.0), (17, 17));
+        // The next append rolls into a new segment as usual.
+        let out = engine.append(&p, batch(19, 1, 60_000, 0), 0).await.unwrap();
+        assert_eq!(out.base_offset, 17);
+        assert_eq!(engine.partition_state(&p).await.unwrap().segments, 2);
+    });
+    let expected: BTreeMap<u64, u64> = (0..17).map(|t| (t, t)).chain([(17, 19)]).collect();
+    assert_eq!(log_contents(&engine, &p), expected);
+    drop(engine);
+    fs.crash(CrashKind::PowerCut);
+    let engine = Engine::open(sim_config(&fs, 1)).unwrap();
+    assert_eq!(log_contents(&engine, &p), expected, "after a power cut");
 }
