@@ -54,6 +54,9 @@ fn nice_max(v: f64) -> f64 {
     10.0 * magnitude
 }
 
+/// A line to draw: its name, colour and points in chart coordinates.
+type Line<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
 /// A line chart as an SVG document.
 pub fn line_chart(
     title: &str,
@@ -63,23 +66,29 @@ pub fn line_chart(
     series: &[Series],
 ) -> Result<String, String> {
     let tx = |x: f64| if x_axis == XAxis::Nines { nines(x) } else { x };
-    let all: Vec<(f64, f64)> = series
+    // Colours follow the series' places, so a series without points leaves its colour unused.
+    let lines: Vec<Line> = series
         .iter()
-        .flat_map(|(_, p)| p.iter().map(|&(x, y)| (tx(x), y)))
+        .enumerate()
+        .filter(|(_, (_, points))| !points.is_empty())
+        .map(|(i, (name, points))| {
+            let points = points.iter().map(|&(x, y)| (tx(x), y)).collect();
+            (name.as_str(), colors[i % colors.len()], points)
+        })
         .collect();
+    let all = || lines.iter().flat_map(|(_, _, points)| points.iter());
     let x_max = match x_axis {
-        XAxis::Linear => nice_max(all.iter().map(|p| p.0).fold(0.0, f64::max)),
-        XAxis::Nines => all.iter().map(|p| p.0).fold(1.0, f64::max).ceil(),
+        XAxis::Linear => nice_max(all().map(|p| p.0).fold(0.0, f64::max)),
+        XAxis::Nines => all().map(|p| p.0).fold(1.0, f64::max).ceil(),
     };
-    let y_max = nice_max(all.iter().map(|p| p.1).fold(0.0, f64::max));
+    let y_max = nice_max(all().map(|p| p.1).fold(0.0, f64::max));
     let mut svg = String::new();
     draw(
         &mut svg,
         title,
-        x_label,
-        y_label,
+        (x_label, y_label),
         x_axis,
-        series,
+        &lines,
         (x_max, y_max),
     )
     .map_err(|e| format!("chart {title:?}: {e}"))?;
@@ -89,14 +98,12 @@ pub fn line_chart(
 fn draw(
     svg: &mut String,
     title: &str,
-    x_label: &str,
-    y_label: &str,
+    (x_label, y_label): (&str, &str),
     x_axis: XAxis,
-    series: &[Series],
+    lines: &[Line],
     (x_max, y_max): (f64, f64),
 ) -> Result<(), String> {
     let err = |e: DrawingAreaErrorKind<std::io::Error>| e.to_string();
-    let tx = |x: f64| if x_axis == XAxis::Nines { nines(x) } else { x };
     let root = SVGBackend::with_string(svg, size).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
@@ -123,18 +130,14 @@ fn draw(
             .x_label_formatter(&percentile);
     }
     mesh.draw().map_err(err)?;
-    for (i, (name, points)) in series.iter().enumerate() {
-        if points.is_empty() {
-            continue;
-        }
-        let color = colors[i % colors.len()];
+    for &(name, color, ref points) in lines {
         chart
             .draw_series(LineSeries::new(
-                points.iter().map(|&(x, y)| (tx(x), y)),
+                points.iter().copied(),
                 color.stroke_width(2),
             ))
             .map_err(err)?
-            .label(name.as_str())
+            .label(name)
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
     }
     chart
