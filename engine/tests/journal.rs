@@ -596,11 +596,12 @@ fn a_rollback_to_a_segment_the_log_has_not_rolled_into_leaves_the_one_before_sea
         }
         wait_for_epoch_file(&fs, &p);
         assert!(engine.metrics().journal_writes > 0, "the journal took them");
-        // The eighteenth goes to the journal, whose write fails (the journal turns off), then
-        // through the segment path, which first writes the first segment's rest: that write
-        // fails too. The rollback keeps what the journal made durable (up to the next segment's
-        // base), writes the rest again after its backoff, and before that cuts the file; the
-        // cut's last step, its leader-epoch file, is held.
+        // The eighteenth lies in the next segment, where the journal cannot take it (no space
+        // allocated there): the first segment's rest goes out first, in two pieces (the
+        // carried block, then the blocks after it: decision 6), and both fail. The rollback
+        // keeps what the journal made durable (up to the next segment's base), writes the rest
+        // again after its backoff, and before that cuts the file; the cut's last step, its
+        // leader-epoch file, is held.
         fs.hold_next(Hold::FileWrites, 1);
         fs.fail_next_writes(2);
         let (failed, second) =
