@@ -12,7 +12,8 @@ use crate::engine_load::{self, EngineLoadConfig};
 use crate::raw::{self, RawConfig, RawResult};
 use crate::recovery::{self, RecoveryConfig};
 use crate::report::{
-    histogram, mb_per_s, median, parse_bytes, parse_duration, ratio, summarize_rounds, Percentiles,
+    histogram, mb_per_s, median, parse_batch_bytes, parse_block_bytes, parse_bytes, parse_count,
+    parse_duration, ratio, summarize_rounds, Percentiles,
 };
 
 #[derive(Parser, Debug)]
@@ -66,7 +67,7 @@ struct SweepArgs {
     #[arg(long, default_value = "1KiB,16KiB", value_delimiter = ',', value_parser = parse_bytes)]
     sizes: Vec<u64>,
     /// Comma-separated partition counts.
-    #[arg(long, default_value = "1,4", value_delimiter = ',')]
+    #[arg(long, default_value = "1,4", value_delimiter = ',', value_parser = parse_count::<u32>)]
     partition_counts: Vec<u32>,
     /// Comma-separated acks values (all, 1, 0).
     #[arg(long, default_value = "all,1", value_delimiter = ',', value_enum)]
@@ -78,12 +79,12 @@ struct RecoveryShape {
     /// Directory on the file system to measure (created; benchmark files are removed after).
     #[arg(long, default_value = "keel-bench-data")]
     dir: PathBuf,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = parse_count::<u32>)]
     partitions: u32,
     /// Bytes appended to each partition before the kill.
     #[arg(long, default_value = "512MiB", value_parser = parse_bytes)]
     bytes_per_partition: u64,
-    #[arg(long, default_value = "64KiB", value_parser = parse_bytes)]
+    #[arg(long, default_value = "64KiB", value_parser = parse_batch_bytes)]
     batch_bytes: u64,
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     segment_bytes: u64,
@@ -166,15 +167,15 @@ struct RawArgs {
     #[command(flatten)]
     common: Common,
     /// Write size of the bandwidth test.
-    #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
+    #[arg(long, default_value = "1MiB", value_parser = parse_block_bytes)]
     block_bytes: u64,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = parse_count::<usize>)]
     queue_depth: usize,
     /// fdatasync every this many bytes in the bandwidth test (0: once at the end).
     #[arg(long, default_value = "0", value_parser = parse_bytes)]
     sync_every_bytes: u64,
     /// Write size of the latency test.
-    #[arg(long, default_value = "4KiB", value_parser = parse_bytes)]
+    #[arg(long, default_value = "4KiB", value_parser = parse_block_bytes)]
     latency_block_bytes: u64,
     /// Lay the bandwidth file out before the timed writes (shows what extent allocation costs).
     #[arg(long)]
@@ -191,19 +192,19 @@ enum Policy {
 struct EngineArgs {
     #[command(flatten)]
     common: Common,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = parse_count::<u32>)]
     partitions: u32,
     /// Also run the same load over each of these partition counts (comma-separated; appends in
     /// flight: the larger of `--concurrency` and the count), interleaved with the `--partitions`
     /// run in every round, and report each one's throughput ÷ the `--partitions` runs just
     /// before and after it (their mean). No raw baseline in this mode. The engine issue's
     /// many-partitions target: `--compare-partitions 256,1000`.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = parse_count::<u32>)]
     compare_partitions: Vec<u32>,
     /// Size of each appended batch, header included.
-    #[arg(long, default_value = "64KiB", value_parser = parse_bytes)]
+    #[arg(long, default_value = "64KiB", value_parser = parse_batch_bytes)]
     batch_bytes: u64,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = parse_count::<i32>)]
     records_per_batch: i32,
     #[arg(long, value_enum, default_value = "every-batch")]
     policy: Policy,
@@ -212,7 +213,7 @@ struct EngineArgs {
     flush_ms: u64,
     /// Appends in flight (closed loop). Group commit needs a deep pipeline: throughput is at most
     /// concurrency × batch size ÷ (write + fdatasync latency).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = parse_count::<usize>)]
     concurrency: usize,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
@@ -251,10 +252,10 @@ struct BrokerArgs {
     /// An external broker to load (default: start one in-process on a scratch directory).
     #[arg(long)]
     bootstrap: Option<std::net::SocketAddr>,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = parse_count::<u32>)]
     partitions: u32,
     /// Producer connections (each an idempotent producer).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = parse_count::<usize>)]
     producers: usize,
     #[arg(long, default_value_t = 1)]
     consumers: usize,
@@ -262,12 +263,12 @@ struct BrokerArgs {
     message_bytes: u64,
     /// Messages per batch (like linger-filled client batches; one batch per request unless
     /// `--partitions-per-request` says more).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = parse_count::<usize>)]
     messages_per_batch: usize,
     #[arg(long, value_enum, default_value = "all")]
     acks: Acks,
     /// Produce requests in flight per producer connection.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = parse_count::<usize>)]
     inflight: usize,
     /// Batches per produce request, each for another partition of the producer's turn, as a
     /// Kafka producer's sender puts every partition with a batch ready into one request per
@@ -1010,6 +1011,12 @@ fn broker_run(args: &BrokerArgs, base: Option<RawResult>) -> Result<Value, Strin
 
 fn recovery_mode(args: RecoveryArgs) -> Result<(), String> {
     let shape = &args.shape;
+    if shape.bytes_per_partition < shape.batch_bytes {
+        return Err(format!(
+            "--bytes-per-partition {} is less than one batch (--batch-bytes {}): nothing to recover",
+            shape.bytes_per_partition, shape.batch_bytes
+        ));
+    }
     let config = shape.config(!args.no_baseline);
     println!(
         "recovery: {} partition(s) × {} MiB of {} KiB batches (segments of {} MiB, recovery \

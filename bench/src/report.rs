@@ -251,7 +251,47 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "g" => 1 << 30,
         _ => return Err(format!("bad size unit in {text:?}")),
     };
-    Ok(value * multiplier)
+    value
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+/// A count that must be at least 1: partitions, producers, appends or requests in flight,
+/// records per batch, queue depth.
+pub fn parse_count<T: TryFrom<u64>>(text: &str) -> Result<T, String> {
+    let n: u64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad count {text:?}"))?;
+    if n == 0 {
+        return Err("must be at least 1".to_string());
+    }
+    T::try_from(n).map_err(|_| format!("count {text:?} is too large"))
+}
+
+/// The size of an O_DIRECT write: a non-zero multiple of the 4 KiB block.
+pub fn parse_block_bytes(text: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(text)?;
+    if bytes == 0 || !bytes.is_multiple_of(4096) {
+        return Err(format!(
+            "{bytes} B: O_DIRECT writes need a non-zero multiple of 4 KiB"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The smallest `--batch-bytes`: a RecordBatch's 61-byte header and a record.
+pub const min_batch_bytes: u64 = 64;
+
+/// The size of an appended batch, header included: at least [`min_batch_bytes`].
+pub fn parse_batch_bytes(text: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(text)?;
+    if bytes < min_batch_bytes {
+        return Err(format!(
+            "{bytes} B: a batch is at least {min_batch_bytes} B (a 61-byte header and a record)"
+        ));
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -389,6 +429,14 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap().as_millis(), 250);
         assert_eq!(parse_duration("3").unwrap().as_secs(), 3);
         assert!(parse_duration("3h").is_err());
+        assert!(parse_bytes("99999999999999g").is_err(), "overflow");
+        assert_eq!(parse_count::<u32>("3"), Ok(3));
+        assert!(parse_count::<u32>("0").is_err());
+        assert!(parse_count::<i32>("3000000000").is_err());
+        assert_eq!(parse_block_bytes("64KiB"), Ok(65536));
+        assert!(parse_block_bytes("1000").is_err() && parse_block_bytes("0").is_err());
+        assert_eq!(parse_batch_bytes("64"), Ok(64));
+        assert!(parse_batch_bytes("63").is_err());
     }
 }
 

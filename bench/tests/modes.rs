@@ -433,3 +433,53 @@ fn recovery_mode() {
     let _ = std::fs::remove_file(&md);
     assert!(table.contains("| recovery |"), "{table}");
 }
+
+/// Settings that cannot make a run are refused before anything starts, with a message naming
+/// the flag (clap's usage error, exit code 2), instead of a panic (`--partitions 0` divided by
+/// zero), a run that reports 0 MB/s (no producer, nothing in flight), or a write the kernel
+/// refuses mid-run (an O_DIRECT block that is not a multiple of 4 KiB).
+#[test]
+fn settings_that_cannot_make_a_run_are_refused_up_front() {
+    let dir = scratch("refused");
+    let data = dir.join("data");
+    for args in [
+        &["engine", "--partitions", "0"][..],
+        &["engine", "--compare-partitions", "256,0"],
+        &["engine", "--concurrency", "0"],
+        &["engine", "--records-per-batch", "0"],
+        &["engine", "--batch-bytes", "10"],
+        &["broker", "--producers", "0"],
+        &["broker", "--inflight", "0"],
+        &["broker", "--messages-per-batch", "0"],
+        &["raw", "--block-bytes", "1000"],
+        &["raw", "--queue-depth", "0"],
+        &["raw", "--latency-block-bytes", "0"],
+        &["sweep", "--partition-counts", "1,0"],
+        &["recovery", "--partitions", "0"],
+        &["recovery", "--batch-bytes", "0"],
+        &["engine", "--batch-bytes", "99999999999999g"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_keel-bench"))
+            .args(args)
+            .arg("--dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let flag = args[1];
+        assert!(stderr.contains(flag), "{args:?} names {flag}: {stderr}");
+        assert!(!data.exists(), "{args:?} started a run");
+    }
+    // A recovery run too small to fill one batch says so (and starts no child).
+    let out = Command::new(env!("CARGO_BIN_EXE_keel-bench"))
+        .args(["recovery", "--bytes-per-partition", "1KiB", "--no-baseline"])
+        .arg("--dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("less than one batch"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
