@@ -13,7 +13,7 @@ use crate::raw::{self, RawConfig, RawResult};
 use crate::recovery::{self, RecoveryConfig};
 use crate::report::{
     histogram, mb_per_s, median, parse_batch_bytes, parse_block_bytes, parse_bytes, parse_count,
-    parse_duration, ratio, summarize_rounds, Percentiles,
+    parse_duration, parse_run_duration, ratio, summarize_rounds, Percentiles,
 };
 
 #[derive(Parser, Debug)]
@@ -215,7 +215,7 @@ struct EngineArgs {
     /// concurrency × batch size ÷ (write + fdatasync latency).
     #[arg(long, default_value_t = 256, value_parser = parse_count::<usize>)]
     concurrency: usize,
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_run_duration)]
     duration: Duration,
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     warmup: Duration,
@@ -281,7 +281,7 @@ struct BrokerArgs {
     policy: Policy,
     #[arg(long, default_value_t = 1000)]
     flush_ms: u64,
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_run_duration)]
     duration: Duration,
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     warmup: Duration,

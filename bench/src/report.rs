@@ -237,6 +237,15 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs_f64(seconds))
 }
 
+/// A measured run's length: a duration above zero (a run of none measures nothing).
+pub fn parse_run_duration(text: &str) -> Result<std::time::Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Err("a run must last longer than 0 s".to_string());
+    }
+    Ok(duration)
+}
+
 /// Parse `4096`, `64k`, `64KiB`, `1m`, `1MiB`.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let lower = text.trim().to_ascii_lowercase();
@@ -437,6 +446,7 @@ mod tests {
         assert!(parse_block_bytes("1000").is_err() && parse_block_bytes("0").is_err());
         assert_eq!(parse_batch_bytes("64"), Ok(64));
         assert!(parse_batch_bytes("63").is_err());
+        assert!(parse_run_duration("0s").is_err() && parse_run_duration("1ms").is_ok());
     }
 }
 

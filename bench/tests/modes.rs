@@ -458,6 +458,8 @@ fn settings_that_cannot_make_a_run_are_refused_up_front() {
         &["recovery", "--partitions", "0"],
         &["recovery", "--batch-bytes", "0"],
         &["engine", "--batch-bytes", "99999999999999g"],
+        &["engine", "--duration", "0s"],
+        &["broker", "--duration", "0ms"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_keel-bench"))
             .args(args)
