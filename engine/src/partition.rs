@@ -810,7 +810,14 @@ impl Partition {
     fn complete_durable(&mut self, w: Waiter) {
         if w.flush && self.removed_batches_on_disk() {
             self.rolled_back.push((w, None));
-        } else if w.flush && self.epochs_pending() {
+        } else {
+            self.complete_after_epochs(w);
+        }
+    }
+
+    /// Answer a durable waiter, a flush only once the leader-epoch file is not behind memory.
+    fn complete_after_epochs(&mut self, w: Waiter) {
+        if w.flush && self.epochs_pending() {
             self.epoch_waiters.push_back(w);
         } else {
             complete(w, Durability::Durable, self.log_start_offset);
@@ -830,8 +837,7 @@ impl Partition {
                 Some(error) => {
                     let _ = w.reply.send(Err(error));
                 }
-                None if self.epochs_pending() => self.epoch_waiters.push_back(w),
-                None => complete(w, Durability::Durable, self.log_start_offset),
+                None => self.complete_after_epochs(w),
             }
         }
         self.rollback_failures = 0;

@@ -571,20 +571,24 @@ fn log_with_points() -> (SimFs, Engine, PartitionId) {
     (fs, engine, p)
 }
 
+/// The base offsets of the segment files on `fs`, in order.
+fn segment_bases(fs: &SimFs) -> Vec<u64> {
+    let mut bases: Vec<u64> = fs
+        .files()
+        .into_iter()
+        .filter_map(|f| keel_engine::segment::path::parse_log_file_name(f.file_name()?.to_str()?))
+        .collect();
+    bases.sort_unstable();
+    bases
+}
+
 /// Wait until the recovery point on disk lies inside `p`'s last segment, within an interval of
 /// its end (it is written beside the data path after the appends that crossed it).
 fn settle_point(fs: &SimFs, engine: &Engine, p: &PartitionId) {
     wait_until("a recovery point near the log's end", || {
         let point = recovery_point(fs, p);
         let state = block_on(engine.partition_state(p)).unwrap();
-        let last = fs
-            .files()
-            .into_iter()
-            .filter_map(|f| {
-                keel_engine::segment::path::parse_log_file_name(f.file_name()?.to_str()?)
-            })
-            .max()
-            .unwrap();
+        let last = *segment_bases(fs).last().unwrap();
         point.len() == 4
             && point[0] == last
             && bytes_from(engine, p, point[2]) < POINT_INTERVAL + 22_000
@@ -793,17 +797,7 @@ fn a_truncation_into_an_earlier_segment_moves_the_point_back_before_it_cuts() {
     let engine = Engine::open(no_journal(sim_config(&fs, 1))).unwrap();
     block_on(engine.create_partition(&p, config())).unwrap();
     append_tags(&engine, &p, 0..BATCHES);
-    let segments = || {
-        let mut bases: Vec<u64> = fs
-            .files()
-            .into_iter()
-            .filter_map(|f| {
-                keel_engine::segment::path::parse_log_file_name(f.file_name()?.to_str()?)
-            })
-            .collect();
-        bases.sort_unstable();
-        bases
-    };
+    let segments = || segment_bases(&fs);
     let before = segments();
     assert!(before.len() >= 3, "{before:?}");
     assert_eq!(recovery_point(&fs, &p)[..2], [*before.last().unwrap(), 0]);

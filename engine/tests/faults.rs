@@ -920,13 +920,7 @@ fn a_failed_fsync_at_a_roll_rolls_back_to_the_durable_point() {
     let p = PartitionId::new("roll-sync", 0);
     let engine = Engine::open(without_journal(sim_config(&fs, 1))).unwrap();
     block_on(async {
-        let config = PartitionConfig {
-            flush: never_by_itself(),
-            segment_bytes: 1024 * 1024,
-            max_message_bytes: 1024 * 1024,
-            ..config()
-        };
-        durable_then_written(&engine, &p, config, 0..3, 3..5, 200_000).await;
+        durable_then_written(&engine, &p, full_after_five(), 0..3, 3..5, 200_000).await;
         // The sixth 200 KB batch needs a new segment: the roll's fsync is the next sync.
         fs.fail_next_syncs(1);
         let err = engine
@@ -1246,12 +1240,7 @@ fn a_failed_syncfs_during_a_failed_writes_rollback_goes_back_to_the_durable_poin
 /// advance the durable point, and the rollback goes back into the sealed segment (decision 28).
 #[test]
 fn a_failed_syncfs_while_a_roll_waits_for_its_fsync_goes_back_to_the_durable_point() {
-    let config = PartitionConfig {
-        segment_bytes: 1024 * 1024,
-        max_message_bytes: 1024 * 1024,
-        ..config()
-    };
-    let (fs, engine, [a, b, c]) = outside_and_a_group(config);
+    let (fs, engine, [a, b, c]) = outside_and_a_group(full_after_five());
     block_on(async {
         // 10 KB + 5 × 200 KB written; the sixth 200 KB batch needs a new segment.
         append_each(&engine, &a, 1..=5, 200_000).await;
@@ -1274,12 +1263,7 @@ fn a_failed_syncfs_while_a_roll_waits_for_its_fsync_goes_back_to_the_durable_poi
 /// at its fsync: the log must reopen whole, some prefix of what was appended.
 #[test]
 fn a_roll_whose_fsync_a_failed_flush_voids_moves_no_recovery_point() {
-    let config = PartitionConfig {
-        segment_bytes: 1024 * 1024,
-        max_message_bytes: 1024 * 1024,
-        ..config()
-    };
-    let (fs, engine, [a, b, c]) = outside_and_a_group(config);
+    let (fs, engine, [a, b, c]) = outside_and_a_group(full_after_five());
     let image = block_on(async {
         append_each(&engine, &a, 1..=5, 200_000).await;
         fs.hold(Hold::FileSyncs, true);

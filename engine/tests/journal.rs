@@ -276,7 +276,6 @@ fn a_recreated_partition_gets_none_of_its_predecessors_records() {
 /// past it) while its write is still in flight.
 #[test]
 fn a_stale_journal_acknowledgement_never_reaches_the_partition_created_in_its_place() {
-    use keel_engine::io::sim::Hold;
     let fs = SimFs::default();
     let engine = Engine::open(sim_config(&fs, 1)).unwrap();
     let (p, q) = (PartitionId::new("again", 0), PartitionId::new("other", 0));
